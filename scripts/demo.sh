@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: set up (idempotent), then serve the tiny Qwen3-MoE model at tp=2 with the elastic
+# server and answer a few requests. Extra arguments go to `python -m sgl_elastic.demo`
+# (e.g. --once to stop after the answers, --tp 3).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+exec "$ROOT/.venv/bin/python" -m sgl_elastic.demo "$@"

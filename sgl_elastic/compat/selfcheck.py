@@ -1,0 +1,50 @@
+"""Set-up self-check: the pinned SGLang imports on this machine, with every module we patch.
+
+``python -m sgl_elastic.compat.selfcheck`` prints one OK line or exits non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+from sgl_elastic.version_check import PINNED_SGLANG, check_sglang_version
+
+# The SGLang modules sgl-elastic hooks into (see docs: design.md, "hook points").
+PATCHED_MODULES = (
+    "sglang.srt.distributed.utils",
+    "sglang.srt.layers.linear",
+    "sglang.srt.layers.parameter",
+    "sglang.srt.layers.vocab_parallel_embedding",
+    "sglang.srt.layers.moe.fused_moe_triton.layer",
+    "sglang.srt.configs.model_config",
+    "sglang.srt.models.qwen3_moe",
+    "sglang.srt.models.qwen3",
+    "sglang.srt.models.mixtral",
+    "sglang.srt.entrypoints.http_server",
+)
+
+
+def main() -> int:
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    t0 = time.perf_counter()
+    try:
+        version = check_sglang_version()
+        for name in PATCHED_MODULES:
+            importlib.import_module(name)
+    except Exception as exc:
+        print(f"[setup] self-check FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    import torch
+
+    print(
+        f"[setup] OK: sglang {version} (pinned {PINNED_SGLANG}), torch {torch.__version__}, "
+        f"{len(PATCHED_MODULES)} patched modules import ({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""sgl-elastic's own server options (the ``--elastic-*`` flags), read once at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+WIDTH_POLICIES = ("equal", "capacity")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"3,3,2"`` -> ``(3, 3, 2)``; a clear ValueError for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        widths = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"--elastic-tp-widths {text!r}: expected comma-separated integers, e.g. 3,3,2"
+        ) from None
+    if any(w <= 0 for w in widths):
+        raise ValueError(
+            f"--elastic-tp-widths {text!r}: every rank needs a width >= 1 unit "
+            f"(rank {next(i for i, w in enumerate(widths) if w <= 0)} has {min(widths)})"
+        )
+    return widths
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ElasticArgs:
+    """Validated ``--elastic-*`` options.
+
+    tp_widths: KV-head groups per TP rank (None: the server chooses, per ``width_policy``).
+    width_policy: "equal" (floor/ceil shares) or "capacity" (proportional to free memory).
+    admin_token: token for the ``/elastic/*`` admin API (None: generated at start).
+    daemon: whether the state daemon holds weights and KV (used once the daemon exists).
+    """
+
+    tp_widths: tuple[int, ...] | None = None
+    width_policy: str = "equal"
+    admin_token: str | None = None
+    daemon: bool = False
+
+    def __post_init__(self):
+        if self.width_policy not in WIDTH_POLICIES:
+            raise ValueError(
+                f"--elastic-width-policy {self.width_policy!r}: choose one of {', '.join(WIDTH_POLICIES)}"
+            )
+
+    def check_tp_size(self, tp_size: int) -> None:
+        if self.tp_widths is not None and len(self.tp_widths) != tp_size:
+            raise ValueError(
+                f"--elastic-tp-widths gives {len(self.tp_widths)} widths "
+                f"({','.join(map(str, self.tp_widths))}) but --tp-size is {tp_size}: "
+                "give one width per TP rank"
+            )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("sgl-elastic", "elastic tensor parallelism and failover")
+        group.add_argument(
+            "--elastic-tp-widths", default=None,
+            help="KV-head groups per TP rank, comma-separated (e.g. 3,3,2 for 8 KV heads on 3 "
+                 "ranks); MLP/MoE/vocab widths follow the same proportions. Default: chosen by "
+                 "--elastic-width-policy.",
+        )
+        group.add_argument(
+            "--elastic-width-policy", default="equal", choices=WIDTH_POLICIES,
+            help="how the server chooses widths when --elastic-tp-widths is not given",
+        )
+        group.add_argument(
+            "--elastic-admin-token", default=None,
+            help="token required by the /elastic/* admin API (default: generated at start)",
+        )
+        group.add_argument(
+            "--elastic-daemon", action=argparse.BooleanOptionalAction, default=False,
+            help="keep weights and KV in the sgl-elastic state daemon",
+        )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
+        widths = parse_widths(args.elastic_tp_widths) if args.elastic_tp_widths else None
+        return cls(
+            tp_widths=widths,
+            width_policy=args.elastic_width_policy,
+            admin_token=args.elastic_admin_token,
+            daemon=args.elastic_daemon,
+        )

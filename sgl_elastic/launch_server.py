@@ -1,0 +1,180 @@
+"""Drop-in for ``python -m sglang.launch_server`` with sgl-elastic's ``--elastic-*`` options.
+
+Every ``sglang.launch_server`` flag is accepted unchanged. On a machine without CUDA, the CPU
+settings that work (``cpu_defaults``) are filled in for every flag the user did not give.
+Bad input (missing or non-existent model path, bad flags, bad widths) prints one ``error:`` line
+and exits with status 2, before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sgl_elastic.config import ElasticArgs
+
+PROG = "python -m sgl_elastic.launch_server"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# flag -> value, applied on a machine without CUDA when the user did not give the flag.
+CPU_DEFAULTS: dict[str, object] = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",
+    "--disable-cuda-graph": True,
+    "--sleep-on-idle": True,
+    "--mem-fraction-static": 0.05,
+}
+
+
+def _given(argv: list[str], flag: str, parser: argparse.ArgumentParser) -> bool:
+    """Whether ``flag`` (or one of its aliases) appears in ``argv`` (``--x v`` or ``--x=v``)."""
+    action = next((a for a in parser._actions if flag in a.option_strings), None)
+    names = action.option_strings if action else [flag]
+    return any(arg == n or arg.startswith(n + "=") for arg in argv for n in names)
+
+
+def cpu_defaults(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Extra argv entries for the CPU defaults the user did not override."""
+    extra: list[str] = []
+    for flag, value in CPU_DEFAULTS.items():
+        if _given(argv, flag, parser):
+            continue
+        if value is True:
+            extra.append(flag)
+        else:
+            extra += [flag, str(value)]
+    return extra
+
+
+def omp_threads_bind(tp_size: int, num_cpus: int | None = None) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp_size`` ranks: one core range per rank, ``|``-joined.
+
+    Cores are split into ``tp_size`` contiguous ranges; with fewer cores than ranks, ranks share
+    cores round-robin (``"0|1|0"`` for 3 ranks on 2 cores).
+    """
+    num_cpus = num_cpus or os.cpu_count() or 1
+    if tp_size <= num_cpus:
+        per = num_cpus // tp_size
+        ranges = [(r * per, r * per + per - 1) for r in range(tp_size)]
+        return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+    return "|".join(str(r % num_cpus) for r in range(tp_size))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        # A short usage line: SGLang's full flag list (hundreds) would bury the error message.
+        usage=f"{PROG} --model-path PATH [sglang.launch_server flags] [--elastic-* flags] (--help lists them)",
+    )
+    ServerArgs.add_cli_args(parser)
+    ElasticArgs.add_cli_args(parser)
+    return parser
+
+
+def check_model_path(model_path: str) -> None:
+    """A path that looks local must exist; a hub id (``org/name``) is left to SGLang."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ValueError(f"--model-path {model_path}: directory has no config.json")
+        return
+    looks_local = model_path.startswith((".", "/", "~")) or model_path.count("/") != 1
+    if looks_local:
+        raise ValueError(f"--model-path {model_path}: no such file or directory")
+
+
+def prepare(argv: list[str]):
+    """Parse and validate ``argv``; return ``(server_args, elastic_args)``. Starts no process."""
+    from sglang.srt.server_args import prepare_server_args
+
+    on_cpu = not cuda_available()
+    parser = build_parser()
+    args = parser.parse_args(argv)  # bad flags: argparse prints usage + error, exits 2
+    elastic_args = ElasticArgs.from_cli_args(args)
+    check_model_path(args.model_path)
+    elastic_args.check_tp_size(args.tp_size)
+
+    # SGLang parses its own flags; ours are removed from its argv.
+    sglang_argv = _strip_elastic_flags(argv, parser)
+    if on_cpu:
+        sglang_argv += cpu_defaults(sglang_argv, parser)
+        if args.tp_size > 1:
+            os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_threads_bind(args.tp_size))
+    server_args = prepare_server_args(sglang_argv)
+    return server_args, elastic_args
+
+
+def _strip_elastic_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    elastic_actions = [
+        a for a in parser._actions if any(o.startswith(("--elastic-", "--no-elastic-")) for o in a.option_strings)
+    ]
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        action = next(
+            (a for a in elastic_actions for o in a.option_strings if arg == o or arg.startswith(o + "=")),
+            None,
+        )
+        if action is None:
+            out.append(arg)
+        elif "=" not in arg and action.nargs != 0:
+            skip = True  # the flag's value follows
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from sgl_elastic.version_check import check_sglang_version
+
+        check_sglang_version()
+        if not cuda_available():
+            os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # before sglang is imported
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+        server_args, elastic_args = prepare(argv)
+        from sgl_elastic import patches
+
+        activate = getattr(patches, "activate", None)
+        if activate is not None:
+            activate(elastic_args, server_args)
+        elif elastic_args.tp_widths is not None:
+            raise ValueError(
+                "--elastic-tp-widths is not supported by this build yet (elastic TP patches absent)"
+            )
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # e.g. SGLangVersionError
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    from sglang.launch_server import run_server
+    from sglang.srt.utils import kill_process_tree
+
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Start and stop ``python -m sgl_elastic.launch_server`` as a child process (tests, demo, bench).
+
+The server binds 127.0.0.1 on a free port, runs in its own process group, and is stopped by its
+own pid: SIGINT first (SGLang's clean shutdown), then SIGKILL of the whole group if it lingers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """``with ServerProcess(model_path, tp_size=2) as srv: requests.post(srv.url + "/generate")``.
+
+    ``extra_args`` are passed to the launcher verbatim. The server's output goes to ``log_path``
+    (a temporary file unless given); its last lines are shown if the start fails.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        tp_size: int = 1,
+        extra_args: list[str] | tuple[str, ...] = (),
+        *,
+        module: str = "sgl_elastic.launch_server",
+        start_timeout_s: float = 240.0,
+        log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.model_path = str(model_path)
+        self.tp_size = tp_size
+        self.extra_args = list(extra_args)
+        self.module = module
+        self.start_timeout_s = start_timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="sgl-elastic-server-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None  # seconds from spawn to /health answering 200
+        self.forced_kill = False
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", self.module,
+            "--model-path", self.model_path,
+            "--tp-size", str(self.tp_size),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            *self.extra_args,
+        ]
+
+    def start(self) -> "ServerProcess":
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # own process group: stopped as a whole, by our pid
+            )
+        deadline = t0 + self.start_timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"server exited with {self.proc.returncode} during start:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.start_s = time.perf_counter() - t0
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(
+            f"server not healthy after {self.start_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-num_lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGINT the server, wait for its group to exit, SIGKILL what is left. Returns the exit code.
+
+        ``self.forced_kill`` tells whether anything of the group had to be SIGKILLed.
+        """
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+                proc.wait(timeout=timeout_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        deadline = time.perf_counter() + 10.0
+        while self.group_members() and time.perf_counter() < deadline:
+            time.sleep(0.2)
+        leftovers = self.group_members()
+        self.forced_kill = proc.poll() is None or bool(leftovers)
+        for p in [proc.pid, *leftovers]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        return proc.returncode
+
+    def group_members(self) -> list[int]:
+        """Pids of the live (non-zombie) processes of the server's process group, leader excluded."""
+        if self.proc is None:
+            return []
+        members = []
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if p.info["pid"] != self.proc.pid and os.getpgid(p.info["pid"]) == self.proc.pid \
+                        and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    members.append(p.info["pid"])
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return members
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,77 @@
+"""The launcher's argument handling, without starting any process."""
+
+import argparse
+
+import pytest
+
+from sgl_elastic.config import ElasticArgs, parse_widths
+from sgl_elastic.launch_server import (
+    _strip_elastic_flags,
+    build_parser,
+    check_model_path,
+    cpu_defaults,
+    omp_threads_bind,
+)
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+def test_parse_widths_ok():
+    assert parse_widths("3,3,2") == (3, 3, 2)
+    assert parse_widths(" 1, 3 ") == (1, 3)
+
+
+@pytest.mark.parametrize("text,needle", [("3,x,2", "comma-separated integers"), ("2,0,1", ">= 1 unit"),
+                                         ("2,-1", ">= 1 unit"), ("", "comma-separated")])
+def test_parse_widths_errors(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_widths(text)
+
+
+def test_widths_count_must_match_tp():
+    args = ElasticArgs(tp_widths=(3, 3, 2))
+    args.check_tp_size(3)
+    with pytest.raises(ValueError, match="gives 3 widths .* --tp-size is 2"):
+        args.check_tp_size(2)
+
+
+def test_bad_policy():
+    with pytest.raises(ValueError, match="choose one of equal, capacity"):
+        ElasticArgs(width_policy="random")
+
+
+def test_omp_threads_bind():
+    assert omp_threads_bind(1, 2) == "0-1"
+    assert omp_threads_bind(2, 2) == "0|1"
+    assert omp_threads_bind(3, 2) == "0|1|0"
+    assert omp_threads_bind(2, 8) == "0-3|4-7"
+
+
+def test_cpu_defaults_fill_only_missing(parser):
+    extra = cpu_defaults(["--model-path", "m", "--attention-backend=triton", "--device", "cpu"], parser)
+    assert "--attention-backend" not in extra and "--device" not in extra
+    assert "--disable-cuda-graph" in extra and "--sleep-on-idle" in extra
+    full = cpu_defaults(["--model-path", "m"], parser)
+    assert full[full.index("--device") + 1] == "cpu"
+    assert full[full.index("--attention-backend") + 1] == "torch_native"
+
+
+def test_elastic_flags_parse_and_strip(parser):
+    argv = ["--model-path", "m", "--tp", "3", "--elastic-tp-widths", "2,1,1",
+            "--elastic-width-policy=capacity", "--no-elastic-daemon", "--port", "1"]
+    args = parser.parse_args(argv)
+    assert ElasticArgs.from_cli_args(args) == ElasticArgs(tp_widths=(2, 1, 1), width_policy="capacity")
+    assert _strip_elastic_flags(argv, parser) == ["--model-path", "m", "--tp", "3", "--port", "1"]
+
+
+def test_check_model_path(tmp_path):
+    with pytest.raises(ValueError, match="no such file or directory"):
+        check_model_path(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        check_model_path(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    check_model_path(str(tmp_path))
+    check_model_path("Qwen/Qwen3-0.6B")  # a hub id is SGLang's business
