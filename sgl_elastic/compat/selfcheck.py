@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 
 from sgl_elastic.version_check import PINNED_SGLANG, check_sglang_version
 
@@ -32,8 +33,11 @@ def main() -> int:
     t0 = time.perf_counter()
     try:
         version = check_sglang_version()
-        for name in PATCHED_MODULES:
-            importlib.import_module(name)
+        with warnings.catch_warnings():
+            # SGLang warns at import that AWQ/GGUF/Triton need CUDA: expected on CPU.
+            warnings.simplefilter("ignore", UserWarning)
+            for name in PATCHED_MODULES:
+                importlib.import_module(name)
     except Exception as exc:
         print(f"[setup] self-check FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
