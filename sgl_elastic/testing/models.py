@@ -109,7 +109,7 @@ def hf_config(spec: ModelSpec):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     if spec.family == "qwen3":
         return transformers.Qwen3Config(intermediate_size=spec.intermediate_size, **common)
@@ -139,7 +139,7 @@ def _spec_hash(spec: ModelSpec) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("SGL_ELASTIC_CACHE") or os.path.join(
+    root = os.environ.get("SGLE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sgl-elastic"
     )
     return Path(root) / "models"
@@ -212,7 +212,7 @@ def _write_checkpoint(spec: ModelSpec, out: Path) -> None:
     config = hf_config(spec)
     torch.manual_seed(SEED)
     with torch.device("cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Norm weights start at 1.0; jitter them so a wrong shard offset cannot hide behind symmetry.
     gen = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def _write_checkpoint(spec: ModelSpec, out: Path) -> None:
 def build_model(family: str, size: str = "tiny", out_dir: str | os.PathLike | None = None) -> Path:
     """Build (or find in the cache) the checkpoint of ``family``/``size``; return its directory.
 
-    ``out_dir`` is the parent directory of checkpoints (default: ``$SGL_ELASTIC_CACHE/models`` or
+    ``out_dir`` is the parent directory of checkpoints (default: ``$SGLE_CACHE/models`` or
     ``~/.cache/sgl-elastic/models``). The build goes to a temporary sibling and is renamed into
     place, so concurrent builders and interrupted builds never leave a half-written checkpoint.
     """

@@ -1,0 +1,119 @@
+"""Measure this machine's host-reload (file read) and peer-copy (shared-memory memcpy) bandwidths,
+to feed the cost model of the CPU executor (``Topology.single_node``).
+
+Every measurement writes into fresh, pre-faulted shared memory (never a small reused buffer that
+stays in cache), as the executor does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+from sgl_elastic.executor.shm import ShardSpec, ShmArena
+
+__all__ = ["measure_copy_gbps", "measure_read_gbps", "measure_concurrent_gbps"]
+
+
+def _arena(label: str, nbytes: int) -> ShmArena:
+    from sgl_elastic.executor.cpu import _prefault
+
+    a = ShmArena.create(label, [ShardSpec("x", (nbytes,), 1)])
+    _prefault(a)
+    return a
+
+
+def _pick(ckpt: SafetensorsCheckpoint, max_bytes: int) -> list:
+    chosen, total = [], 0
+    for name, e in sorted(ckpt.entries.items(), key=lambda kv: (-kv[1].nbytes, kv[0])):
+        if total + e.nbytes > max_bytes:
+            continue
+        chosen.append((name, e))
+        total += e.nbytes
+    if not chosen:
+        raise ValueError(f"every tensor of {ckpt.directory} is larger than {max_bytes} bytes; raise max_bytes")
+    return chosen
+
+
+def measure_copy_gbps(nbytes: int = 256 << 20, chunk_bytes: int = 8 << 20) -> float:
+    """GB/s of numpy copies of ``chunk_bytes`` between two pre-faulted shared-memory arenas, walking
+    ``nbytes`` of fresh memory (cache-cold, like the executor's copies)."""
+    with _arena("bw-a", nbytes) as a, _arena("bw-b", nbytes) as b:
+        src, dst = a.array("x"), b.array("x")
+        src[::4096] = 1
+        t = time.perf_counter()
+        for off in range(0, nbytes - chunk_bytes + 1, chunk_bytes):
+            np.copyto(dst[off:off + chunk_bytes], src[off:off + chunk_bytes])
+        dt = time.perf_counter() - t
+        del src, dst
+    return (nbytes // chunk_bytes) * chunk_bytes / dt / 1e9
+
+
+def measure_read_gbps(ckpt: SafetensorsCheckpoint, max_bytes: int = 256 << 20) -> float:
+    """GB/s of reading whole tensors of ``ckpt`` (largest first, up to ``max_bytes``) with the executor's
+    reader into fresh pre-faulted shared memory (the page cache is what a recovery sees on a host that
+    loaded the model)."""
+    chosen = _pick(ckpt, max_bytes)
+    total = sum(e.nbytes for _, e in chosen)
+    with _arena("bw-r", total) as a:
+        buf = a.array("x")
+        t = time.perf_counter()
+        off = 0
+        for name, e in chosen:
+            ckpt.read_region(name, buf[off:off + e.nbytes])
+            off += e.nbytes
+        dt = time.perf_counter() - t
+        del buf
+    return total / dt / 1e9
+
+
+def measure_concurrent_gbps(ckpt: SafetensorsCheckpoint, nbytes: int = 256 << 20,
+                            chunk_bytes: int = 8 << 20) -> tuple[float, float]:
+    """(read GB/s, copy GB/s) that a reload worker and a copy worker each get *while both run*, as in
+    the executor: one thread reads checkpoint tensors into fresh shared memory, another copies between
+    two arenas; each rate is its bytes over the window in which both ran (the first to finish its
+    ``nbytes`` ends the window).
+
+    On a host with few (or busy) cores the two share CPU time and memory bandwidth, so these are the
+    figures an overlapped cost model must use.
+    """
+    chosen = _pick(ckpt, nbytes)
+    total = sum(e.nbytes for _, e in chosen)
+    counts = {"read": 0, "copy": 0}
+    stop = threading.Event()
+    barrier = threading.Barrier(2)
+    with _arena("bwc-r", total) as r, _arena("bwc-a", nbytes) as a, _arena("bwc-b", nbytes) as b:
+        rbuf, src, dst = r.array("x"), a.array("x"), b.array("x")
+        src[::4096] = 1
+
+        def reader() -> None:
+            barrier.wait()
+            off = 0
+            for name, e in chosen:
+                if stop.is_set():
+                    break
+                counts["read"] += ckpt.read_region(name, rbuf[off:off + e.nbytes])
+                off += e.nbytes
+            stop.set()
+
+        def copier() -> None:
+            barrier.wait()
+            for off in range(0, nbytes - chunk_bytes + 1, chunk_bytes):
+                if stop.is_set():
+                    break
+                np.copyto(dst[off:off + chunk_bytes], src[off:off + chunk_bytes])
+                counts["copy"] += chunk_bytes
+            stop.set()
+
+        threads = [threading.Thread(target=reader), threading.Thread(target=copier)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        del rbuf, src, dst
+    return counts["read"] / elapsed / 1e9, counts["copy"] / elapsed / 1e9

@@ -1,0 +1,35 @@
+"""ExecReport: what an executor run moved and how long it took, against the cost model."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sgl_elastic.planner.cost import CostEstimate
+
+__all__ = ["ExecReport"]
+
+
+class ExecReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Achieved vs predicted. Seconds are wall time; bytes are payload bytes.
+
+    ``efficiency`` = predicted_s / achieved_s (1.0: the run is as fast as the model's lower bound).
+    ``alloc_s``: destination allocation (once, before any copy); ``reload_s``/``copy_s``: wall time of
+    the reload and copy workers (they overlap); ``fanout_s``: stage-1 copies after the reloads.
+    """
+
+    backend: str
+    achieved_s: float
+    alloc_s: float
+    reload_s: float
+    copy_s: float
+    fanout_s: float
+    keep_bytes: int
+    peer_bytes: int
+    reload_bytes: int
+    file_bytes_read: int
+    num_ops: int
+    predicted: CostEstimate
+
+    @property
+    def efficiency(self) -> float:
+        return self.predicted.predicted_s / self.achieved_s if self.achieved_s > 0 else float("inf")

@@ -1,0 +1,98 @@
+"""Topology: where the devices are and how fast bytes move between them.
+
+Devices are *slots*: slot s < old_tp is the device of old rank s; slots old_tp.. are added devices.
+Bandwidths are in GB/s (1e9 bytes per second); a link bandwidth of 0 means unreachable (e.g. GPUs
+on two nodes without a usable interconnect): the planner never plans a peer copy over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+__all__ = ["Topology"]
+
+
+class Topology(msgspec.Struct, frozen=True, kw_only=True):
+    """Link model of ``num_slots`` devices.
+
+    Fields:
+        node_of_slot: ``[num_slots]`` node id of each device.
+        link_gbps: ``[num_slots][num_slots]`` peer-copy bandwidth src -> dst in GB/s; 0 = unreachable.
+        host_gbps: ``[num_slots]`` host-reload bandwidth into each device (storage/page cache -> device), GB/s.
+        storage_gbps: ``[num_nodes]`` read bandwidth shared by all devices of a node; 0 = no shared limit.
+        node_copy_gbps: ``[num_nodes]`` copy bandwidth shared by every peer/keep copy landing on a node
+            (CPU backend: the memory bandwidth the copy workers get); empty or 0 = no shared limit.
+    """
+
+    node_of_slot: tuple[int, ...]
+    link_gbps: tuple[tuple[float, ...], ...]
+    host_gbps: tuple[float, ...]
+    storage_gbps: tuple[float, ...] = ()
+    node_copy_gbps: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.node_of_slot)
+        if len(self.link_gbps) != n or any(len(row) != n for row in self.link_gbps):
+            raise ValueError(f"link_gbps must be {n}x{n} for {n} slots")
+        if len(self.host_gbps) != n or any(b <= 0 for b in self.host_gbps):
+            raise ValueError(f"host_gbps needs one positive bandwidth per slot ({n}), got {self.host_gbps}")
+        if self.storage_gbps and len(self.storage_gbps) < max(self.node_of_slot) + 1:
+            raise ValueError(f"storage_gbps has {len(self.storage_gbps)} entries for {max(self.node_of_slot) + 1} nodes")
+
+    @classmethod
+    def single_node(cls, num_slots: int, *, read_gbps: float, copy_gbps: float) -> "Topology":
+        """One host whose devices are shared-memory shards (CPU backend): every copy goes through the
+        node's memory at ``copy_gbps`` in all, every reload through ``read_gbps`` in all."""
+        links = tuple(tuple(0.0 if i == j else copy_gbps for j in range(num_slots)) for i in range(num_slots))
+        return cls(node_of_slot=(0,) * num_slots, link_gbps=links, host_gbps=(read_gbps,) * num_slots,
+                   storage_gbps=(read_gbps,), node_copy_gbps=(copy_gbps,))
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.node_of_slot)
+
+    def reachable(self, src: int, dst: int) -> bool:
+        return src == dst or self.link_gbps[src][dst] > 0
+
+    def bandwidth(self, src: int, dst: int) -> float:
+        """GB/s of a peer copy src -> dst (inf for src == dst, 0 when unreachable)."""
+        return float("inf") if src == dst else float(self.link_gbps[src][dst])
+
+    def fully_connected(self) -> bool:
+        return all(self.link_gbps[i][j] > 0 for i in range(self.num_slots) for j in range(self.num_slots) if i != j)
+
+    # ---- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, num_slots: int, *, link_gbps: float = 100.0, host_gbps: float = 10.0) -> "Topology":
+        """One node, every pair linked at ``link_gbps``."""
+        links = tuple(tuple(0.0 if i == j else link_gbps for j in range(num_slots)) for i in range(num_slots))
+        return cls(node_of_slot=(0,) * num_slots, link_gbps=links, host_gbps=(host_gbps,) * num_slots)
+
+    @classmethod
+    def islands(
+        cls,
+        island_of_slot: Sequence[int],
+        *,
+        intra_gbps: float,
+        inter_gbps: float,
+        host_gbps: float,
+        node_of_slot: Sequence[int] | None = None,
+        storage_gbps: Sequence[float] = (),
+    ) -> "Topology":
+        """Fast links inside an island, ``inter_gbps`` across (0 = islands cannot reach each other)."""
+        n = len(island_of_slot)
+        links = tuple(
+            tuple(0.0 if i == j else (intra_gbps if island_of_slot[i] == island_of_slot[j] else inter_gbps) for j in range(n))
+            for i in range(n)
+        )
+        nodes = tuple(node_of_slot) if node_of_slot is not None else (0,) * n
+        return cls(node_of_slot=nodes, link_gbps=links, host_gbps=(host_gbps,) * n, storage_gbps=tuple(storage_gbps))
+
+    @classmethod
+    def two_island_8gpu(cls, num_slots: int = 8) -> "Topology":
+        """The benchmark topology: 8 GPUs, islands of 4 (128 GB/s inside, 32 GB/s across), host 8 GB/s per GPU
+        and 25 GB/s of storage read per node."""
+        return cls.islands([s // 4 for s in range(num_slots)], intra_gbps=128.0, inter_gbps=32.0, host_gbps=8.0,
+                           storage_gbps=(25.0,))

@@ -1,0 +1,191 @@
+"""Unit tests of the migration executor: safetensors byte ranges, CPU shared-memory execution
+(across processes), cleanup; the CUDA path runs only where CUDA is available."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sgl_elastic.executor import CpuExecutor, SafetensorsCheckpoint, ShardSpec, ShmArena, load_rank_from_checkpoint
+from sgl_elastic.executor.cpu import allocate_rank_arenas
+from sgl_elastic.executor.owner import ShardOwner
+from sgl_elastic.executor.shards import shard_region
+from sgl_elastic.layout import ElasticLayout
+from sgl_elastic.planner import ClusterChange, Topology, plan_migration
+
+pytestmark = pytest.mark.unit
+
+
+def toy_config(kind: str = "qwen3_moe", nkv: int = 4):
+    return SimpleNamespace(model_type=kind, num_hidden_layers=2, hidden_size=24, num_attention_heads=8,
+                           num_key_value_heads=nkv, head_dim=4, intermediate_size=40, moe_intermediate_size=20,
+                           num_experts=6 if kind == "qwen3_moe" else None, vocab_size=50, dtype="float32",
+                           tie_word_embeddings=False)
+
+
+def write_checkpoint(tmp: Path, layout: ElasticLayout, num_files: int = 2) -> dict[str, np.ndarray]:
+    """Random float32 checkpoint with the layout's tensor names, split over ``num_files`` files."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    full = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in layout.tensors()}
+    names = list(full)
+    for i in range(num_files):
+        part = {n: full[n] for n in names[i::num_files]}
+        save_file(part, str(tmp / f"model-{i:05d}-of-{num_files:05d}.safetensors"))
+    return full
+
+
+def expected_shard(full: dict, layout: ElasticLayout, rank: int, t) -> np.ndarray | None:
+    reg = shard_region(t, layout, rank)
+    if reg is None:
+        return None
+    a = full[t.name]
+    if a.ndim == 1:
+        return a
+    return a[reg[0]:reg[1], reg[2]:reg[3]]
+
+
+def test_safetensors_reader_reads_only_the_region(tmp_path):
+    from safetensors.numpy import save_file
+
+    x = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    y = np.arange(7, dtype=np.float32)
+    save_file({"x": x, "y": y}, str(tmp_path / "m.safetensors"))
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        assert ck.entry("x").shape == (6, 10) and ck.entry("y").itemsize == 4
+        out = np.empty((2, 10), np.float32)
+        assert ck.read_region("x", out, 3, 5) == out.nbytes
+        np.testing.assert_array_equal(out, x[3:5])
+        big = np.zeros((6, 8), np.float32)
+        view = big[:, 2:5]  # strided destination: one run per row
+        ck.read_region("x", view, 0, 6, 4, 7)
+        np.testing.assert_array_equal(big[:, 2:5], x[:, 4:7])
+        assert ck.bytes_read == out.nbytes + view.nbytes
+        with pytest.raises(ValueError, match="outside shape"):
+            ck.read_region("x", out, 5, 7)
+        with pytest.raises(KeyError, match="not in the checkpoint"):
+            ck.entry("z")
+
+
+def test_arena_names_are_unique_and_cleaned_up():
+    a = ShmArena.create("t", [ShardSpec("w", (4, 4), 4)])
+    b = ShmArena.create("t", [ShardSpec("w", (4, 4), 4)])
+    assert a.handle.shm_name != b.handle.shm_name
+    c = ShmArena.attach(a.handle)
+    a.array("w")[:] = 7
+    assert int(c.array("w")[0, 0]) == 7
+    c.close()
+    names = [a.handle.shm_name, b.handle.shm_name]
+    a.close()
+    b.close()
+    for n in names:
+        assert not os.path.exists(f"/dev/shm/{n}")
+
+
+@pytest.mark.parametrize("kind,nkv,tp,failed,added,ep", [
+    ("qwen3_moe", 4, 4, (1,), 0, False),
+    ("qwen3_moe", 2, 4, (2, 3), 1, False),   # replicated KV heads, a lost head
+    ("qwen3_moe", 2, 4, (2, 3), 2, False),   # ... needed by two new replicas: reloaded once, fanned out
+    ("qwen3", 4, 3, (), 1, False),          # scale-up
+    ("qwen3_moe", 4, 3, (0,), 0, True),     # expert parallel
+])
+def test_cpu_executor_rebuilds_new_shards(tmp_path, kind, nkv, tp, failed, added, ep):
+    old = ElasticLayout.from_hf_config(toy_config(kind, nkv), tp, mlp_unit=8, vocab_unit=8, expert_parallel=ep)
+    full = write_checkpoint(tmp_path, old)
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added))
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        arenas = allocate_rank_arenas(old, "old")
+        try:
+            for r, a in arenas.items():
+                load_rank_from_checkpoint(old, r, ck, a)
+            survivors = {r: a for r, a in arenas.items() if r not in failed}
+            topo = Topology.single_node(tp + added, read_gbps=1.0, copy_gbps=4.0)
+            ck.bytes_read = 0
+            new, report = CpuExecutor(ck, topo).run(plan, survivors)
+            try:
+                if added == 2:
+                    assert any(op.stage == 1 for op in plan.ops)
+                assert report.file_bytes_read == plan.reload_bytes == report.reload_bytes
+                assert report.peer_bytes == plan.peer_bytes and report.keep_bytes == plan.keep_bytes
+                for r in range(plan.new_layout.tp_size):
+                    for t in plan.new_layout.tensors():
+                        want = expected_shard(full, plan.new_layout, r, t)
+                        if want is None:
+                            continue
+                        got = new[r].array(t.name).view(np.float32)
+                        np.testing.assert_array_equal(got, want, err_msg=f"new rank {r} {t.name}")
+            finally:
+                for a in new.values():
+                    a.close()
+        finally:
+            for a in arenas.values():
+                a.close()
+
+
+def test_cpu_executor_across_processes(tmp_path):
+    """Old shards live in another process (shared memory); the executor attaches and migrates."""
+    old = ElasticLayout.from_hf_config(toy_config(), 3, mlp_unit=8, vocab_unit=8)
+    full = write_checkpoint(tmp_path, old, num_files=1)
+    plan = plan_migration(old, ClusterChange(failed=(1,)))
+    with ShardOwner(old, str(tmp_path), ranks=[0, 2], label="xproc") as owner, SafetensorsCheckpoint(tmp_path) as ck:
+        new, report = CpuExecutor(ck, Topology.single_node(3, read_gbps=1.0, copy_gbps=4.0)).run(plan, owner.arenas)
+        try:
+            for r in range(2):
+                for t in plan.new_layout.tensors():
+                    want = expected_shard(full, plan.new_layout, r, t)
+                    if want is not None:
+                        np.testing.assert_array_equal(new[r].array(t.name).view(np.float32), want)
+            assert report.achieved_s > 0 and report.predicted.predicted_s > 0
+        finally:
+            for a in new.values():
+                a.close()
+
+
+def test_missing_survivor_arena_is_an_error(tmp_path):
+    old = ElasticLayout.from_hf_config(toy_config(), 2, mlp_unit=8, vocab_unit=8)
+    write_checkpoint(tmp_path, old, num_files=1)
+    plan = plan_migration(old, ClusterChange(added=1))
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        with pytest.raises(ValueError, match="no arena for surviving old ranks"):
+            CpuExecutor(ck, Topology.single_node(3, read_gbps=1, copy_gbps=1)).run(plan, {})
+
+
+def _cuda():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs CUDA")
+def test_cuda_executor_rebuilds_new_shards(tmp_path):
+    import torch
+
+    from sgl_elastic.executor.cuda import CudaExecutor
+
+    old = ElasticLayout.from_hf_config(toy_config(), 4, mlp_unit=8, vocab_unit=8)
+    full = write_checkpoint(tmp_path, old)
+    plan = plan_migration(old, ClusterChange(failed=(1,)))
+    n = torch.cuda.device_count()
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        ex = CudaExecutor(ck, Topology.uniform(4), staging_bytes=256)  # tiny staging: exercises chunking
+        olds = {}
+        for r in (0, 2, 3):
+            dev = f"cuda:{r % n}"
+            olds[r] = {t.name: torch.from_numpy(np.ascontiguousarray(expected_shard(full, old, r, t))).view(torch.int32).to(dev)
+                       for t in old.tensors() if expected_shard(full, old, r, t) is not None}
+        new, report = ex.run(plan, olds)
+        assert report.file_bytes_read == plan.reload_bytes
+        for r in range(3):
+            for t in plan.new_layout.tensors():
+                want = expected_shard(full, plan.new_layout, r, t)
+                if want is not None:
+                    got = new[r][t.name].cpu().view(torch.float32).numpy()
+                    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,343 @@
+"""Unit tests of the CMM planner: optimality against an exhaustive solver, coverage, reachability,
+determinism, and a numpy reference execution of the per-tensor ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sgl_elastic.layout import ElasticLayout, FamilyLayout, ModelShape, replicated_kv_heads
+from sgl_elastic.planner import HOST, KEEP, PEER, RELOAD, ClusterChange, Topology, plan_migration, predict_time
+from sgl_elastic.planner.baselines import plan_full_reload, plan_greedy
+from sgl_elastic.planner.exact import exact_min_cost, exact_min_cost_for_widths
+from sgl_elastic.layout.presets import preset_config
+from sgl_elastic.planner.plan import shard_granule_range
+
+pytestmark = pytest.mark.unit
+
+
+# ---- toy models --------------------------------------------------------------------------------
+def toy_shape(nq: int, nkv: int, inter: int, vocab: int, experts: int = 0, moe_inter: int = 0, hidden: int = 3,
+              head_dim: int = 2, layers: int = 1) -> ModelShape:
+    return ModelShape(model_type="toy", naming="qwen3_moe" if experts else "dense", num_layers=layers,
+                      hidden_size=hidden, head_dim=head_dim, num_q_heads=nq, num_kv_heads=nkv, vocab_size=vocab,
+                      intermediate_size=0 if experts else inter, moe_intermediate_size=moe_inter,
+                      num_experts=experts, moe_layers=tuple(range(layers)) if experts else (),
+                      tie_word_embeddings=False, dtype_bytes=4)
+
+
+def _attn(shape: ModelShape, tp: int, widths=None) -> FamilyLayout:
+    nq, nkv = shape.num_q_heads, shape.num_kv_heads
+    common = dict(name="attn", unit_name="kv_head", num_units=nkv, unit_size=1, dim_size=nkv,
+                  num_q_heads=nq, num_kv_heads=nkv, q_per_kv=nq // nkv)
+    if nkv < tp:
+        return FamilyLayout(widths=(1,) * tp, replicated=True, kv_head_of_rank=replicated_kv_heads(nkv, tp, widths),
+                            **common)
+    return FamilyLayout(widths=tuple(widths), **common)
+
+
+def _blocks(name: str, dim: int, unit: int, widths) -> FamilyLayout:
+    return FamilyLayout(name=name, unit_name=name, num_units=-(-dim // unit), unit_size=unit, dim_size=dim,
+                        widths=tuple(widths))
+
+
+def _composition(draw, total: int, parts: int) -> tuple[int, ...]:
+    """Random widths: >= 1 each when total >= parts."""
+    if total >= parts:
+        cuts = sorted(draw(st.lists(st.integers(1, total - 1), min_size=parts - 1, max_size=parts - 1, unique=True))) \
+            if parts > 1 else []
+        bounds = [0] + cuts + [total]
+        return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    return tuple(1 if r < total else 0 for r in range(parts))
+
+
+@st.composite
+def cases(draw, max_new: int = 4, families=("attn", "mlp")):
+    old_tp = draw(st.integers(1, max_new + 1))
+    min_failed = 0 if old_tp == 1 else (1 if old_tp >= max_new else 0)
+    num_failed = draw(st.integers(min_failed, min(2, old_tp - 1)))
+    failed = tuple(sorted(draw(st.lists(st.integers(0, old_tp - 1), min_size=num_failed, max_size=num_failed,
+                                        unique=True))))
+    survivors = old_tp - num_failed
+    added = draw(st.integers(0 if failed else 1, min(2, max_new - survivors)))
+    new_tp = survivors + added
+    nkv = draw(st.integers(1, 5))
+    qpk = draw(st.integers(1, 3))
+    if nkv * qpk < max(old_tp, new_tp):
+        qpk = -(-max(old_tp, new_tp) // nkv)
+    nq = nkv * qpk
+    inter = draw(st.integers(max(old_tp, new_tp), 12))
+    unit = draw(st.integers(1, 3))
+    vocab = draw(st.integers(max(old_tp, new_tp), 9))
+    experts = draw(st.integers(1, 6)) if "experts" in families else 0
+    shape = toy_shape(nq, nkv, inter, vocab, experts=experts, moe_inter=2, hidden=draw(st.integers(1, 3)))
+    fams = {}
+    if "attn" in families:
+        if nkv < old_tp:
+            replicas = _composition(draw, old_tp, nkv)
+            fams["attn"] = _attn(shape, old_tp, replicas if max(replicas) <= qpk else None)
+        else:
+            fams["attn"] = _attn(shape, old_tp, _composition(draw, nkv, old_tp))
+    if "mlp" in families:
+        n = -(-inter // unit)
+        fams["mlp"] = _blocks("mlp", inter, unit, _composition(draw, n, old_tp))
+    if "vocab" in families:
+        fams["vocab"] = _blocks("vocab", vocab, 2, _composition(draw, -(-vocab // 2), old_tp))
+    if "experts" in families:
+        fams["experts"] = _blocks("experts", experts, 1, _composition(draw, experts, old_tp))
+    layout = ElasticLayout(tp_size=old_tp, families=fams, model=shape, expert_parallel="experts" in families)
+    slots = old_tp + added
+    kind = draw(st.sampled_from(["uniform", "islands", "split"]))
+    if kind == "uniform":
+        topo = Topology.uniform(slots)
+    else:
+        island = draw(st.lists(st.integers(0, 1), min_size=slots, max_size=slots))
+        topo = Topology.islands(island, intra_gbps=100.0, inter_gbps=0.0 if kind == "split" else 20.0, host_gbps=5.0)
+    policy = draw(st.sampled_from(["equal", "equal", "capacity"]))
+    caps = tuple(draw(st.lists(st.integers(1, 9), min_size=slots, max_size=slots))) if policy == "capacity" else ()
+    return layout, ClusterChange(failed=failed, added=added, policy=policy, capacities=tuple(map(float, caps))), topo
+
+
+def _sharded_totals(plan) -> tuple[int, int]:
+    reload = sum(op.nbytes for op in plan.ops if op.kind == RELOAD and op.family != "full")
+    peer = sum(op.nbytes for op in plan.ops if op.kind == PEER and op.family != "full")
+    return reload, peer
+
+
+def check_plan_invariants(plan, topo: Topology) -> None:
+    """Coverage exactly once, valid sources, no unreachable link, totals consistent."""
+    old, new = plan.old_layout, plan.new_layout
+    failed = set(plan.change.failed)
+    reloads: dict[tuple, list] = {}
+    for op in plan.ops:
+        if op.kind == RELOAD:
+            reloads.setdefault((op.family, op.subdim, op.dst_rank), []).append((op.start, op.end))
+    groups: dict[tuple, list] = {}
+    for op in plan.ops:
+        groups.setdefault((op.family, op.subdim, op.dst_rank), []).append(op)
+        dst_slot = plan.new2slot[op.dst_rank]
+        if op.kind == KEEP:
+            assert op.src_slot == dst_slot and op.src_slot not in failed
+        if op.kind in (KEEP, PEER) and op.stage == 0:
+            assert op.src_slot < old.tp_size and op.src_slot not in failed
+            a, b = shard_granule_range(old, op.family, op.subdim, op.src_rank)
+            assert a <= op.start and op.end <= b, (op, (a, b))
+        if op.kind == PEER:
+            assert topo.reachable(op.src_slot, dst_slot), op
+            if op.stage == 1:
+                assert plan.new2slot[op.src_rank] == op.src_slot
+                assert any(a <= op.start and op.end <= b for a, b in reloads[(op.family, op.subdim, op.src_rank)])
+        if op.kind == RELOAD:
+            assert op.src_slot == HOST
+    for (fam, sd, r), ops in groups.items():
+        ops.sort(key=lambda o: o.start)
+        a, b = shard_granule_range(new, fam, sd, r)
+        assert ops[0].start == a and ops[-1].end == b
+        assert all(x.end == y.start for x, y in zip(ops, ops[1:]))
+    # Every granule of every sub-dim is held by >= 1 new rank; partitioned sub-dims exactly once.
+    for name, fam in new.families.items():
+        subdims = {"attn": ("q", "kv")}.get(name, (None,))
+        for sd in subdims:
+            ranges = [shard_granule_range(new, name, sd or {"experts": "e", "vocab": "v"}.get(name, "i"), r)
+                      for r in range(new.tp_size)]
+            covered = sorted(x for a, b in ranges for x in range(a, b))
+            total = {"q": fam.num_q_heads, "kv": fam.num_kv_heads}.get(sd, fam.dim_size)
+            if sd == "kv" and fam.replicated:
+                assert set(covered) == set(range(total))
+            else:
+                assert covered == list(range(total))
+    assert plan.reload_bytes == sum(t.reload_bytes for t in plan.totals)
+    assert plan.reload_bytes >= plan.lower_bound_reload_bytes
+    if topo.fully_connected():
+        assert plan.reload_bytes == plan.lower_bound_reload_bytes
+
+
+# ---- optimality against the exhaustive solver --------------------------------------------------
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(cases(max_new=4))
+def test_cmm_matches_exhaustive_solver_attn_mlp(case):
+    layout, change, topo = case
+    plan = plan_migration(layout, change, topo)
+    check_plan_invariants(plan, topo)
+    assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(cases(max_new=4, families=("attn", "experts", "vocab")))
+def test_cmm_matches_exhaustive_solver_experts_vocab(case):
+    layout, change, topo = case
+    plan = plan_migration(layout, change, topo)
+    check_plan_invariants(plan, topo)
+    assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(cases(max_new=5, families=("attn", "mlp")))
+def test_cmm_matches_exhaustive_solver_five_ranks(case):
+    layout, change, topo = case
+    plan = plan_migration(layout, change, topo)
+    assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(cases(max_new=8, families=("attn", "mlp", "vocab")))
+def test_heuristic_order_is_optimal_for_its_widths(case):
+    """Above ``exhaustive_max_ranks`` the planner alternates assignment and DP: its order must be the
+    best one for the widths it chose (checked by an assignment ILP over every device permutation)."""
+    layout, change, topo = case
+    if change.policy == "capacity":  # widths follow the devices there: no fixed widths to reorder
+        change = ClusterChange(failed=change.failed, added=change.added)
+    if not all(topo.reachable(a, b) for a in range(topo.num_slots) for b in range(topo.num_slots)):
+        topo = Topology.islands([s % 2 for s in range(topo.num_slots)], intra_gbps=50, inter_gbps=10, host_gbps=5)
+    plan = plan_migration(layout, change, topo, exhaustive_max_ranks=0)
+    check_plan_invariants(plan, topo)
+    assert _sharded_totals(plan) == exact_min_cost_for_widths(layout, change, plan.new_layout, topo)
+
+
+# ---- real models --------------------------------------------------------------------------------
+def mixtral_8x22b():
+    return preset_config("Mixtral-8x22B")
+
+
+def qwen3_moe_30b():
+    return preset_config("Qwen3-30B-A3B")
+
+
+@pytest.mark.parametrize("failed,added", [((3,), 0), ((2, 5), 0), ((0,), 0), ((), 1), ((7,), 1)])
+def test_real_model_plans_meet_lower_bound_and_beat_baselines(failed, added):
+    topo = Topology.two_island_8gpu(9)
+    for cfg in (mixtral_8x22b(), qwen3_moe_30b()):
+        old = ElasticLayout.from_hf_config(cfg, 8)
+        change = ClusterChange(failed=failed, added=added)
+        plan = plan_migration(old, change, topo)
+        check_plan_invariants(plan, topo)
+        greedy, full = plan_greedy(old, change, topo), plan_full_reload(old, change, topo)
+        assert plan.reload_bytes == plan.lower_bound_reload_bytes <= greedy.reload_bytes <= full.reload_bytes
+        # every byte every new rank needs, whatever the plan: full reload reads all of it.
+        assert full.reload_bytes == plan.keep_bytes + plan.peer_bytes + plan.reload_bytes
+        assert full.reload_bytes >= sum(t.nbytes for t in old.tensors())
+        assert predict_time(plan, topo).predicted_s <= predict_time(greedy, topo).predicted_s + 1e-9
+        assert predict_time(greedy, topo).predicted_s <= predict_time(full, topo).predicted_s + 1e-9
+
+
+def test_plan_is_deterministic_and_serialisable():
+    old = ElasticLayout.from_hf_config(mixtral_8x22b(), 8)
+    topo = Topology.two_island_8gpu()
+    a = plan_migration(old, ClusterChange(failed=(3, 6)), topo)
+    b = plan_migration(old, ClusterChange(failed=(6, 3)), topo)
+    assert a.to_bytes() == b.to_bytes()
+    assert type(a).from_bytes(a.to_bytes()) == a
+    assert a.old2new_rank == (0, 1, 2, -1, 3, 4, -1, 5)
+
+
+def test_never_plans_over_unreachable_links():
+    # Two nodes of 4 with no peer path between them: node-1 data must come from node-1 devices or host.
+    old = ElasticLayout.from_hf_config(mixtral_8x22b(), 8)
+    topo = Topology.islands([0, 0, 0, 0, 1, 1, 1, 1], intra_gbps=100, inter_gbps=0, host_gbps=4,
+                            node_of_slot=[0, 0, 0, 0, 1, 1, 1, 1])
+    plan = plan_migration(old, ClusterChange(failed=(3,)), topo)
+    check_plan_invariants(plan, topo)
+    for op in plan.ops:
+        if op.kind == PEER:
+            assert topo.node_of_slot[op.src_slot] == topo.node_of_slot[plan.new2slot[op.dst_rank]]
+
+
+def test_errors_tell_the_fix():
+    old = ElasticLayout.from_hf_config(mixtral_8x22b(), 4)
+    with pytest.raises(ValueError, match="do not exist"):
+        plan_migration(old, ClusterChange(failed=(4,)))
+    with pytest.raises(ValueError, match="all 4 ranks failed"):
+        plan_migration(old, ClusterChange(failed=(0, 1, 2, 3)))
+    with pytest.raises(ValueError, match="one capacity per slot"):
+        plan_migration(old, ClusterChange(failed=(1,), policy="capacity"))
+
+
+def test_capacity_policy_follows_capacities():
+    old = ElasticLayout.from_hf_config(mixtral_8x22b(), 4)
+    plan = plan_migration(old, ClusterChange(failed=(1,), policy="capacity", capacities=(1.0, 9.0, 1.0, 2.0)))
+    assert plan.new_layout.family("attn").widths == (2, 2, 4)
+    assert plan.reload_bytes == plan.lower_bound_reload_bytes
+
+
+# ---- numpy reference execution of the tensor ops ------------------------------------------------
+def _slice(arr: np.ndarray, dim: int, a: int, b: int) -> np.ndarray:
+    return arr[a:b] if dim == 0 else arr[:, a:b]
+
+
+def _execute_reference(plan, full: dict[str, np.ndarray]) -> dict[tuple[int, str], np.ndarray]:
+    """Run ``plan.tensor_ops()`` with numpy: old shards -> new shards."""
+    specs = {t.name: t for t in plan.old_layout.tensors()}
+
+    def shard(layout, rank, t):
+        if t.dim < 0:
+            if t.family == "experts":
+                a, b = shard_granule_range(layout, "experts", "e", rank)
+                return full[t.name] if a <= t.expert < b else None
+            return full[t.name]
+        a, b = shard_granule_range(layout, t.family, t.subdim, rank)
+        return _slice(full[t.name], t.dim, a * t.granule_elems, b * t.granule_elems)
+
+    old = {(r, n): shard(plan.old_layout, r, t).copy() for r in range(plan.old_layout.tp_size)
+           if r not in plan.change.failed for n, t in specs.items() if shard(plan.old_layout, r, t) is not None}
+    new = {(r, n): np.full_like(s, np.nan) for r in range(plan.new_layout.tp_size) for n, t in specs.items()
+           if (s := shard(plan.new_layout, r, t)) is not None}
+    for stage in (0, 1):
+        for op in plan.tensor_ops():
+            if op.stage != stage:
+                continue
+            dst = new[(op.dst_rank, op.tensor)]
+            if op.kind == RELOAD:
+                src_arr, off = full[op.tensor], op.start
+            elif op.stage == 1:
+                src_arr, off = new[(op.src_rank, op.tensor)], op.src_offset
+            else:
+                src_arr, off = old[(op.src_rank, op.tensor)], op.src_offset
+            if op.dim < 0:
+                dst[...] = src_arr
+            elif op.dim == 0:
+                dst[op.dst_offset:op.dst_offset + op.length] = src_arr[off:off + op.length]
+            else:
+                dst[:, op.dst_offset:op.dst_offset + op.length] = src_arr[:, off:off + op.length]
+    return {k: v for k, v in new.items()}, shard
+
+
+@pytest.mark.parametrize("tp,failed,added,ep", [(4, (1,), 0, False), (4, (0, 3), 0, True), (3, (), 1, False),
+                                                (8, (2, 3), 0, False), (5, (4,), 2, True)])
+def test_tensor_ops_rebuild_the_new_shards(tp, failed, added, ep):
+    rng = np.random.default_rng(0)
+    shape = toy_shape(nq=8, nkv=2 if tp == 8 else 4, inter=11, vocab=13, experts=6 if ep else 0, moe_inter=5,
+                      hidden=3, head_dim=2, layers=2)
+    shape = ModelShape(**{**{f: getattr(shape, f) for f in shape.__struct_fields__},
+                          "model_type": "qwen3", "intermediate_size": 11})
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_type="qwen3_moe" if ep else "qwen3", num_hidden_layers=2, hidden_size=3,
+                          num_attention_heads=8, num_key_value_heads=shape.num_kv_heads, head_dim=2,
+                          intermediate_size=11, moe_intermediate_size=5, num_experts=6 if ep else None, vocab_size=13)
+    old = ElasticLayout.from_hf_config(cfg, tp, mlp_unit=2, vocab_unit=3, expert_parallel=ep)
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added))
+    full = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in old.tensors()}
+    new, shard = _execute_reference(plan, full)
+    specs = {t.name: t for t in old.tensors()}
+    for (r, name), got in new.items():
+        np.testing.assert_array_equal(got, shard(plan.new_layout, r, specs[name]), err_msg=f"rank {r} {name}")
+
+
+def test_cost_model_by_hand():
+    old = ElasticLayout.from_hf_config(mixtral_8x22b(), 2)
+    plan = plan_migration(old, ClusterChange(failed=(1,)))
+    # one survivor keeps its half and reloads the other: no peer copies.
+    assert plan.peer_bytes == 0 and plan.reload_bytes == plan.lower_bound_reload_bytes
+    est = predict_time(plan, Topology.uniform(2, host_gbps=10.0))
+    assert est.predicted_s == pytest.approx(plan.reload_bytes / 10e9)
+    cpu = Topology.single_node(2, read_gbps=2.0, copy_gbps=4.0)
+    est = predict_time(plan, cpu, keep_gbps=4.0)
+    assert est.predicted_s == pytest.approx(max(plan.reload_bytes / 2e9, plan.keep_bytes / 4e9))
+    # a peer copy over a 10 GB/s link in a 2-island topology
+    old4 = ElasticLayout.from_hf_config(mixtral_8x22b(), 4)
+    plan4 = plan_migration(old4, ClusterChange(failed=(0,)), Topology.islands([0, 0, 1, 1], intra_gbps=100,
+                                                                              inter_gbps=10, host_gbps=5))
+    est4 = predict_time(plan4, Topology.islands([0, 0, 1, 1], intra_gbps=100, inter_gbps=10, host_gbps=5))
+    assert est4.predicted_s >= max(t.reload_bytes for t in plan4.totals) / 5e9
