@@ -1,0 +1,46 @@
+"""``python -m sgl_elastic.daemon``: run one state daemon (see ``server.py`` for the contract).
+
+    python -m sgl_elastic.daemon [--run-dir DIR] [--tcp] [--backend shm|cuda]
+                                 [--checkpoint DIR --layout-file FILE]
+
+Prints nothing on stdout; the run dir's ``daemon.json`` appears when it serves. The token is in
+``<run dir>/token`` (0600). Stop it with a Shutdown request, SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sgl_elastic.daemon.server import Daemon, DaemonConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sgl_elastic.daemon", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", help="private directory (0700) for socket, token, daemon.json; default: a new temp dir")
+    p.add_argument("--tcp", action="store_true", help="serve tcp://127.0.0.1:<free port> instead of ipc")
+    p.add_argument("--backend", default="shm", choices=("shm", "cuda"))
+    p.add_argument("--checkpoint", help="HF checkpoint directory to load at start (with --layout-file)")
+    p.add_argument("--layout-file", help="ElasticLayout.to_bytes() of the layout to load")
+    p.add_argument("--ranks", help="comma-separated ranks this node holds (default: all)")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    layout_bytes = None
+    if a.layout_file:
+        with open(a.layout_file, "rb") as f:
+            layout_bytes = f.read()
+    try:
+        config = DaemonConfig(run_dir=a.run_dir, tcp=a.tcp, backend=a.backend, checkpoint=a.checkpoint,
+                              layout_bytes=layout_bytes,
+                              ranks=[int(r) for r in a.ranks.split(",")] if a.ranks else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return Daemon(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Applying a MigrationPlan to the daemon's weight segments, through the executor.
+
+CPU (``shm``): ``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly and
+returns new arenas (allocated before any copy); CUDA: ``executor.cuda.CudaExecutor`` on device
+views. The failed ranks' segments are dropped first: on this backend a device failure is the loss
+of its daemon-held memory, so the plan may not read them (and does not: it reads survivors and
+reloads the rest from the checkpoint).
+"""
+
+from __future__ import annotations
+
+from sgl_elastic.daemon.memory import DeviceMemory, Segment
+from sgl_elastic.executor.report import ExecReport
+from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+from sgl_elastic.planner.plan import MigrationPlan
+from sgl_elastic.planner.topology import Topology
+
+__all__ = ["check_plan", "run_plan"]
+
+# Bandwidths only feed the executor's predicted time (reported, never used for decisions here).
+_CPU_READ_GBPS, _CPU_COPY_GBPS = 2.0, 5.0
+
+
+def check_plan(plan: MigrationPlan, layout, held_ranks: set[int]) -> None:
+    """Raise ValueError saying what is wrong when ``plan`` cannot run on what the daemon holds."""
+    if plan.old_layout != layout:
+        raise ValueError(
+            "plan.old_layout is not the layout the daemon holds; plan from the daemon's current layout"
+            " (the one given to LoadModel, or the new_layout of the last migration)"
+        )
+    survivors = set(range(plan.old_layout.tp_size)) - set(plan.change.failed)
+    missing = sorted(survivors - held_ranks)
+    if missing:
+        raise ValueError(
+            f"surviving ranks {missing} are not held by this daemon (it holds {sorted(held_ranks)});"
+            " multi-node migration needs the peer daemons, not implemented"
+        )
+
+
+def run_plan(memory: DeviceMemory, plan: MigrationPlan, old: dict[int, Segment], ckpt: SafetensorsCheckpoint,
+             label: str) -> tuple[dict[int, Segment], ExecReport]:
+    """Execute ``plan``; ``old`` maps surviving old rank -> its weight segment. Returns new rank ->
+    segment (the caller frees ``old``) and the executor's report."""
+    dtypes = {h.name: h.dtype for seg in old.values() for h in seg.handles()}
+    num_slots = plan.old_layout.tp_size + plan.change.added
+    if memory.backend == "shm":
+        from sgl_elastic.executor.cpu import CpuExecutor
+
+        topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
+        new_arenas, report = CpuExecutor(ckpt, topo).run(plan, {r: s.arena for r, s in old.items()}, label=label)
+        return {r: memory.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
+    if memory.backend == "cuda":
+        from sgl_elastic.executor.cuda import CudaExecutor
+
+        topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
+        new_tensors, report = CudaExecutor(ckpt, topo).run(plan, {r: s.views(raw=True) for r, s in old.items()})
+        return {r: memory.wrap_tensors(r, "weights", t, dtypes) for r, t in new_tensors.items()}, report
+    raise ValueError(f"no migration path for backend {memory.backend!r}")

@@ -1,0 +1,416 @@
+"""Control-plane messages of the state daemon: a versioned, tagged union of msgspec Structs.
+
+Wire format: one ZMQ frame of msgpack per message. Every message is a map with a ``type`` tag
+(the class name), a ``version`` (``PROTOCOL_VERSION``) and, for requests, the instance ``token``.
+Decoding is two-phase (``decode_request``): first the envelope (type, version, token), so a
+client of another version or without the token gets a precise ``Error`` before any field of the
+body is looked at; then the full typed body, whose constraints (``Meta``) reject out-of-range
+values. A request that fails either phase is answered with ``Error``; the daemon keeps serving.
+
+Units: ``*_bytes`` are bytes, ``*_slots`` are KV slots (one token's K and V in every layer of a
+rank), ``rank`` is a TP rank of the current layout, ``epoch`` counts layout changes (0 at load).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_BYTES",
+    "ErrorCode",
+    "Request",
+    "Reply",
+    "Stats",
+    "LoadModel",
+    "RegisterRank",
+    "ExportWeights",
+    "AllocKv",
+    "ExportKv",
+    "KvMatch",
+    "KvInsert",
+    "KvDump",
+    "KvRelease",
+    "EvictKv",
+    "ApplyMigration",
+    "Shutdown",
+    "Ok",
+    "Error",
+    "StatsReply",
+    "RankStats",
+    "KvIndexStats",
+    "Registered",
+    "SegmentRef",
+    "TensorHandle",
+    "Handles",
+    "KvMatchReply",
+    "KvInsertReply",
+    "KvEntry",
+    "KvDumpReply",
+    "EvictReply",
+    "MigrationSummary",
+    "RequestDecodeError",
+    "decode_request",
+    "encode",
+    "decode_reply",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 << 20  # larger frames are dropped by ZMQ (ZMQ_MAXMSGSIZE): garbage cannot eat memory
+
+NonNeg = Annotated[int, Meta(ge=0)]
+Rank = Annotated[int, Meta(ge=0, le=4095)]
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+Slot = Annotated[int, Meta(ge=0, lt=1 << 40)]
+Dims = Annotated[int, Meta(ge=1, le=1 << 20)]
+Name = Annotated[str, Meta(max_length=4096)]
+
+
+class ErrorCode:
+    """Values of ``Error.code`` (strings, so a reader of a log needs no table)."""
+
+    MALFORMED = "malformed"  # not msgpack, or not a map with type/version/token
+    BAD_VERSION = "bad_version"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID = "invalid"  # fields of the wrong type or out of range
+    STATE = "state"  # not allowed in the daemon's current state (e.g. export while loading)
+    NOT_FOUND = "not_found"  # no such rank / pin / segment
+    BUDGET = "budget"  # KV budget cannot be met without evicting pinned KV
+    INTERNAL = "internal"
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, forbid_unknown_fields=True):
+    version: int
+
+
+class _Req(_Msg):
+    token: Annotated[str, Meta(max_length=256)]
+
+
+# ---- requests --------------------------------------------------------------------------------
+class Stats(_Req):
+    """Query state, bytes held and read, KV index figures, attached clients."""
+
+
+class LoadModel(_Req):
+    """Fill the weight shards of ``ranks`` (default: every rank of ``layout``) from ``checkpoint``.
+
+    ``layout``: ``ElasticLayout.to_bytes()``. Runs in the background (state LOADING, then READY);
+    reads only the byte ranges each rank needs, once. Allowed when no model is held.
+    """
+
+    checkpoint: Name
+    layout: bytes
+    ranks: list[Rank] | None = None
+
+
+class RegisterRank(_Req):
+    """A worker process ``pid`` serves ``rank``; its pins are released when it dies."""
+
+    rank: Rank
+    pid: Annotated[int, Meta(ge=1)]
+
+
+class ExportWeights(_Req):
+    """Handles of ``rank``'s weight shards (map them with ``memory.attach_handles``)."""
+
+    rank: Rank
+
+
+class AllocKv(_Req):
+    """Allocate a KV pool per held rank: per layer ``kv.<layer>`` of ``[2, num_slots, kv_heads, head_dim]``
+    (K = ``[0]``, V = ``[1]``; SGLang's fused per-layer NHD buffer).
+
+    ``kv_heads``: per rank (``[tp]``); empty: from the held layout's attention family.
+    ``budget_slots``: cached (unpinned + pinned) slots the prefix index may hold; 0: ``num_slots``.
+    ``page_size``: tokens per index entry (prefixes are cached in whole pages).
+    Idempotent for the same geometry (a restarted worker gets the existing pools and index).
+    """
+
+    num_layers: Dims
+    head_dim: Dims
+    num_slots: Annotated[int, Meta(ge=1, le=1 << 32)]
+    dtype: Annotated[str, Meta(max_length=32)]
+    kv_heads: list[Annotated[int, Meta(ge=1, le=1 << 16)]] = []
+    budget_slots: NonNeg = 0
+    page_size: Annotated[int, Meta(ge=1, le=4096)] = 1
+
+
+class ExportKv(_Req):
+    rank: Rank
+
+
+Namespace = Annotated[str, Meta(max_length=256)]
+
+
+class KvMatch(_Req):
+    """Longest cached prefix of ``token_ids`` (whole pages). ``pin``: hold it until ``KvRelease``.
+    ``namespace``: prefixes of different namespaces never match (SGLang's ``extra_key``)."""
+
+    token_ids: list[TokenId]
+    pin: bool = False
+    owner_pid: NonNeg = 0
+    namespace: Namespace = ""
+
+
+class KvInsert(_Req):
+    """Cache ``slots[i]`` as the KV of ``token_ids[i]`` (a trailing partial page is not cached).
+
+    Slots of pages already cached come back as ``duplicate_slots`` (the caller frees them).
+    ``pin``: the inserted path is pinned (KV of a running request).
+    """
+
+    token_ids: list[TokenId]
+    slots: list[Slot]
+    pin: bool = False
+    owner_pid: NonNeg = 0
+    namespace: Namespace = ""
+
+
+class KvDump(_Req):
+    """Every cached prefix (to rebuild a replacement process's own prefix tree)."""
+
+
+class KvRelease(_Req):
+    pin_id: Annotated[int, Meta(ge=1)]
+
+
+class EvictKv(_Req):
+    """Evict at least ``num_slots`` cold (LRU, unpinned) slots; 0: evict down to the budget."""
+
+    num_slots: NonNeg = 0
+
+
+class ApplyMigration(_Req):
+    """Run a ``MigrationPlan`` (``plan.to_bytes()``) on the held shards; the layout's epoch advances."""
+
+    plan: bytes
+
+
+class Shutdown(_Req):
+    """Answer Ok, then free everything and exit."""
+
+
+Request = Union[Stats, LoadModel, RegisterRank, ExportWeights, AllocKv, ExportKv, KvMatch, KvInsert, KvDump,
+                KvRelease, EvictKv, ApplyMigration, Shutdown]
+REQUEST_TYPES: dict[str, type] = {t.__name__: t for t in Request.__args__}  # type: ignore[attr-defined]
+
+
+# ---- replies ---------------------------------------------------------------------------------
+class Ok(_Msg):
+    detail: str = ""
+
+
+class Error(_Msg):
+    """``code``: one of ``ErrorCode``; ``reason``: what was wrong and how to fix it."""
+
+    code: str
+    reason: str
+
+
+class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
+    """One memory segment a client maps.
+
+    backend "shm": ``locator`` is the POSIX shared-memory name (``/dev/shm/<locator>``).
+    backend "cuda": ``ipc`` holds the CUDA IPC fields of the storage (msgpack), ``device_uuid`` the
+    GPU (clients map it to their own device index, as SGLang's ``patch_torch`` does).
+    ``size``: bytes.
+    """
+
+    backend: str
+    locator: str
+    size: int
+    device_uuid: str = ""
+    ipc: bytes = b""
+
+
+class TensorHandle(msgspec.Struct, frozen=True, array_like=True):
+    """A tensor inside segment ``segment`` (index into ``Handles.segments``) at byte ``offset``;
+    ``dtype`` is a torch dtype name ("bfloat16"); ``shape`` in elements (row-major, contiguous)."""
+
+    name: str
+    segment: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Handles(_Msg):
+    """``kind`` "weights" or "kv" of ``rank`` at layout ``epoch`` of daemon ``instance``; stale after
+    an epoch change, and never valid for another instance (a restarted daemon has a new one)."""
+
+    instance: str
+    rank: int
+    kind: str
+    epoch: int
+    segments: list[SegmentRef]
+    tensors: list[TensorHandle]
+
+
+class KvIndexStats(msgspec.Struct, kw_only=True):
+    num_slots: int = 0
+    budget_slots: int = 0
+    page_size: int = 1
+    cached_slots: int = 0
+    pinned_slots: int = 0
+    num_nodes: int = 0
+    num_pins: int = 0
+    hit_tokens: int = 0
+    lookup_tokens: int = 0
+    evicted_slots: int = 0
+
+
+class RankStats(msgspec.Struct, kw_only=True):
+    rank: int
+    weight_bytes: int
+    kv_bytes: int
+    pids: list[int]
+
+
+class MigrationSummary(msgspec.Struct, kw_only=True):
+    """What the executor did: epoch after the change, payload bytes by kind, seconds."""
+
+    epoch: int
+    keep_bytes: int
+    peer_bytes: int
+    reload_bytes: int
+    file_bytes_read: int
+    achieved_s: float
+
+
+class StatsReply(_Msg):
+    """Daemon figures. ``checkpoint_bytes_read``: payload bytes ever read from the checkpoint
+    (loads and migration reloads); ``rss_anon_bytes``: the daemon's private memory (its overhead:
+    shard bytes are shared memory, not in it)."""
+
+    state: str
+    pid: int
+    instance: str
+    backend: str
+    epoch: int
+    uptime_s: float
+    checkpoint: str
+    checkpoint_bytes_read: int
+    load_s: float
+    last_error: str
+    ranks: list[RankStats]
+    kv: KvIndexStats
+    requests: int
+    errors: dict[str, int]
+    rss_anon_bytes: int
+    rss_shmem_bytes: int
+    last_migration: MigrationSummary | None = None
+
+
+class Registered(_Msg):
+    instance: str
+    rank: int
+    epoch: int
+    has_weights: bool
+    has_kv: bool
+
+
+class KvMatchReply(_Msg):
+    num_tokens: int
+    slots: list[int]
+    pin_id: int = 0
+
+
+class KvInsertReply(_Msg):
+    num_new_tokens: int
+    duplicate_slots: list[int]
+    evicted_slots: list[int]
+    pin_id: int = 0
+
+
+class KvEntry(msgspec.Struct, frozen=True, array_like=True):
+    """A cached prefix ending at a leaf of the index: ``slots[i]`` holds the KV of ``token_ids[i]``."""
+
+    namespace: str
+    token_ids: list[int]
+    slots: list[int]
+
+
+class KvDumpReply(_Msg):
+    page_size: int
+    entries: list[KvEntry]
+
+
+class EvictReply(_Msg):
+    freed_slots: list[int]
+
+
+Reply = Union[Ok, Error, StatsReply, Registered, Handles, KvMatchReply, KvInsertReply, KvDumpReply, EvictReply]
+
+
+# ---- coding ---------------------------------------------------------------------------------
+class _Envelope(msgspec.Struct):
+    """Phase 1 of decoding: only what decides whether to look further (unknown fields ignored)."""
+
+    type: str
+    version: int
+    token: str = ""
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+_REQUEST = msgspec.msgpack.Decoder(Request)
+_REPLY = msgspec.msgpack.Decoder(Reply)
+
+
+class RequestDecodeError(Exception):
+    """Raised by ``decode_request``; ``error`` is the ``Error`` reply to send back."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.error = Error(version=PROTOCOL_VERSION, code=code, reason=reason)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _ENCODER.encode(msg)
+
+
+def decode_request(data: bytes, token_ok) -> Request:
+    """Decode and authenticate one request frame.
+
+    ``token_ok(token) -> bool`` checks the instance token (constant-time). Order: envelope, token,
+    version, type, body: a client without the token learns nothing but "unauthorized".
+    """
+    # Step 1: envelope.
+    try:
+        env = _ENVELOPE.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise RequestDecodeError(
+            ErrorCode.MALFORMED,
+            f"expected one msgpack map with 'type', 'version' and 'token' (sgl_elastic.daemon.protocol); {e}",
+        ) from None
+    # Step 2: token before anything else.
+    if not token_ok(env.token):
+        raise RequestDecodeError(
+            ErrorCode.UNAUTHORIZED,
+            "missing or wrong instance token; read it from the daemon's 0600 token file (DaemonClient.from_run_dir)",
+        )
+    # Step 3: version and type.
+    if env.version != PROTOCOL_VERSION:
+        raise RequestDecodeError(
+            ErrorCode.BAD_VERSION,
+            f"message version {env.version} but this daemon speaks version {PROTOCOL_VERSION};"
+            " use the sgl_elastic of the same release as the daemon",
+        )
+    if env.type not in REQUEST_TYPES:
+        raise RequestDecodeError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown request type {env.type[:64]!r}; known: {', '.join(REQUEST_TYPES)}"
+        )
+    # Step 4: the typed body.
+    try:
+        return _REQUEST.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise RequestDecodeError(ErrorCode.INVALID, f"{env.type}: {e}") from None
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _REPLY.decode(data)

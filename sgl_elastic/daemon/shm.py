@@ -1,0 +1,148 @@
+"""CPU implementation of the daemon's device memory: POSIX shared-memory segments.
+
+Daemon side, a segment is the executor's ``ShmArena`` (so ``CpuExecutor`` runs migration plans on
+it directly), named ``sgle-<daemon pid>-<random>-d<instance>-<kind>-r<rank>``: unique per daemon
+instance, never a fixed name. The daemon unlinks its segments when it exits (also on SIGTERM /
+SIGINT); if it is SIGKILLed, Python's resource tracker (a process of its own) unlinks them, and
+``reap_segments(pid)`` removes any left by a dead daemon pid.
+
+Client side, ``ShmMapping`` maps ``/dev/shm/<name>`` read-write with a plain ``mmap`` (no
+``SharedMemory`` object: that would register the name with the client's resource tracker, which
+would unlink the daemon's segment when the client exits). A mapping stays valid after the daemon
+unlinks the name or dies: the pages live until the last mapping goes.
+"""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import re
+
+from sgl_elastic.daemon.memory import DeviceMemory, Segment, TensorAlloc
+from sgl_elastic.daemon.protocol import SegmentRef, TensorHandle
+from sgl_elastic.executor.shm import ShardSpec, ShmArena
+
+__all__ = ["ShmMemory", "ShmSegment", "ShmMapping", "reap_segments", "segments_of_pid", "SHM_DIR"]
+
+SHM_DIR = "/dev/shm"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+class ShmSegment(Segment):
+    """One ``ShmArena`` plus the torch dtype of each tensor (the arena knows only item sizes)."""
+
+    def __init__(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str]) -> None:
+        self.rank, self.kind, self.arena, self.dtypes = rank, kind, arena, dtypes
+        self.nbytes = arena.nbytes
+
+    def refs(self) -> list[SegmentRef]:
+        h = self.arena.handle
+        return [SegmentRef(backend="shm", locator=h.shm_name, size=h.size)]
+
+    def handles(self) -> list[TensorHandle]:
+        return [TensorHandle(s.name, 0, s.offset, self.dtypes[s.name], tuple(s.shape))
+                for s in self.arena.handle.shards]
+
+    def load_region(self, ckpt, name: str, region: tuple[int, int, int, int]) -> int:
+        return ckpt.read_region(name, self.arena.array(name), *region)
+
+    def write(self, name: str, src) -> None:
+        import numpy as np
+
+        dst = self.arena.array(name)
+        np.copyto(dst, src.reshape(dst.shape))
+
+    def zero(self) -> None:
+        for name in self.arena.shards:
+            self.arena.array(name)[...] = 0
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+class ShmMemory(DeviceMemory):
+    backend = "shm"
+    shared_pool = True
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+
+    def free_bytes(self, rank: int) -> int:
+        """Free bytes of the /dev/shm filesystem (shared by every rank of the node)."""
+        st = os.statvfs(SHM_DIR)
+        return st.f_bavail * st.f_frsize
+
+    def allocate(self, rank: int, kind: str, specs: list[TensorAlloc]) -> ShmSegment:
+        arena = ShmArena.create(f"d{self.instance}-{kind}-r{rank}",
+                                [ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+        return ShmSegment(rank, kind, arena, {s.name: s.dtype for s in specs})
+
+    def wrap(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str]) -> ShmSegment:
+        """Adopt an arena the executor allocated (migration destinations)."""
+        return ShmSegment(rank, kind, arena, dtypes)
+
+
+class ShmMapping:
+    """Client-side read-write mapping of one shared-memory segment; ``flat`` is a uint8 torch tensor."""
+
+    def __init__(self, ref: SegmentRef, populate: bool = False) -> None:
+        """``populate``: fault every page in now (``MADV_POPULATE_WRITE``, one call) instead of one
+        page fault per 4 KiB at first use."""
+        import torch
+
+        if not _SAFE_NAME.fullmatch(ref.locator):
+            raise ValueError(f"shared-memory name {ref.locator!r} is not a plain segment name")
+        path = os.path.join(SHM_DIR, ref.locator)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} does not exist: the daemon freed this segment (layout changed or daemon stopped);"
+                " export the handles again"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < ref.size:
+                raise ValueError(f"{path} holds {size} bytes but the handle says {ref.size}")
+            self._mmap = mmap.mmap(fd, ref.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        flag = getattr(mmap, "MADV_POPULATE_WRITE", None)
+        if populate and flag is not None:
+            try:
+                self._mmap.madvise(flag)
+            except OSError:
+                pass  # older kernel: pages fault in at first use instead
+        self.flat = torch.frombuffer(self._mmap, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self.flat = None
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # views still alive: the mapping goes when they do
+
+
+def segments_of_pid(pid: int) -> list[str]:
+    """Shared-memory files created by process ``pid`` through ``ShmArena`` (``sgle-<pid>-*``)."""
+    return sorted(glob.glob(os.path.join(SHM_DIR, f"sgle-{int(pid)}-*")))
+
+
+def reap_segments(pid: int) -> list[str]:
+    """Unlink the segments of ``pid`` if that process is gone; returns what was removed."""
+    try:
+        os.kill(pid, 0)
+        return []  # alive: its segments are its own business
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return []
+    removed = []
+    for path in segments_of_pid(pid):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,195 @@
+"""What the daemon holds: per rank its weight segment and KV pool, the layout, the prefix index.
+
+No sockets here (``server.py`` is the control plane); thread-safety is the caller's (the server
+holds one lock around every call that reads or swaps segments).
+
+KV pool of rank r: per layer one tensor ``kv.<layer>`` of ``[2, num_slots, kv_heads[r], head_dim]``:
+K is ``[0]``, V is ``[1]``, the layout SGLang 0.5.23's ``MHATokenToKVPool._create_buffers_normal``
+allocates for the NHD layout (K and V as halves of one allocation per layer; with ``num_slots =
+ceil_align(size + page_size, page_size)`` its ``k_buffer[l]`` is ``kv.<l>[0, :size + page_size]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+from sgl_elastic.daemon.kv_index import PrefixIndex
+from sgl_elastic.daemon.memory import DTYPE_ITEMSIZE, DeviceMemory, Segment, TensorAlloc
+from sgl_elastic.daemon.protocol import Handles, KvIndexStats, RankStats, PROTOCOL_VERSION
+from sgl_elastic.daemon.weights import load_ranks, weight_allocs
+from sgl_elastic.executor.report import ExecReport
+from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+from sgl_elastic.layout import ElasticLayout
+from sgl_elastic.planner.plan import MigrationPlan
+
+__all__ = ["ModelStore", "KvSpec", "kv_allocs"]
+
+
+class KvSpec:
+    """KV pool geometry: ``kv_heads[r]`` heads of ``head_dim`` per slot per layer on rank r."""
+
+    __slots__ = ("num_layers", "head_dim", "num_slots", "dtype", "kv_heads")
+
+    def __init__(self, num_layers: int, head_dim: int, num_slots: int, dtype: str, kv_heads: dict[int, int]) -> None:
+        if dtype not in DTYPE_ITEMSIZE:
+            raise ValueError(f"KV dtype {dtype!r} not supported; use one of {sorted(DTYPE_ITEMSIZE)}")
+        self.num_layers, self.head_dim, self.num_slots, self.dtype, self.kv_heads = (
+            num_layers, head_dim, num_slots, dtype, kv_heads)
+
+    def key(self) -> tuple:
+        return (self.num_layers, self.head_dim, self.num_slots, self.dtype, tuple(sorted(self.kv_heads.items())))
+
+    def rank_bytes(self, rank: int) -> int:
+        return 2 * self.num_layers * self.num_slots * self.kv_heads[rank] * self.head_dim * DTYPE_ITEMSIZE[self.dtype]
+
+
+def kv_allocs(spec: KvSpec, rank: int) -> list[TensorAlloc]:
+    shape = (2, spec.num_slots, spec.kv_heads[rank], spec.head_dim)
+    return [TensorAlloc(f"kv.{layer}", spec.dtype, shape) for layer in range(spec.num_layers)]
+
+
+class ModelStore:
+    """Segments of the ranks this daemon holds. ``epoch`` advances with every applied plan."""
+
+    def __init__(self, memory: DeviceMemory, instance: str) -> None:
+        self.memory = memory
+        self.instance = instance
+        self.layout: ElasticLayout | None = None
+        self.checkpoint = ""
+        self.epoch = 0
+        self.weights: dict[int, Segment] = {}
+        self.kv: dict[int, Segment] = {}
+        self.kv_spec: KvSpec | None = None
+        self.index: PrefixIndex | None = None
+        self.bytes_read = 0
+        self.load_s = 0.0
+        self.pids: dict[int, set[int]] = {}  # rank -> registered worker pids
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def load(self, checkpoint: str, layout: ElasticLayout, ranks: list[int] | None,
+             cancel: threading.Event | None = None, swap_lock=None) -> None:
+        """Fill the weight segments of ``ranks`` from ``checkpoint`` (reads each needed range once).
+
+        Builds everything first and installs at the end (under ``swap_lock``): a failure frees what
+        it allocated.
+        """
+        ranks = sorted(set(range(layout.tp_size) if ranks is None else ranks))
+        bad = [r for r in ranks if not 0 <= r < layout.tp_size]
+        if bad:
+            raise ValueError(f"ranks {bad} outside the layout's tp_size={layout.tp_size}")
+        t0 = time.perf_counter()
+        with SafetensorsCheckpoint(checkpoint) as ckpt:  # load_ranks frees its segments on failure
+            self.memory.check_fits({r: sum(a.nbytes for a in weight_allocs(layout, r, ckpt)) for r in ranks},
+                                   "the weight shards")
+            built = load_ranks(self.memory, layout, ranks, ckpt, cancel)
+            read = ckpt.bytes_read
+        with swap_lock or contextlib.nullcontext():
+            self.weights, self.layout, self.checkpoint = built, layout, os.path.abspath(checkpoint)
+            self.bytes_read += read
+            self.load_s = time.perf_counter() - t0
+
+    def migrate(self, plan: MigrationPlan, swap_lock=None) -> ExecReport:
+        """Apply ``plan`` through the executor; returns its report.
+
+        The failed ranks' segments are never read (their memory is lost with the device): the plan
+        copies from survivors and reloads the rest from the checkpoint. New segments are built off
+        the lock and swapped in under ``swap_lock``; on failure nothing changed. KV pools and the
+        prefix index are dropped (KV is not migrated: re-prefill).
+        """
+        from sgl_elastic.daemon.migrate import check_plan, run_plan
+
+        if self.layout is None:
+            raise ValueError("no model held; LoadModel first")
+        check_plan(plan, self.layout, set(self.weights))
+        survivors = {r: s for r, s in self.weights.items() if r not in set(plan.change.failed)}
+        # Step 1: build the new shards (survivors untouched).
+        with SafetensorsCheckpoint(self.checkpoint) as ckpt:
+            new, report = run_plan(self.memory, plan, survivors, ckpt,
+                                   label=f"d{self.instance}-weights-e{self.epoch + 1}")
+        # Step 2: swap in the new layout.
+        with swap_lock or contextlib.nullcontext():
+            old, self.weights = self.weights, new
+            old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
+            self.layout = plan.new_layout
+            self.epoch += 1
+            self.bytes_read += report.file_bytes_read
+            self.pids = {}
+        # Step 3: free the old shards and KV (other processes' mappings stay valid until unmapped).
+        for seg in [*old.values(), *old_kv.values()]:
+            seg.close()
+        return report
+
+    # ---- KV ------------------------------------------------------------------------------------
+    def alloc_kv(self, spec: KvSpec, budget_slots: int, page_size: int) -> bool:
+        """One KV pool per held rank (or per rank of ``spec.kv_heads`` when no model is held).
+
+        Idempotent: asking again for the same geometry (a restarted worker) keeps the pools and the
+        index and returns False; a different geometry is refused. True when allocated now.
+        """
+        if self.kv:
+            assert self.kv_spec is not None and self.index is not None
+            same = (self.kv_spec.key() == spec.key() and self.index.page_size == page_size
+                    and self.index.budget_slots == (budget_slots or spec.num_slots))
+            if same:
+                return False
+            raise ValueError(
+                f"a KV pool of another geometry is allocated (layers={self.kv_spec.num_layers},"
+                f" head_dim={self.kv_spec.head_dim}, slots={self.kv_spec.num_slots}, dtype={self.kv_spec.dtype},"
+                f" heads={self.kv_spec.kv_heads}, page_size={self.index.page_size}); it lives until the layout"
+                " changes or the daemon stops: ask for the same geometry to attach it")
+        ranks = sorted(self.weights) if self.weights else sorted(spec.kv_heads)
+        missing = [r for r in ranks if r not in spec.kv_heads]
+        if missing:
+            raise ValueError(f"kv_heads gives no head count for ranks {missing}")
+        self.memory.check_fits({r: spec.rank_bytes(r) for r in ranks}, "the KV pools")
+        index = PrefixIndex(spec.num_slots, budget_slots or None, page_size)
+        built: dict[int, Segment] = {}
+        try:
+            for r in ranks:
+                built[r] = self.memory.allocate(r, "kv", kv_allocs(spec, r))
+        except BaseException:
+            for s in built.values():
+                s.close()
+            raise
+        self.kv, self.kv_spec, self.index = built, spec, index
+        return True
+
+    def drop_kv(self) -> None:
+        for seg in self.kv.values():
+            seg.close()
+        self.kv, self.kv_spec, self.index = {}, None, None
+
+    # ---- export / stats -------------------------------------------------------------------------
+    def handles(self, kind: str, rank: int) -> Handles:
+        table = self.weights if kind == "weights" else self.kv
+        seg = table.get(rank)
+        if seg is None:
+            what = "weights" if kind == "weights" else "a KV pool (AllocKv first)"
+            raise KeyError(f"rank {rank} has no {what} in this daemon; it holds ranks {sorted(table)}")
+        return Handles(version=PROTOCOL_VERSION, instance=self.instance, rank=rank, kind=kind, epoch=self.epoch,
+                       segments=seg.refs(), tensors=seg.handles())
+
+    def rank_stats(self) -> list[RankStats]:
+        ranks = sorted(set(self.weights) | set(self.kv) | set(self.pids))
+        return [RankStats(rank=r, weight_bytes=self.weights[r].nbytes if r in self.weights else 0,
+                          kv_bytes=self.kv[r].nbytes if r in self.kv else 0, pids=sorted(self.pids.get(r, ())))
+                for r in ranks]
+
+    def kv_stats(self) -> KvIndexStats:
+        ix = self.index
+        if ix is None:
+            return KvIndexStats()
+        return KvIndexStats(num_slots=ix.num_slots, budget_slots=ix.budget_slots, page_size=ix.page_size,
+                            cached_slots=ix.cached_slots, pinned_slots=ix.pinned_slots, num_nodes=ix.num_nodes,
+                            num_pins=ix.num_pins, hit_tokens=ix.hit_tokens, lookup_tokens=ix.lookup_tokens,
+                            evicted_slots=ix.evicted_total)
+
+    def close(self) -> None:
+        """Free every segment (unlink on CPU)."""
+        self.drop_kv()
+        for seg in self.weights.values():
+            seg.close()
+        self.weights = {}

@@ -1,0 +1,322 @@
+"""State daemon as a real process: loading, zero-copy attach, KV index over the socket, migration,
+signals, a dead daemon, a dead client. Every daemon/child is stopped by its pid; no /dev/shm leaks."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sgl_elastic.daemon import DaemonClient, DaemonError, DaemonProcess, DaemonUnavailable
+from sgl_elastic.daemon.shm import segments_of_pid
+from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+from sgl_elastic.executor.shards import rank_tensors, shard_region
+from sgl_elastic.layout import ElasticLayout
+from sgl_elastic.planner import ClusterChange, plan_migration
+from sgl_elastic.testing.models import build_model
+
+
+def daemon_segments() -> set[str]:
+    """Every shared-memory file of any daemon instance on this host (``...-d<instance>-<kind>-r<rank>``)."""
+    return {p for p in glob.glob("/dev/shm/sgle-*") if re.search(r"-d[0-9a-f]{8}-(weights|kv)", p)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_segments():
+    before = daemon_segments()
+    yield
+    assert wait_gone(lambda: daemon_segments() - before) == set(), "daemon shared memory leaked"
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return str(build_model("qwen3-moe", "tiny"))
+
+
+def layout_of(ckpt: str, tp: int) -> ElasticLayout:
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = SimpleNamespace(**json.load(f))
+    return ElasticLayout.from_hf_config(cfg, tp, mlp_unit=64, vocab_unit=64)
+
+
+def wait_gone(paths_fn, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while paths_fn() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return paths_fn()
+
+
+@pytest.fixture
+def daemon():
+    d = DaemonProcess.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        assert d.proc.poll() is not None
+        assert segments_of_pid(d.pid) == [], "daemon left shared-memory segments"
+        assert not os.path.exists(d.run_dir)
+
+
+@pytest.fixture
+def loaded(daemon, ckpt):
+    c = daemon.client()
+    c.load_model(ckpt, layout_of(ckpt, 2))
+    c.wait_ready(60)
+    yield daemon, c
+    c.close()
+
+
+def expected_shard(ck: SafetensorsCheckpoint, layout, rank, t, shape):
+    assert ck.entry(t.name).dtype == "F32"  # the tiny checkpoints are float32
+    out = np.empty(shape, dtype=np.float32)
+    ck.read_region(t.name, out, *shard_region(t, layout, rank))
+    return torch.from_numpy(out)
+
+
+def test_load_reads_each_byte_once_and_attach_is_zero_copy(loaded, ckpt):
+    d, c = loaded
+    s = c.stats()
+    layout = layout_of(ckpt, 2)
+    with SafetensorsCheckpoint(ckpt) as ck:
+        payload = sum(e.nbytes for e in ck.entries.values())
+        # 4 KV heads on 2 ranks, replicated norms read once: every payload byte read exactly once.
+        assert s.checkpoint_bytes_read == payload
+        for rank in (0, 1):
+            with c.attach_weights(rank) as a:
+                assert a.epoch == 0 and a.instance == s.instance and set(a.tensors) == {t.name for t, _ in rank_tensors(layout, rank)}
+                for t, shape in rank_tensors(layout, rank):
+                    assert torch.equal(a.tensors[t.name], expected_shard(ck, layout, rank, t, shape)), t.name
+                # zero-copy: a write through one mapping is seen through another
+                w = a.tensors["model.norm.weight"]
+                with c.attach_weights(rank) as b:
+                    w[0] = 123.0
+                    assert b.tensors["model.norm.weight"][0].item() == 123.0
+    assert {r.rank for r in s.ranks} == {0, 1} and s.state == "ready"
+
+
+def test_tcp_client_without_token_gets_nothing(ckpt):
+    with DaemonProcess.start(tcp=True) as d:
+        good = d.client()
+        assert good.endpoint.startswith("tcp://127.0.0.1:")
+        good.load_model(ckpt, layout_of(ckpt, 2))
+        good.wait_ready(60)
+        for token in ("", "wrong", good._token[:-1]):
+            bad = DaemonClient(good.endpoint, token, timeout=5, pid=d.pid)
+            for call in (bad.stats, lambda: bad.export_weights(0), lambda: bad.export_kv(0),
+                         lambda: bad.kv_match([1, 2]), bad.shutdown):
+                with pytest.raises(DaemonError) as e:
+                    call()
+                assert e.value.code == "unauthorized"
+            bad.close()
+        assert good.stats().errors == {"unauthorized": 15}
+        good.close()
+    assert segments_of_pid(d.pid) == []
+
+
+def test_kv_pool_and_prefix_index_survive_client_replacement(loaded):
+    d, c = loaded
+    c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32", budget_slots=8, page_size=2)
+    with c.attach_kv(1) as kv:
+        assert kv.tensors["kv.0"].shape == (2, 64, 2, 16)  # [K/V, slots, this rank's 2 of 4 KV heads, head_dim]
+        kv.tensors["kv.1"][0, 10:14] = 7.0
+    r = c.kv_insert([5, 6, 7, 8, 9], [10, 11, 12, 13, 14], pin=True)
+    assert r.num_new_tokens == 4 and r.pin_id
+    c.close()
+    # a replacement process: new client, finds the prefix and the KV bytes written by the first
+    c2 = d.client()
+    m = c2.kv_match([5, 6, 7, 8, 1])
+    assert m.num_tokens == 4 and m.slots == [10, 11, 12, 13]
+    dump = c2.kv_dump()
+    assert dump.page_size == 2 and [(e.token_ids, e.slots) for e in dump.entries] == [([5, 6, 7, 8], [10, 11, 12, 13])]
+    with c2.attach_kv(1) as kv:
+        assert torch.all(kv.tensors["kv.1"][0, m.slots] == 7.0) and torch.all(kv.tensors["kv.1"][1] == 0)
+    # budget 8: inserting 6 more evicts only unpinned KV; the pinned prefix stays
+    c2.kv_insert([1, 2, 3, 4], [20, 21, 22, 23])
+    with pytest.raises(DaemonError) as e:
+        c2.kv_insert([30, 31, 32, 33, 34, 35], [30, 31, 32, 33, 34, 35])
+    assert e.value.code == "budget"
+    r = c2.kv_insert([30, 31], [30, 31])
+    assert sorted(r.evicted_slots) == [22, 23]
+    c2.kv_release(1)
+    assert sorted(c2.evict_kv(100)) == [10, 11, 12, 13, 20, 21, 30, 31]
+    assert c2.stats().kv.cached_slots == 0
+    c2.close()
+
+
+def test_dead_client_releases_pins(loaded, ckpt):
+    d, c = loaded
+    c.alloc_kv(num_layers=1, head_dim=16, num_slots=16, dtype="float32")
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from sgl_elastic.daemon import DaemonClient
+c = DaemonClient.from_run_dir({d.run_dir!r})
+c.register(0)
+a = c.attach_weights(0)
+c.kv_insert([1, 2, 3], [0, 1, 2], pin=True)
+print("ok", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        s = c.stats()
+        assert s.kv.pinned_slots == 3 and child.pid in s.ranks[0].pids
+    finally:
+        child.kill()
+        child.wait(10)
+    deadline = time.monotonic() + 5
+    while c.stats().kv.pinned_slots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = c.stats()
+    assert s.kv.pinned_slots == 0 and s.ranks[0].pids == [] and s.kv.cached_slots == 3
+
+
+@pytest.mark.parametrize("change", [ClusterChange(failed=(1,)), ClusterChange(added=1)], ids=["2->1", "2->3"])
+def test_migration_runs_through_executor(loaded, ckpt, change):
+    d, c = loaded
+    old = layout_of(ckpt, 2)
+    before = c.stats()
+    old_segments = segments_of_pid(d.pid)
+    plan = plan_migration(old, change)
+    summary = c.apply_migration(plan, timeout=60)
+    s = c.stats()
+    assert summary.epoch == s.epoch == 1 and s.state == "ready"
+    assert summary.reload_bytes == plan.reload_bytes and summary.file_bytes_read == plan.reload_bytes
+    assert s.checkpoint_bytes_read == before.checkpoint_bytes_read + plan.reload_bytes
+    assert not set(old_segments) & set(segments_of_pid(d.pid)), "old shards not freed"
+    with SafetensorsCheckpoint(ckpt) as ck:
+        for rank in range(plan.new_layout.tp_size):
+            with c.attach_weights(rank) as a:
+                assert a.epoch == 1
+                for t, shape in rank_tensors(plan.new_layout, rank):
+                    assert torch.equal(a.tensors[t.name], expected_shard(ck, plan.new_layout, rank, t, shape)), t.name
+    with pytest.raises(DaemonError) as e:
+        c.export_weights(plan.new_layout.tp_size)
+    assert e.value.code == "not_found"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_free_everything(ckpt, sig):
+    d = DaemonProcess.start()
+    try:
+        c = d.client()
+        c.load_model(ckpt, layout_of(ckpt, 2))
+        c.wait_ready(60)
+        c.alloc_kv(num_layers=1, head_dim=16, num_slots=8, dtype="float32")
+        assert len(segments_of_pid(d.pid)) == 4
+        d.proc.send_signal(sig)
+        assert d.proc.wait(10) == 0
+        assert segments_of_pid(d.pid) == [] and not os.listdir(d.run_dir)
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_sigkill_daemon_client_keeps_its_tensors_and_fails_fast(ckpt):
+    d = DaemonProcess.start()
+    try:
+        c = d.client(timeout=30)
+        c.load_model(ckpt, layout_of(ckpt, 2))
+        c.wait_ready(60)
+        a = c.attach_weights(0)
+        w = a.tensors["model.layers.0.self_attn.q_proj.weight"].clone()
+        os.kill(d.pid, signal.SIGKILL)
+        d.proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="gone"):
+            c.stats()
+        assert time.monotonic() - t0 < 1.0
+        # the resource tracker unlinks the segments; the mapping we hold stays valid
+        assert wait_gone(lambda: segments_of_pid(d.pid)) == []
+        assert torch.equal(a.tensors["model.layers.0.self_attn.q_proj.weight"], w)
+        a.close()
+        with pytest.raises(DaemonUnavailable):
+            DaemonClient.from_run_dir(d.run_dir).stats()  # stale info file, dead pid
+        c.close()
+    finally:
+        d.stop()
+    assert segments_of_pid(d.pid) == []
+
+
+def test_unreachable_endpoint_times_out_instead_of_hanging(tmp_path):
+    c = DaemonClient(f"ipc://{tmp_path}/nothing.sock", "t", timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="no reply"):
+        c.stats()
+    assert time.monotonic() - t0 < 2.0
+    c.close()
+
+
+def test_run_dir_and_token_are_private(daemon):
+    info = json.load(open(os.path.join(daemon.run_dir, "daemon.json")))
+    assert os.stat(daemon.run_dir).st_mode & 0o777 == 0o700
+    assert os.stat(info["token_file"]).st_mode & 0o777 == 0o600
+    token = open(info["token_file"]).read()
+    with open(f"/proc/{daemon.pid}/cmdline", "rb") as f:
+        assert token.encode() not in f.read()
+    assert info["endpoint"] == f"ipc://{daemon.run_dir}/control.sock" and info["pid"] == daemon.pid
+
+
+def test_cli_loads_at_start_and_rejects_bad_arguments(ckpt):
+    with DaemonProcess.start(checkpoint=ckpt, layout=layout_of(ckpt, 1)) as d:
+        c = d.client()
+        s = c.wait_ready(60)
+        assert s.epoch == 0 and [r.rank for r in s.ranks] == [0] and s.checkpoint == os.path.abspath(ckpt)
+        with pytest.raises(DaemonError, match="one per daemon"):
+            c.load_model(ckpt, layout_of(ckpt, 1))
+        c.close()
+    assert segments_of_pid(d.pid) == []
+    bad = subprocess.run([sys.executable, "-m", "sgl_elastic.daemon", "--checkpoint", ckpt],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "both checkpoint and layout" in bad.stderr
+
+
+def test_replicated_kv_heads_and_column_blocks_read_once(ckpt):
+    """tp=8 over 4 KV heads: KV rows replicated on two ranks each, o_proj/down_proj in column
+    blocks: still every payload byte read exactly once, and every shard right."""
+    layout = ElasticLayout.from_hf_config(SimpleNamespace(**json.load(open(os.path.join(ckpt, "config.json")))), 8,
+                                          mlp_unit=32, vocab_unit=64)
+    assert layout.family("attn").replicated
+    with DaemonProcess.start(checkpoint=ckpt, layout=layout) as d:
+        c = d.client()
+        s = c.wait_ready(60)
+        with SafetensorsCheckpoint(ckpt) as ck:
+            assert s.checkpoint_bytes_read == sum(e.nbytes for e in ck.entries.values())
+            for rank in (0, 1, 7):
+                with c.attach_weights(rank) as a:
+                    for t, shape in rank_tensors(layout, rank):
+                        assert torch.equal(a.tensors[t.name], expected_shard(ck, layout, rank, t, shape)), t.name
+        c.close()
+    assert segments_of_pid(d.pid) == []
+
+
+def test_restarted_worker_gets_the_same_kv_memory_and_prefixes(loaded):
+    from sgl_elastic.daemon.worker import WorkerAttachment, sglang_kv_rows
+
+    d, c = loaded
+    geometry = dict(num_layers=2, head_dim=16, size=30, page_size=4, dtype="float32")
+    assert sglang_kv_rows(30, 4) == (34, 36)
+    w1 = WorkerAttachment.connect(d.run_dir, rank=1)
+    weights = w1.attach_weights()
+    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (32, 128)  # 2 of 4 KV heads x 16
+    k, v = w1.kv_buffers(**geometry)
+    assert len(k) == 2 and k[0].shape == (34, 2, 16) and v[1].shape == (34, 2, 16)
+    k[1][8:12] = 3.0
+    c.kv_insert([7, 7, 7, 7], [8, 9, 10, 11])
+    w1.close()
+    # the "restarted" worker: same geometry -> same memory, the prefix still there
+    w2 = WorkerAttachment.connect(d.run_dir, rank=1)
+    k2, _ = w2.kv_buffers(**geometry)
+    hit = c.kv_match([7, 7, 7, 7, 1])
+    assert hit.slots == [8, 9, 10, 11] and torch.all(k2[1][hit.slots] == 3.0)
+    with pytest.raises(DaemonError, match="another geometry"):
+        w2.kv_buffers(**{**geometry, "size": 60})
+    w2.close()
