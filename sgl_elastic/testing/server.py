@@ -2,6 +2,11 @@
 
 The server binds 127.0.0.1 on a free port, runs in its own process group, and is stopped by its
 own pid: SIGINT first (SGLang's clean shutdown), then SIGKILL of the whole group if it lingers.
+
+SGLang 0.5.23 leaves shared-memory files behind even after a clean shutdown (its scheduler
+message queue ``sgl_shm_mq_<pid>_*``, load reports, multiprocessing semaphores). ``stop`` notes the
+``/dev/shm`` files the server's own processes have mapped or open, and removes those still there
+once the processes are gone; files of other processes are never touched.
 """
 
 from __future__ import annotations
@@ -17,6 +22,44 @@ from pathlib import Path
 
 import psutil
 import requests
+
+
+def shm_inodes_of(pids: list[int]) -> set[int]:
+    """Inodes of the ``/dev/shm`` files that processes ``pids`` have mapped or open (best effort).
+
+    Inodes, not paths: glibc maps a POSIX semaphore under its temporary name (``sem.XXXXXX``)
+    before linking it as ``sem.mp-...``, so ``/proc/<pid>/maps`` does not show the final name.
+    """
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                        inodes.add(int(fields[4]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                        inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return inodes
+
+
+def remove_leftover_shm(inodes: set[int]) -> list[str]:
+    """Unlink the ``/dev/shm`` files whose inode is in ``inodes``; return their paths."""
+    removed = []
+    for entry in os.scandir("/dev/shm"):
+        try:
+            if entry.inode() in inodes:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            pass
+    return sorted(removed)
 
 
 def free_port() -> int:
@@ -62,6 +105,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None  # seconds from spawn to /health answering 200
         self.forced_kill = False
+        self.removed_shm: list[str] = []  # SGLang's leftovers that stop() removed
 
     @property
     def command(self) -> list[str]:
@@ -116,6 +160,7 @@ class ServerProcess:
         proc = self.proc
         if proc is None:
             return None
+        shm_inodes = shm_inodes_of([proc.pid, *self.group_members()])
         if proc.poll() is None:
             try:
                 os.kill(proc.pid, signal.SIGINT)
@@ -136,6 +181,10 @@ class ServerProcess:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.perf_counter() + 10.0
+        while self.group_members() and time.perf_counter() < deadline:
+            time.sleep(0.2)
+        self.removed_shm = remove_leftover_shm(shm_inodes)
         return proc.returncode
 
     def group_members(self) -> list[int]:

@@ -78,8 +78,17 @@ def test_sglang_frontend_program(server):
 
 def test_clean_shutdown_last(server):
     """Runs last in this module: stops the module's server and checks nothing is left."""
+    import os
+
+    from sgl_elastic.testing.server import shm_inodes_of
+
     srv = server
-    assert len(srv.group_members()) >= 3  # 2 schedulers + detokenizer, at least
+    members = srv.group_members()
+    assert len(members) >= 3  # 2 schedulers + detokenizer, at least
+    inodes = shm_inodes_of([srv.proc.pid, *members])
+    assert inodes, "SGLang's processes map shared memory (its message queue), none found"
     srv.stop()
     assert not srv.forced_kill, f"SIGINT did not stop the whole server:\n{srv.log_tail()}"
     assert srv.group_members() == []
+    left = [e.name for e in os.scandir("/dev/shm") if e.inode() in inodes]
+    assert left == [], f"/dev/shm files of the stopped server remain: {left}"
