@@ -23,13 +23,13 @@ inputs_hash() {
 pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 self_check() {
-  "$VENV/bin/python" -m sgl_elastic.compat.selfcheck
+  "$VENV/bin/python" -m sgl_elastic.compat.selfcheck "$@"
 }
 
 want="$(inputs_hash)"
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   echo "[setup] .venv is up to date; checking it"
-  self_check
+  self_check --quick
   exit 0
 fi
 
