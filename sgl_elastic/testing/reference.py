@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import psutil
+
+from sgl_elastic.testing.server import free_port, remove_leftover_shm, shm_inodes_of
 
 __all__ = [
     "hf_greedy",
@@ -48,12 +51,6 @@ def hf_greedy(model_path: str, prompt_ids: Sequence[Sequence[int]], max_new_toke
     return out
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_engine_kwargs(model_path: str, tp_size: int = 1, **overrides: Any) -> dict[str, Any]:
     """``sgl.Engine`` kwargs that work on these CPU machines (float32 for exact-match tests)."""
     kwargs: dict[str, Any] = dict(
@@ -62,7 +59,7 @@ def cpu_engine_kwargs(model_path: str, tp_size: int = 1, **overrides: Any) -> di
         device="cpu",
         attention_backend="torch_native",
         disable_cuda_graph=True,
-        mem_fraction_static=0.05,
+        mem_fraction_static=0.15,  # 0.05 works alone; other processes loading at the same time need slack
         max_total_tokens=4096,
         skip_server_warmup=True,
         sleep_on_idle=True,
@@ -76,11 +73,23 @@ def cpu_engine_kwargs(model_path: str, tp_size: int = 1, **overrides: Any) -> di
     return kwargs
 
 
-def _cpu_env(tp_size: int) -> None:
+@contextlib.contextmanager
+def _cpu_env(tp_size: int) -> Iterator[None]:
+    """CPU engine env vars for one engine; the previous values are restored afterwards (a later
+    engine or server with another tp size must not inherit this one's thread binding)."""
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    key = "SGLANG_CPU_OMP_THREADS_BIND"
+    old = os.environ.get(key)
     if tp_size > 1:
         ncpu = max(1, len(os.sched_getaffinity(0)))
-        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(r % ncpu) for r in range(tp_size))
+        os.environ[key] = "|".join(str(r % ncpu) for r in range(tp_size))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 @contextlib.contextmanager
@@ -90,25 +99,30 @@ def sglang_engine(model_path: str, tp_size: int = 1, *, elastic=None, **engine_k
     ``elastic``: an ``sgl_elastic.config.ElasticArgs`` to run with sgl-elastic's patches
     (validated and activated before the engine spawns its processes; deactivated on exit).
     """
-    _cpu_env(tp_size)
-    import sglang as sgl
+    with _cpu_env(tp_size):
+        import sglang as sgl
 
-    kwargs = cpu_engine_kwargs(model_path, tp_size, **engine_kwargs)
-    if elastic is not None:
-        from sgl_elastic.patches import activate
-
-        activate(elastic, kwargs)
-    try:
-        engine = sgl.Engine(**kwargs)
-        try:
-            yield engine
-        finally:
-            engine.shutdown()
-    finally:
+        kwargs = cpu_engine_kwargs(model_path, tp_size, **engine_kwargs)
         if elastic is not None:
-            from sgl_elastic.patches import deactivate
+            from sgl_elastic.patches import activate
 
-            deactivate()
+            activate(elastic, kwargs)
+        try:
+            others = {p.pid for p in psutil.Process().children(recursive=True)}
+            engine = sgl.Engine(**kwargs)
+            try:
+                yield engine
+            finally:
+                # SGLang leaves /dev/shm files of its children behind: remove exactly those.
+                children = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in others]
+                shm_inodes = shm_inodes_of(children)
+                engine.shutdown()
+                remove_leftover_shm(shm_inodes)
+        finally:
+            if elastic is not None:
+                from sgl_elastic.patches import deactivate
+
+                deactivate()
 
 
 def engine_greedy(

@@ -1,0 +1,133 @@
+"""Patches of ``sglang.srt.layers.moe.fused_moe_triton.layer``: FusedMoE with unequal widths.
+
+MoE tensor parallelism (layout family "moe"): every rank holds every expert, each with this
+rank's block of intermediate columns. The constructor hook passes SGLang an intermediate size of
+``local * moe_tp_size`` (so its ``intermediate_size // moe_tp_size`` is this rank's width) and
+marks the layer pre-sharded; the ``_load_w13`` / ``_load_w2`` hooks hand SGLang's own loaders
+this rank's slice of each checkpoint tensor, so every layout-specific detail of those loaders
+(gate/up order, padding on CPU) stays SGLang's.
+
+Expert parallelism (layout family "experts", ``--ep-size == --tp``): rank r holds the whole
+experts ``[start, end)`` of the layout (e.g. 3, 3, 2 of 8). SGLang asserts ``experts % ep == 0``
+and places experts by ``rank * num_local``; the hook builds the layer for this rank's experts
+only (``num_experts = width`` under a view with EP of one rank, so SGLang allocates exactly
+``width`` experts), then restores the global expert count and real EP rank, maps global expert ids
+with this rank's offset (loader and dispatcher), and skips SGLang's expert-location metadata
+(its placement assumes equal experts per rank; see ``expert_location``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from sgl_elastic.patches import state
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_sgl_elastic_moe_slice"  # (start, size) of this rank's intermediate columns
+_EXPERTS_ATTR = "_sgl_elastic_experts"  # (start, end) of this rank's global expert ids
+
+
+def fused_moe_init(original, self, *args, **kwargs):
+    layout = state.layout()
+    if layout is None or layout.tp_size == 1:
+        return original(self, *args, **kwargs)
+    if layout.expert_parallel:
+        return _expert_parallel_init(original, self, *args, **kwargs)
+    from sglang.srt.runtime_context import get_parallel
+
+    par = get_parallel()
+    if par.moe_tp_size == 1:
+        return original(self, *args, **kwargs)
+    if par.moe_tp_size != layout.tp_size:
+        raise ValueError(
+            f"FusedMoE: moe_tp_size={par.moe_tp_size} but the elastic layout has {layout.tp_size} ranks; "
+            "combine elastic widths with --ep-size 1 (MoE TP) or --ep-size == --tp (expert parallelism)"
+        )
+    b = inspect.signature(original).bind(self, *args, **kwargs)
+    fam = layout.family("moe")
+    inter = b.arguments["intermediate_size"]
+    if inter != fam.dim_size:
+        raise ValueError(f"FusedMoE {b.arguments.get('prefix', '')!r}: intermediate {inter} != layout moe dim {fam.dim_size}")
+    if b.arguments.get("num_fused_shared_experts", 0):
+        raise NotImplementedError("FusedMoE with fused shared experts is not supported with elastic widths")
+    start, end = fam.rank_dim_range(par.moe_tp_rank)
+    b.arguments["intermediate_size"] = (end - start) * par.moe_tp_size
+    original(*b.args, **b.kwargs)
+    setattr(self, _ATTR, (start, end - start))
+    self.use_presharded_weights = True  # the hooks below hand SGLang this rank's slice
+    if b.arguments.get("layer_id") == 0:
+        logger.info("sgl-elastic: TP%d holds moe columns [%d, %d) of %d", par.moe_tp_rank, start, end, inter)
+
+
+def load_w13(original, self, expert_data, shard_dim, shard_id, loaded_weight, is_bias=False):
+    sl = getattr(self, _ATTR, None)
+    if sl is not None:
+        if shard_id not in ("w1", "w3"):
+            raise NotImplementedError(f"FusedMoE: elastic loading of fused {shard_id!r} checkpoints is not supported")
+        loaded_weight = loaded_weight.narrow(-1 if is_bias else shard_dim, sl[0], sl[1])
+    return original(self, expert_data, shard_dim, shard_id, loaded_weight, is_bias)
+
+
+def load_w2(original, self, expert_data, shard_dim, shard_id, loaded_weight, is_bias=False):
+    sl = getattr(self, _ATTR, None)
+    if sl is not None and not is_bias:  # the w2 bias is over hidden, replicated
+        loaded_weight = loaded_weight.narrow(shard_dim, sl[0], sl[1])
+    return original(self, expert_data, shard_dim, shard_id, loaded_weight, is_bias)
+
+
+def _expert_parallel_init(original, self, *args, **kwargs):
+    import torch
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatcher
+    from sglang.srt.runtime_context import get_parallel
+
+    from sgl_elastic.patches.shard import parallel_view
+
+    layout = state.layout()
+    par = get_parallel()
+    if par.moe_ep_size != layout.tp_size or par.moe_tp_size != 1:
+        raise ValueError(
+            f"FusedMoE: elastic expert parallelism needs --ep-size == --tp ({layout.tp_size}); "
+            f"got moe_ep_size={par.moe_ep_size}, moe_tp_size={par.moe_tp_size}"
+        )
+    b = inspect.signature(original).bind(self, *args, **kwargs)
+    fam = layout.family("experts")
+    num_experts = b.arguments["num_experts"]
+    if num_experts != fam.dim_size or b.arguments.get("num_fused_shared_experts", 0):
+        raise ValueError(
+            f"FusedMoE {b.arguments.get('prefix', '')!r}: {num_experts} experts "
+            f"(shared: {b.arguments.get('num_fused_shared_experts', 0)}) but the layout has {fam.dim_size} routed experts"
+        )
+    rank = par.moe_ep_rank
+    start, end = fam.rank_dim_range(rank)
+    # Step 1: build a layer of exactly this rank's experts, as if it were the only EP rank.
+    b.arguments["num_experts"] = end - start
+    with parallel_view(original, moe_ep_size=1, moe_ep_rank=0):
+        original(*b.args, **b.kwargs)
+    # Step 2: global expert ids and the real EP rank back.
+    self.num_experts = self._num_global_routed = num_experts
+    self.moe_runner_config.num_experts = num_experts
+    self.moe_ep_size, self.moe_ep_rank, self._expert_storage_rank = par.moe_ep_size, rank, rank
+    self.uses_expert_location = False
+    setattr(self, _EXPERTS_ATTR, (start, end))
+    # Step 3: the dispatcher maps global ids to local ones (-1: another rank's expert).
+    disp = self.dispatcher
+    if not isinstance(disp, StandardDispatcher):
+        raise NotImplementedError(f"elastic expert parallelism supports the standard dispatcher, got {type(disp).__name__}")
+    disp.num_experts = num_experts
+    disp.moe_ep_size, disp.moe_ep_rank = par.moe_ep_size, rank
+    mapping = torch.full((num_experts,), -1, dtype=torch.int32, device=self.w13_weight.device)
+    mapping[start:end] = torch.arange(end - start, dtype=torch.int32, device=mapping.device)
+    disp.local_expert_mapping = mapping
+    if b.arguments.get("layer_id") == 0:
+        logger.info("sgl-elastic: EP%d holds experts [%d, %d) of %d", rank, start, end, num_experts)
+
+
+def map_global_expert_id(original, self, expert_id):
+    """FusedMoE._map_global_expert_id_to_local_expert_id: this rank's expert offset."""
+    experts = getattr(self, _EXPERTS_ATTR, None)
+    if experts is None:
+        return original(self, expert_id)
+    start, end = experts
+    return expert_id - start if start <= expert_id < end else -1

@@ -1,0 +1,167 @@
+"""THE table of every change sgl-elastic makes to SGLang 0.5.23, and its installer.
+
+One row per patched symbol: the SGLang target, the hook type (SGLang's ``HookRegistry``:
+before / after / around / replace), our hook, and why. Hooks live in one module per patched SGLang
+module (``patches/<module>.py``). Every hook passes straight through to SGLang when no elastic
+layout is active in the process (``patches.state.layout() is None``).
+
+``install()`` checks the SGLang version and that every target exists *before* registering anything,
+and after applying checks that SGLang's registry really patched every target (it only logs
+failures): a mismatch is a loud ``PatchTargetError`` at start-up, never a silent vanilla run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+_L = "sglang.srt.layers.linear"
+_MOE = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE"
+_P = "sgl_elastic.patches"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Patch:
+    target: str  # dotted path of the SGLang symbol
+    kind: str  # "before" | "after" | "around" | "replace" (HookRegistry.HookType)
+    hook: str  # dotted path of our hook
+    reason: str  # one line: why SGLang needs this change
+
+
+PATCHES: tuple[Patch, ...] = (
+    # -- layers/linear.py: unequal shard widths in the four TP linear layers
+    Patch(f"{_L}.QKVParallelLinear.__init__", "around", f"{_P}.linear.qkv_init",
+          "allocate this rank's whole KV-head groups, not total_heads // tp"),
+    Patch(f"{_L}.MergedColumnParallelLinear.__init__", "around", f"{_P}.linear.merged_column_init",
+          "gate_up gets this rank's intermediate columns; SGLang asserts output % tp == 0"),
+    Patch(f"{_L}.ColumnParallelLinear.__init__", "around", f"{_P}.linear.column_init",
+          "plain column layers in an elastic block take the block's width"),
+    Patch(f"{_L}.RowParallelLinear.__init__", "around", f"{_P}.linear.row_init",
+          "o_proj / down_proj get this rank's input columns, not input // tp"),
+    Patch(f"{_L}.ColumnParallelLinear.weight_loader", "around", f"{_P}.linear.weight_loader",
+          "load from this rank's offset, not tp_rank * shard_size"),
+    Patch(f"{_L}.MergedColumnParallelLinear.weight_loader", "around", f"{_P}.linear.weight_loader",
+          "load gate / up from this rank's offsets, not tp_rank * shard_size"),
+    Patch(f"{_L}.QKVParallelLinear.weight_loader", "around", f"{_P}.linear.weight_loader",
+          "load q / k / v from this rank's head offsets, not tp_rank * shard_size"),
+    Patch(f"{_L}.RowParallelLinear.weight_loader", "around", f"{_P}.linear.weight_loader",
+          "load from this rank's input offset, not tp_rank * shard_size"),
+    Patch(f"{_L}.ColumnParallelLinear.weight_loader_v2", "around", f"{_P}.linear.weight_loader_v2",
+          "v2 (quantized) parameter loaders assume equal shards: refuse loudly on elastic layers"),
+    Patch(f"{_L}.MergedColumnParallelLinear.weight_loader_v2", "around", f"{_P}.linear.weight_loader_v2",
+          "same, merged column"),
+    Patch(f"{_L}.QKVParallelLinear.weight_loader_v2", "around", f"{_P}.linear.weight_loader_v2",
+          "same, QKV"),
+    Patch(f"{_L}.RowParallelLinear.weight_loader_v2", "around", f"{_P}.linear.weight_loader_v2",
+          "same, row"),
+    Patch(f"{_L}.RowParallelLinear.forward", "before", f"{_P}.linear.row_forward",
+          "input split of a replicated input is split_tensor_along_last_dim (equal widths)"),
+    Patch(f"{_L}.ColumnParallelLinear.forward", "around", f"{_P}.linear.column_forward",
+          "gather_output is an equal-width all-gather"),
+    # -- models/*.py: attention blocks assert heads % tp == 0; dense MLP blocks
+    Patch("sglang.srt.models.qwen3_moe.Qwen3MoeAttention.__init__", "around", f"{_P}.models.attention_init",
+          "per-rank q / kv heads from whole KV-head groups (asserts heads % tp == 0)"),
+    Patch("sglang.srt.models.qwen3.Qwen3Attention.__init__", "around", f"{_P}.models.attention_init",
+          "same, Qwen3"),
+    Patch("sglang.srt.models.mixtral.MixtralAttention.__init__", "around", f"{_P}.models.attention_init",
+          "same, Mixtral"),
+    Patch("sglang.srt.models.qwen2.Qwen2MLP.__init__", "around", f"{_P}.models.mlp_init",
+          "Qwen3 dense MLP (Qwen3MLP is this class) takes the 'mlp' family width"),
+    Patch("sglang.srt.models.qwen2_moe.Qwen2MoeMLP.__init__", "around", f"{_P}.models.mlp_init",
+          "Qwen3-MoE dense layers (Qwen3MoeMLP is this class) take the 'mlp' family width"),
+    # -- layers/moe/fused_moe_triton/layer.py: MoE TP with unequal intermediate widths
+    Patch(f"{_MOE}.__init__", "around", f"{_P}.fused_moe.fused_moe_init",
+          "intermediate_size_per_partition = this rank's columns (SGLang asserts % moe_tp == 0)"),
+    Patch(f"{_MOE}._load_w13", "around", f"{_P}.fused_moe.load_w13",
+          "gate/up slice starts at this rank's offset, not shard_size * moe_tp_rank"),
+    Patch(f"{_MOE}._load_w2", "around", f"{_P}.fused_moe.load_w2",
+          "down slice starts at this rank's offset, not shard_size * moe_tp_rank"),
+    Patch(f"{_MOE}._map_global_expert_id_to_local_expert_id", "around", f"{_P}.fused_moe.map_global_expert_id",
+          "expert parallelism: this rank's first expert is the layout offset, not rank * num_local"),
+    Patch("sglang.srt.layers.moe.fused_moe_native.moe_forward_native", "around",
+          f"{_P}.fused_moe_native.moe_forward_native",
+          "CPU EP crash: -1 ids of other ranks' experts index cnts.scatter_"),
+    Patch("sglang.srt.eplb.expert_location.compute_initial_expert_location_metadata", "around",
+          f"{_P}.expert_location.compute_initial_expert_location_metadata",
+          "its placement asserts experts % ep == 0; elastic EP places experts by the layout"),
+    # -- vocab embedding and LM head
+    Patch("sglang.srt.layers.vocab_parallel_embedding.VocabParallelEmbedding.__init__", "around",
+          f"{_P}.vocab_parallel_embedding.vocab_init",
+          "this rank's vocab rows from the layout, not padded_vocab // tp"),
+    Patch("sglang.srt.layers.logits_processor.LogitsProcessor.__init__", "after",
+          f"{_P}.logits_processor.logits_processor_init",
+          "the logits all-gather concatenates equal shards; gather the layout's vocab widths"),
+    # -- configs: KV pool per rank, no CPU padding
+    Patch("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", "around",
+          f"{_P}.model_config.get_num_kv_heads",
+          "KV pool sized for this rank's KV heads, not total // tp"),
+    Patch("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp", "around",
+          f"{_P}.update_config.adjust_config_with_unaligned_cpu_tp",
+          "CPU pads heads / intermediate to a multiple of tp; elastic ranks hold whole units instead"),
+)
+
+
+class PatchTargetError(RuntimeError):
+    """An SGLang symbol sgl-elastic patches is missing or was not patched (SGLang changed)."""
+
+
+def _resolve(path: str):
+    module, _, attr = path.rpartition(".")
+    return getattr(pkgutil.resolve_name(module), attr)
+
+
+def check_targets(patches: tuple[Patch, ...] = PATCHES) -> None:
+    """Raise PatchTargetError listing every target or hook that does not resolve."""
+    from sgl_elastic.version_check import check_sglang_version
+
+    check_sglang_version()
+    bad = []
+    for p in patches:
+        for path in (p.target, p.hook):
+            try:
+                obj = _resolve(path)
+            except Exception as exc:  # noqa: BLE001 - reported below with the path
+                bad.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            if not callable(obj):
+                bad.append(f"{path}: not callable ({type(obj).__name__})")
+    if bad:
+        raise PatchTargetError(
+            "sgl-elastic cannot patch this SGLang (pinned to 0.5.23); these targets are missing:\n  "
+            + "\n  ".join(bad)
+            + "\nreinstall the pinned version (pip install --no-deps sglang==0.5.23)"
+        )
+
+
+_registered = False
+
+
+def install(patches: tuple[Patch, ...] = PATCHES) -> None:
+    """Check, register and apply every patch in this process (idempotent)."""
+    global _registered
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
+
+    if not _registered:
+        check_targets(patches)
+        source = HookSource(plugin_name="sgl_elastic", dist_name="sgl-elastic")
+        for p in patches:
+            module, _, name = p.hook.rpartition(".")
+            hook = getattr(importlib.import_module(module), name)
+            HookRegistry.register(p.target, hook, HookType(p.kind), source=source)
+        _registered = True
+    HookRegistry.apply_hooks()
+    not_applied = sorted({p.target for p in patches} - HookRegistry._patched)
+    if not_applied:
+        raise PatchTargetError(
+            "SGLang's HookRegistry did not apply these sgl-elastic patches (see its log above):\n  "
+            + "\n  ".join(not_applied)
+        )
+
+
+def table_markdown() -> str:
+    """The table as markdown (for docs and the start-up log)."""
+    rows = ["| SGLang target | hook | ours | why |", "| --- | --- | --- | --- |"]
+    for p in PATCHES:
+        rows.append(f"| `{p.target.removeprefix('sglang.srt.')}` | {p.kind} | `{p.hook.removeprefix(_P + '.')}` | {p.reason} |")
+    return "\n".join(rows)
