@@ -104,6 +104,11 @@ def prepare(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)  # bad flags: argparse prints usage + error, exits 2
     elastic_args = ElasticArgs.from_cli_args(args)
+    if elastic_args.daemon:
+        raise ValueError(
+            "--elastic-daemon: the state daemon is not wired into SGLang's loader yet; "
+            "run it standalone with python -m sgl_elastic.daemon"
+        )
     check_model_path(args.model_path)
     elastic_args.check_tp_size(args.tp_size)
 

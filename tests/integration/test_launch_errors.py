@@ -22,8 +22,10 @@ def launch(*args: str) -> subprocess.CompletedProcess:
          "gives 3 widths (1,1,1) but --tp-size is 2"),
         (("--model-path", "{model}", "--elastic-tp-widths", "2,zero"), "expected comma-separated integers"),
         (("--model-path", "{model}", "--elastic-width-policy", "random"), "invalid choice: 'random'"),
+        (("--model-path", "{model}", "--elastic-daemon"), "the state daemon is not wired into SGLang"),
     ],
-    ids=["no-model-path", "missing-model", "bad-flag", "widths-count", "widths-syntax", "bad-policy"],
+    ids=["no-model-path", "missing-model", "bad-flag", "widths-count", "widths-syntax", "bad-policy",
+         "daemon-not-wired"],
 )
 def test_bad_input(args, needle, tiny_models):
     args = [a.replace("{model}", str(tiny_models["qwen3-moe"])) for a in args]
