@@ -97,6 +97,18 @@ class CudaExecutor:
                       for t, shape in rank_tensors(layout, r)}
         return out
 
+    def _stream_copies(self, plan: MigrationPlan, ops, src_shards, dst_shards, copy_streams) -> None:
+        """Issue ``ops`` (keep / peer / fan-out copies) on each destination's copy stream; wait for all."""
+        torch = self.torch
+        for op in ops:
+            dev = self.device_of_slot[plan.new2slot[op.dst_rank]]
+            src = _view(src_shards[op.src_rank][op.tensor], op, op.src_offset)
+            dst = _view(dst_shards[op.dst_rank][op.tensor], op, op.dst_offset)
+            with torch.cuda.stream(copy_streams[dev]):
+                dst.copy_(src, non_blocking=True)
+        for s in copy_streams.values():
+            s.synchronize()
+
     def run(self, plan: MigrationPlan, old: dict[int, dict[str, object]]) -> tuple[dict[int, dict[str, object]], ExecReport]:
         """``old``: old rank -> {tensor name: device tensor} (survivors). Returns new rank -> tensors."""
         torch = self.torch
@@ -155,14 +167,7 @@ class CudaExecutor:
         for t in threads:
             t.start()
         # Step 2b: keep/peer copies on per-destination copy streams (issued from this thread).
-        for op in copies:
-            dev = self.device_of_slot[plan.new2slot[op.dst_rank]]
-            src = _view(old[op.src_rank][op.tensor], op, op.src_offset)
-            dst = _view(new[op.dst_rank][op.tensor], op, op.dst_offset)
-            with torch.cuda.stream(copy_streams[dev]):
-                dst.copy_(src, non_blocking=True)
-        for s in copy_streams.values():
-            s.synchronize()
+        self._stream_copies(plan, copies, old, new, copy_streams)
         spans["copy"] = time.perf_counter() - t_start
         for t in threads:
             t.join()
@@ -171,14 +176,7 @@ class CudaExecutor:
             raise errors[0]
         # Step 3: fan-out from freshly reloaded new ranks.
         t_fan = time.perf_counter()
-        for op in fanout:
-            dev = self.device_of_slot[plan.new2slot[op.dst_rank]]
-            src = _view(new[op.src_rank][op.tensor], op, op.src_offset)
-            dst = _view(new[op.dst_rank][op.tensor], op, op.dst_offset)
-            with torch.cuda.stream(copy_streams[dev]):
-                dst.copy_(src, non_blocking=True)
-        for s in copy_streams.values():
-            s.synchronize()
+        self._stream_copies(plan, fanout, new, new, copy_streams)
         t_end = time.perf_counter()
         report = ExecReport(
             backend="cuda", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans["reload"], copy_s=spans["copy"],

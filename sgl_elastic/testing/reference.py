@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from sgl_elastic.launch_server import omp_threads_bind
 from sgl_elastic.testing.server import free_port, remove_leftover_shm, shm_inodes_of
 
 __all__ = [
@@ -81,8 +82,7 @@ def _cpu_env(tp_size: int) -> Iterator[None]:
     key = "SGLANG_CPU_OMP_THREADS_BIND"
     old = os.environ.get(key)
     if tp_size > 1:
-        ncpu = max(1, len(os.sched_getaffinity(0)))
-        os.environ[key] = "|".join(str(r % ncpu) for r in range(tp_size))
+        os.environ[key] = omp_threads_bind(tp_size, max(1, len(os.sched_getaffinity(0))))
     try:
         yield
     finally:
