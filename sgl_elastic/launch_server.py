@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sgl_elastic.config import ElasticArgs
@@ -104,11 +105,6 @@ def prepare(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)  # bad flags: argparse prints usage + error, exits 2
     elastic_args = ElasticArgs.from_cli_args(args)
-    if elastic_args.daemon:
-        raise ValueError(
-            "--elastic-daemon: the state daemon is not wired into SGLang's loader yet; "
-            "run it standalone with python -m sgl_elastic.daemon"
-        )
     check_model_path(args.model_path)
     elastic_args.check_tp_size(args.tp_size)
 
@@ -118,6 +114,17 @@ def prepare(argv: list[str]):
         sglang_argv += cpu_defaults(sglang_argv, parser)
         if args.tp_size > 1:
             os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_threads_bind(args.tp_size))
+    if elastic_args.daemon:
+        from sgl_elastic.daemon.radix import BACKEND, register
+
+        if _given(sglang_argv, "--radix-cache-backend", parser) and BACKEND not in sglang_argv:
+            raise ValueError(f"--elastic-daemon keeps the prefix cache in the daemon: drop --radix-cache-backend"
+                             f" (it uses {BACKEND})")
+        with warnings.catch_warnings():  # SGLang's cache modules warn that AWQ/GGUF need CUDA: not ours to say
+            warnings.simplefilter("ignore")
+            register()  # before SGLang parses --radix-cache-backend (it accepts registered names only)
+        if not _given(sglang_argv, "--radix-cache-backend", parser):
+            sglang_argv += ["--radix-cache-backend", BACKEND]
     server_args = prepare_server_args(sglang_argv)
     return server_args, elastic_args
 
@@ -171,12 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
+    daemon = None
+    if elastic_args.daemon:
+        from sgl_elastic.daemon.manager import ServerDaemon
+
+        try:
+            daemon = ServerDaemon.start_for(elastic_args, server_args)
+        except (ValueError, RuntimeError, TimeoutError) as exc:
+            print(f"{PROG}: error: --elastic-daemon: {exc}", file=sys.stderr)
+            return 2
+
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
 
     try:
         run_server(server_args)
     finally:
+        if daemon is not None:
+            daemon.stop()
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
 

@@ -203,6 +203,32 @@ class DaemonClient:
         """Every cached prefix (namespace, token ids, slots) ending at a leaf of the index."""
         return self._req(P.KvDump, timeout=max(self.timeout, 30.0))
 
+    def kv_forget(self, slots: list[int], *, namespace: str = "") -> int:
+        """Drop cached prefixes using any of ``slots`` (the server freed them); returns slots dropped."""
+        return int(self._req(P.KvForget, slots=list(slots), namespace=namespace).detail)
+
+    def kv_clear(self) -> int:
+        return int(self._req(P.KvClear).detail)
+
+    def publish_params(self, rank: int, tensors: list[tuple[str, str, tuple[int, ...]]]) -> AttachedTensors:
+        """Allocate ``rank``'s parameter segment for ``(name, dtype, shape)`` tensors and map it
+        (fill it, then ``commit_params``)."""
+        specs = [P.ParamSpec(n, d, list(s)) for n, d, s in tensors]
+        return attach_handles(self._req(P.PublishParams, rank=rank, tensors=specs))
+
+    def commit_params(self, rank: int) -> None:
+        self._req(P.CommitParams, rank=rank)
+
+    def attach_params(self, rank: int, *, populate: bool = False) -> AttachedTensors | None:
+        """Map ``rank``'s committed parameters, or None when none are published."""
+        try:
+            h = self._req(P.ExportParams, rank=rank)
+        except DaemonError as e:
+            if e.code == P.ErrorCode.NOT_FOUND:
+                return None
+            raise
+        return attach_handles(h, populate=populate)
+
     def kv_release(self, pin_id: int) -> None:
         self._req(P.KvRelease, pin_id=pin_id)
 

@@ -241,6 +241,45 @@ class PrefixIndex:
             num_slots = max(0, self.cached_slots - self.budget_slots)
         return self._evict(num_slots)
 
+    def forget(self, slots: Sequence[int], namespace: str | None = None) -> list[int]:
+        """The owner of the pool freed ``slots``: drop every node using one of them, with its subtree
+        (a suffix's KV is useless without its prefix), pinned or not. Returns the slots dropped.
+
+        ``namespace``: only that namespace (None: all). Must reach the index before the freed slots
+        are written again, or a later reader would map tokens to another request's KV.
+        """
+        gone = set(slots) & self._held
+        if not gone:
+            return []
+        roots = self._roots if namespace is None else {namespace: self._roots[namespace]} if namespace in self._roots else {}
+        doomed = []
+        for root in roots.values():
+            stack = list(root.children.values())
+            while stack:
+                n = stack.pop()
+                if gone.isdisjoint(n.slots):
+                    stack.extend(n.children.values())
+                else:
+                    doomed.append(n)  # its subtree goes with it
+        dropped: list[int] = []
+        for n in doomed:
+            parent = n.parent
+            assert parent is not None
+            del parent.children[n.key]
+            stack = [n]
+            while stack:
+                m = stack.pop()
+                m.alive = False
+                self._held.difference_update(m.slots)
+                dropped.extend(m.slots)
+                self.num_nodes -= 1
+                stack.extend(m.children.values())
+        self._roots = {ns: r for ns, r in self._roots.items() if r.children}
+        # pins whose path lost a node keep nothing alive; drop them so they do not count as pinned
+        for pid in [p for p, (_, path) in self._pins.items() if any(not m.alive for m in path)]:
+            del self._pins[pid]
+        return dropped
+
     def clear(self) -> list[int]:
         """Drop everything (pins included: the KV is gone, e.g. after a layout change)."""
         freed = sorted(self._held)

@@ -37,6 +37,12 @@ __all__ = [
     "EvictKv",
     "ApplyMigration",
     "Shutdown",
+    "ParamSpec",
+    "PublishParams",
+    "ExportParams",
+    "CommitParams",
+    "KvForget",
+    "KvClear",
     "Ok",
     "Error",
     "StatsReply",
@@ -195,8 +201,51 @@ class Shutdown(_Req):
     """Answer Ok, then free everything and exit."""
 
 
+class ParamSpec(msgspec.Struct, frozen=True, array_like=True):
+    """One tensor of a rank's model state: SGLang parameter name, torch dtype name, shape."""
+
+    name: Name
+    dtype: Annotated[str, Meta(max_length=32)]
+    shape: list[Annotated[int, Meta(ge=0, le=1 << 40)]]
+
+
+class PublishParams(_Req):
+    """Allocate ``rank``'s model-state segment (SGLang's own parameters after loading: fused qkv,
+    gate_up, w13 ...); the worker copies its loaded parameters in and sends ``CommitParams``.
+    Replaces an uncommitted segment of the same rank; refused when one is committed."""
+
+    rank: Rank
+    tensors: list[ParamSpec]
+
+
+class ExportParams(_Req):
+    """Handles of ``rank``'s committed model-state segment (``not_found`` when there is none):
+    a replacement worker binds its parameters to them, with no checkpoint read and no copy."""
+
+    rank: Rank
+
+
+class CommitParams(_Req):
+    """The worker finished copying into ``rank``'s model-state segment; it may now be exported."""
+
+    rank: Rank
+
+
+class KvForget(_Req):
+    """The server freed these KV slots (its prefix cache evicted them): drop every cached prefix
+    that uses one, with what follows it, before the slots can hold other tokens' KV."""
+
+    slots: list[Slot]
+    namespace: Namespace = ""
+
+
+class KvClear(_Req):
+    """Drop every cached prefix (the server flushed its prefix cache)."""
+
+
 Request = Union[Stats, LoadModel, RegisterRank, ExportWeights, AllocKv, ExportKv, KvMatch, KvInsert, KvDump,
-                KvRelease, EvictKv, ApplyMigration, Shutdown]
+                KvRelease, EvictKv, ApplyMigration, Shutdown, PublishParams, ExportParams, CommitParams, KvForget,
+                KvClear]
 REQUEST_TYPES: dict[str, type] = {t.__name__: t for t in Request.__args__}  # type: ignore[attr-defined]
 
 
@@ -307,11 +356,14 @@ class StatsReply(_Msg):
 
 
 class Registered(_Msg):
+    """``layout``: ``ElasticLayout.to_bytes()`` of the held model (empty when none is held)."""
+
     instance: str
     rank: int
     epoch: int
     has_weights: bool
     has_kv: bool
+    layout: bytes = b""
 
 
 class KvMatchReply(_Msg):

@@ -48,7 +48,7 @@ import zmq
 
 from sgl_elastic.daemon import protocol as P
 from sgl_elastic.daemon.kv_index import BudgetExceeded
-from sgl_elastic.daemon.memory import make_memory
+from sgl_elastic.daemon.memory import TensorAlloc, make_memory
 from sgl_elastic.daemon.state import DaemonState, IllegalTransition, transition
 from sgl_elastic.daemon.store import KvSpec, ModelStore
 from sgl_elastic.daemon.weights import LoadCancelled
@@ -154,6 +154,8 @@ class Daemon:
             P.ExportWeights: self._export_weights, P.AllocKv: self._alloc_kv, P.ExportKv: self._export_kv,
             P.KvMatch: self._kv_match, P.KvInsert: self._kv_insert, P.KvDump: self._kv_dump, P.KvRelease: self._kv_release,
             P.EvictKv: self._evict_kv, P.ApplyMigration: self._apply_migration, P.Shutdown: self._shutdown,
+            P.PublishParams: self._publish_params, P.ExportParams: self._export_params,
+            P.CommitParams: self._commit_params, P.KvForget: self._kv_forget, P.KvClear: self._kv_clear,
         }
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -357,12 +359,45 @@ class Daemon:
                 raise KeyError(f"rank {req.rank} is not held by this daemon (it holds {sorted(held)})")
             self.store.pids.setdefault(req.rank, set()).add(req.pid)
             return P.Registered(version=P.PROTOCOL_VERSION, instance=self.instance, rank=req.rank, epoch=self.store.epoch,
-                                has_weights=req.rank in self.store.weights, has_kv=req.rank in self.store.kv)
+                                has_weights=req.rank in self.store.weights, has_kv=req.rank in self.store.kv,
+                                layout=self.store.layout.to_bytes() if self.store.layout is not None else b"")
 
     def _export_weights(self, req: P.ExportWeights) -> P.Handles:
         self._need(DaemonState.READY, what="ExportWeights")
         with self._lock:
             return self.store.handles("weights", req.rank)
+
+    def _publish_params(self, req: P.PublishParams) -> P.Handles:
+        self._need(DaemonState.READY, what="PublishParams")
+        specs = [TensorAlloc(t.name, t.dtype, tuple(t.shape)) for t in req.tensors]
+        if len({t.name for t in specs}) != len(specs):
+            raise ValueError("PublishParams: tensor names must be unique")
+        with self._lock:
+            return self.store.publish_params(req.rank, specs)
+
+    def _export_params(self, req: P.ExportParams) -> P.Handles:
+        self._need(DaemonState.READY, what="ExportParams")
+        with self._lock:
+            if req.rank not in self.store.params_ready:
+                raise KeyError(f"rank {req.rank} has no committed parameters (epoch {self.store.epoch}); load from"
+                               " ExportWeights and PublishParams")
+            return self.store.handles("params", req.rank)
+
+    def _commit_params(self, req: P.CommitParams) -> P.Ok:
+        self._need(DaemonState.READY, what="CommitParams")
+        with self._lock:
+            self.store.commit_params(req.rank)
+        return P.Ok(version=P.PROTOCOL_VERSION, detail=f"rank {req.rank} parameters committed")
+
+    def _kv_forget(self, req: P.KvForget) -> P.Ok:
+        with self._lock:
+            dropped = self._index().forget(req.slots, req.namespace)
+        return P.Ok(version=P.PROTOCOL_VERSION, detail=str(len(dropped)))
+
+    def _kv_clear(self, req: P.KvClear) -> P.Ok:
+        with self._lock:
+            dropped = self._index().clear()
+        return P.Ok(version=P.PROTOCOL_VERSION, detail=str(len(dropped)))
 
     def _alloc_kv(self, req: P.AllocKv) -> P.Ok:
         self._need(DaemonState.READY, DaemonState.EMPTY, what="AllocKv")

@@ -62,6 +62,8 @@ class ModelStore:
         self.epoch = 0
         self.weights: dict[int, Segment] = {}
         self.kv: dict[int, Segment] = {}
+        self.params: dict[int, Segment] = {}  # rank -> SGLang's loaded parameters (PublishParams)
+        self.params_ready: set[int] = set()  # ranks whose params segment is committed
         self.kv_spec: KvSpec | None = None
         self.index: PrefixIndex | None = None
         self.bytes_read = 0
@@ -113,14 +115,38 @@ class ModelStore:
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new
             old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
+            old_params, self.params, self.params_ready = self.params, {}, set()
             self.layout = plan.new_layout
             self.epoch += 1
             self.bytes_read += report.file_bytes_read
             self.pids = {}
         # Step 3: free the old shards and KV (other processes' mappings stay valid until unmapped).
-        for seg in [*old.values(), *old_kv.values()]:
+        for seg in [*old.values(), *old_kv.values(), *old_params.values()]:
             seg.close()
         return report
+
+    # ---- published parameters (SGLang's own tensors after loading) --------------------------------
+    def publish_params(self, rank: int, specs: list[TensorAlloc]) -> Handles:
+        """A fresh (uncommitted) parameter segment for ``rank``; the worker fills it and commits."""
+        if self.layout is None or rank not in self.weights:
+            raise KeyError(f"rank {rank} has no weights in this daemon; it holds ranks {sorted(self.weights)}")
+        if rank in self.params_ready:
+            raise ValueError(f"rank {rank}'s parameters are already published (epoch {self.epoch}); attach them"
+                             " with ExportParams instead")
+        if not specs:
+            raise ValueError("PublishParams with no tensors")
+        old = self.params.pop(rank, None)
+        if old is not None:
+            old.close()
+        self.memory.check_fits({rank: sum(s.nbytes for s in specs)}, "the published parameters")
+        self.params[rank] = self.memory.allocate(rank, "params", specs)
+        return self.handles("params", rank)
+
+    def commit_params(self, rank: int) -> None:
+        if rank not in self.params:
+            raise KeyError(f"rank {rank} has no parameter segment to commit; send PublishParams first")
+        self.params_ready.add(rank)
+
 
     # ---- KV ------------------------------------------------------------------------------------
     def alloc_kv(self, spec: KvSpec, budget_slots: int, page_size: int) -> bool:
@@ -164,10 +190,11 @@ class ModelStore:
 
     # ---- export / stats -------------------------------------------------------------------------
     def handles(self, kind: str, rank: int) -> Handles:
-        table = self.weights if kind == "weights" else self.kv
+        table = {"weights": self.weights, "kv": self.kv, "params": self.params}[kind]
         seg = table.get(rank)
         if seg is None:
-            what = "weights" if kind == "weights" else "a KV pool (AllocKv first)"
+            what = {"weights": "weights", "kv": "a KV pool (AllocKv first)",
+                    "params": "published parameters (PublishParams first)"}[kind]
             raise KeyError(f"rank {rank} has no {what} in this daemon; it holds ranks {sorted(table)}")
         return Handles(version=PROTOCOL_VERSION, instance=self.instance, rank=rank, kind=kind, epoch=self.epoch,
                        segments=seg.refs(), tensors=seg.handles())
@@ -190,6 +217,6 @@ class ModelStore:
     def close(self) -> None:
         """Free every segment (unlink on CPU)."""
         self.drop_kv()
-        for seg in self.weights.values():
+        for seg in [*self.weights.values(), *self.params.values()]:
             seg.close()
-        self.weights = {}
+        self.weights, self.params, self.params_ready = {}, {}, set()

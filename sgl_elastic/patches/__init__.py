@@ -134,13 +134,18 @@ def load_plugin() -> None:
     SGLang's ``load_plugins`` logs and swallows plugin exceptions; a process that cannot apply
     the layout it was given must not serve with equal shards instead, so failures exit loudly.
     """
-    if not os.environ.get(ENV_VAR):
+    if not os.environ.get(ENV_VAR) and not os.environ.get("SGLE_DAEMON_DIR"):
         return
     from sgl_elastic.patches import state, table
 
     try:
-        state.load_from_env()
+        if os.environ.get(ENV_VAR):
+            state.load_from_env()
         table.install()
+        if os.environ.get("SGLE_DAEMON_DIR"):  # the daemon's radix-cache backend (--radix-cache-backend)
+            from sgl_elastic.daemon import radix
+
+            radix.register()
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

@@ -99,6 +99,27 @@ PATCHES: tuple[Patch, ...] = (
     Patch("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp", "around",
           f"{_P}.update_config.adjust_config_with_unaligned_cpu_tp",
           "CPU pads heads / intermediate to a multiple of tp; elastic ranks hold whole units instead"),
+    # -- state daemon (--elastic-daemon): weights, KV pool and prefix index outlive the schedulers
+    Patch("sglang.srt.model_executor.model_runner_components.load_model_utils.get_model_loader", "around",
+          f"{_P}.daemon_hooks.get_model_loader",
+          "ranks take their weights from the daemon (0 bytes from the checkpoint), zero-copy after the first start"),
+    Patch("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.calculate_pool_sizes", "around",
+          f"{_P}.daemon_hooks.calculate_pool_sizes",
+          "a restarted scheduler sizes its KV pool as the one the daemon holds (free memory differs by then)"),
+    Patch("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal", "around",
+          f"{_P}.daemon_hooks.create_buffers_normal",
+          "the KV pool is daemon memory, so KV survives a scheduler restart"),
+    Patch("sglang.srt.entrypoints.engine.Engine._launch_scheduler_processes", "around",
+          f"{_P}.engine.launch_scheduler_processes",
+          "SGLang has no scheduler respawn: record the launch so the supervisor can redo it"),
+    Patch("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", "around", f"{_P}.engine.launch_subprocesses",
+          "the supervisor needs the tokenizer manager to fail requests in flight explicitly"),
+    Patch("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", "around",
+          f"{_P}.engine.watchdog_check_processes",
+          "a dead scheduler triggers a restart from the daemon instead of killing the server"),
+    Patch("sglang.srt.managers.tokenizer_manager.SignalHandler.running_phase_sigquit_handler", "around",
+          f"{_P}.engine.running_phase_sigquit_handler",
+          "a surviving rank's SIGQUIT after a peer died must not kill the server during the restart"),
 )
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sgl_elastic.daemon import DaemonClient, DaemonError, DaemonProcess, DaemonUnavailable
+from sgl_elastic.daemon import protocol as P
 from sgl_elastic.daemon.shm import segments_of_pid
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.executor.shards import rank_tensors, shard_region
@@ -26,7 +27,7 @@ from sgl_elastic.testing.models import build_model
 
 def daemon_segments() -> set[str]:
     """Every shared-memory file of any daemon instance on this host (``...-d<instance>-<kind>-r<rank>``)."""
-    return {p for p in glob.glob("/dev/shm/sgle-*") if re.search(r"-d[0-9a-f]{8}-(weights|kv)", p)}
+    return {p for p in glob.glob("/dev/shm/sgle-*") if re.search(r"-d[0-9a-f]{8}-(weights|kv|params)", p)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -320,3 +321,44 @@ def test_restarted_worker_gets_the_same_kv_memory_and_prefixes(loaded):
     with pytest.raises(DaemonError, match="another geometry"):
         w2.kv_buffers(**{**geometry, "size": 60})
     w2.close()
+
+
+def test_published_params_survive_worker_replacement(loaded):
+    """PublishParams -> fill -> CommitParams; a replacement process maps the same memory (no copy)."""
+    d, c = loaded
+    assert c.attach_params(0) is None  # nothing published yet: not_found -> None
+    with pytest.raises(DaemonError, match="PublishParams first"):
+        c.commit_params(0)
+    seg = c.publish_params(0, [("model.layers.0.qkv_proj.weight", "float32", (64, 32)), ("lm_head.weight", "float32", (4,))])
+    with pytest.raises(DaemonError, match="no committed parameters"):
+        c._req(P.ExportParams, rank=0)
+    seg.tensors["model.layers.0.qkv_proj.weight"].fill_(1.5)
+    seg.tensors["lm_head.weight"].copy_(torch.arange(4.0))
+    c.commit_params(0)
+    with pytest.raises(DaemonError, match="already published"):
+        c.publish_params(0, [("x", "float32", (1,))])
+    with DaemonClient.from_run_dir(d.run_dir) as other:  # "the restarted worker"
+        got = other.attach_params(0)
+        assert got is not None
+        assert torch.all(got.tensors["model.layers.0.qkv_proj.weight"] == 1.5)
+        assert got.tensors["lm_head.weight"].tolist() == [0.0, 1.0, 2.0, 3.0]
+        got.tensors["lm_head.weight"][0] = 9.0  # same memory as the publisher's mapping
+        assert seg.tensors["lm_head.weight"][0].item() == 9.0
+        got.close()
+    with pytest.raises(DaemonError, match="unique"):
+        c.publish_params(1, [("a", "float32", (1,)), ("a", "float32", (1,))])
+    seg.close()
+
+
+def test_kv_forget_drops_prefixes_using_freed_slots(loaded):
+    d, c = loaded
+    c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32")
+    c.kv_insert([1, 2, 3, 4], [5, 6, 7, 8])
+    c.kv_insert([1, 2, 9], [5, 6, 10])
+    c.kv_insert([20, 21], [30, 31])
+    assert c.kv_forget([6]) == 4  # slot 6 and everything after it: 6, 7, 8, 10
+    assert c.kv_match([1, 2, 3, 4]).slots == [5]
+    assert c.kv_match([20, 21]).num_tokens == 2
+    assert c.kv_forget([6, 40]) == 0  # not held: nothing to drop
+    assert c.kv_clear() == 3
+    assert c.kv_dump().entries == []

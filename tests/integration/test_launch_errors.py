@@ -22,10 +22,13 @@ def launch(*args: str) -> subprocess.CompletedProcess:
          "gives 3 widths (1,1,1) but --tp-size is 2"),
         (("--model-path", "{model}", "--elastic-tp-widths", "2,zero"), "expected comma-separated integers"),
         (("--model-path", "{model}", "--elastic-width-policy", "random"), "invalid choice: 'random'"),
-        (("--model-path", "{model}", "--elastic-daemon"), "the state daemon is not wired into SGLang"),
+        (("--model-path", "{model}", "--elastic-daemon", "--radix-cache-backend", "other"),
+         "--elastic-daemon keeps the prefix cache in the daemon: drop --radix-cache-backend"),
+        (("--model-path", "{model}", "--elastic-daemon", "--load-format", "dummy"),
+         "the state daemon reads safetensors checkpoints (got --load-format dummy)"),
     ],
     ids=["no-model-path", "missing-model", "bad-flag", "widths-count", "widths-syntax", "bad-policy",
-         "daemon-not-wired"],
+         "daemon-radix-backend", "daemon-load-format"],
 )
 def test_bad_input(args, needle, tiny_models):
     args = [a.replace("{model}", str(tiny_models["qwen3-moe"])) for a in args]

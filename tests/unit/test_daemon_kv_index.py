@@ -16,6 +16,20 @@ def test_match_returns_longest_cached_prefix():
     assert ix.hit_tokens == 3 and ix.lookup_tokens == 6
 
 
+def test_forget_drops_nodes_using_freed_slots_with_their_subtrees():
+    ix = PrefixIndex(num_slots=32)
+    ix.insert([1, 2, 3], [10, 11, 12])
+    ix.insert([1, 2, 4, 5], [10, 11, 13, 14])
+    pin = ix.match([1, 2, 3], pin=True).pin_id
+    assert sorted(ix.forget([11, 31])) == [11, 12, 13, 14]  # pinned or not: the KV is gone
+    assert ix.match([1, 2, 3]).slots == (10,)
+    assert not ix.holds(12) and ix.holds(10) and ix.cached_slots == 1
+    assert ix.num_pins == 0 and ix.pinned_slots == 0
+    with pytest.raises(KeyError):
+        ix.release(pin)
+    assert ix.forget([10]) == [10] and ix.dump() == [] and ix.num_nodes == 0
+
+
 def test_pages_cache_only_whole_pages():
     ix = PrefixIndex(num_slots=32, page_size=2)
     r = ix.insert([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])

@@ -1,0 +1,129 @@
+"""The daemon of one ``launch_server --elastic-daemon`` (main process): start, load, hand over, stop.
+
+- start: a daemon in a private run dir, loading the checkpoint under the server's layout (each
+  byte read once, progress on stderr); ``SGLE_DAEMON_DIR`` tells the scheduler processes where
+  it is (the token stays in the run dir's 0600 file);
+- the supervisor calls ``ensure()`` before restarting schedulers: a dead daemon is replaced by a
+  new instance, which reads the checkpoint again (its memory died with it);
+- stop: Shutdown (segments freed), then SIGTERM / SIGKILL, then a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
+from sgl_elastic.daemon.launch import DaemonProcess
+from sgl_elastic.daemon.link import ENV_DIR
+
+__all__ = ["ServerDaemon", "daemon_layout"]
+
+
+def _log(msg: str) -> None:
+    print(f"[sgl-elastic daemon-manager] {msg}", file=sys.stderr, flush=True)
+
+
+def daemon_layout(elastic_args, server_args):
+    """The layout the daemon holds: the elastic layout (tp >= 2), or one rank holding all at tp 1."""
+    from transformers import AutoConfig
+
+    from sgl_elastic.layout import ElasticLayout
+    from sgl_elastic.patches import SUPPORTED_MODEL_TYPES, build_layout
+
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    if int(getattr(server_args, "pp_size", 1) or 1) != 1 or int(getattr(server_args, "dp_size", 1) or 1) != 1:
+        raise ValueError("the state daemon supports tensor parallelism only (no --pp-size / --dp-size)")
+    if getattr(server_args, "quantization", None):
+        raise ValueError("the state daemon supports unquantized checkpoints only (drop --quantization)")
+    if getattr(server_args, "load_format", "auto") not in ("auto", "safetensors"):
+        raise ValueError(f"the state daemon reads safetensors checkpoints (got --load-format {server_args.load_format})")
+    if tp > 1:
+        layout = build_layout(elastic_args, server_args)
+        if layout is None:
+            raise ValueError(f"model {server_args.model_path!r} has no elastic layout at --tp {tp} (supported model"
+                             f" types: {', '.join(SUPPORTED_MODEL_TYPES)}; at most one rank per KV head)")
+        return layout
+    hf = AutoConfig.from_pretrained(server_args.model_path, trust_remote_code=bool(server_args.trust_remote_code))
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    if getattr(hf, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {getattr(hf, 'model_type', None)!r} is not supported by the state daemon"
+                         f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return ElasticLayout.from_hf_config(hf, 1)
+
+
+class ServerDaemon:
+    def __init__(self, checkpoint: str, layout, backend: str) -> None:
+        self.checkpoint, self.layout, self.backend = checkpoint, layout, backend
+        self.proc: DaemonProcess | None = None
+        self.instances = 0
+
+    @classmethod
+    def start_for(cls, elastic_args, server_args) -> "ServerDaemon":
+        from sgl_elastic.patches import table
+        from sgl_elastic.supervisor import supervisor
+
+        layout = daemon_layout(elastic_args, server_args)
+        on_cuda = getattr(server_args, "device", "cpu") not in ("cpu", None)
+        d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm")
+        d.start()
+        table.install()  # the daemon hooks (already installed at tp >= 2 by activate)
+        sv = supervisor()
+        sv.enabled = True
+        sv.ensure_daemon = d.ensure
+        return d
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        self.proc = DaemonProcess.start(backend=self.backend)
+        self.instances += 1
+        _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint}"
+             f" for {self.layout.tp_size} rank(s)")
+        with self.proc.client() as c:
+            try:
+                c.load_model(self.checkpoint, self.layout)
+                s = self._wait(c)
+            except (DaemonError, DaemonUnavailable) as e:
+                self.stop()
+                raise RuntimeError(f"the daemon could not load {self.checkpoint}: {e}") from e
+        os.environ[ENV_DIR] = self.proc.run_dir
+        _log(f"daemon instance {s.instance} holds the model: {s.checkpoint_bytes_read / 1e6:.1f} MB read from the"
+             f" checkpoint in {time.perf_counter() - t0:.2f} s")
+
+    def _wait(self, c):
+        """wait_ready with a progress line every 5 s (loads of large models take a while)."""
+        deadline, last = time.monotonic() + 3600, 0.0
+        while True:
+            try:
+                return c.wait_ready(timeout=5.0)
+            except DaemonUnavailable:
+                if not c.daemon_alive() or time.monotonic() > deadline:
+                    raise
+                s = c.stats()
+                if time.monotonic() - last > 5:
+                    _log(f"loading... {s.checkpoint_bytes_read / 1e6:.1f} MB read so far")
+                    last = time.monotonic()
+
+    def alive(self) -> bool:
+        if self.proc is None or self.proc.proc.poll() is not None:
+            return False
+        try:
+            with self.proc.client(timeout=2.0) as c:
+                return c.stats().state == "ready"
+        except (DaemonUnavailable, DaemonError, OSError):
+            return False
+
+    def ensure(self) -> None:
+        """Called by the supervisor before restarting schedulers: replace a dead daemon."""
+        if self.alive():
+            return
+        _log("ERROR: the state daemon is gone; starting a new instance, which reads the checkpoint again")
+        if self.proc is not None:
+            self.proc.stop(timeout=2.0)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None

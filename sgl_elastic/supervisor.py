@@ -1,0 +1,173 @@
+"""Scheduler restart inside a running server (main process; ``--elastic-daemon`` only).
+
+SGLang 0.5.23 has no respawn: when one scheduler (TP rank) dies, its watchdog and the surviving
+ranks' SIGQUIT tear the whole server down. With the state daemon holding the weights, KV and
+prefix index, the cheaper cure is to restart the schedulers and keep the HTTP server, tokenizer
+and detokenizer up:
+
+1. a scheduler is seen dead (SGLang's ``SubprocessWatchdog``, or a SIGQUIT from a surviving rank);
+2. every old scheduler is killed (their collectives are broken; rank processes are disposable,
+   the state is in the daemon) and the shared-memory files they mapped are removed;
+3. requests in flight get an explicit error (HTTP 503, "retry"): their partial KV is gone;
+4. the schedulers are started again through SGLang's own ``_launch_scheduler_processes`` with the
+   same arguments (a fresh distributed-init port); they attach weights, KV and prefix index from
+   the daemon (``daemon.link``) and read nothing from the checkpoint;
+5. if the daemon itself is gone, a new one is started first, which reads the checkpoint again.
+
+Until in-place failover exists, every rank restarts (the layout does not change).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+__all__ = ["Supervisor", "supervisor"]
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(f"[sgl-elastic supervisor pid={os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.enabled = False
+        self.lock = threading.RLock()
+        self.restarting = False
+        self.failed = False  # a restart failed: SGLang's own tear-down goes ahead
+        self.restarts = 0
+        self.last: dict = {}
+        self._launch = None  # (original, cls, server_args, port_args, func, kwargs)
+        self.procs: list = []  # current scheduler processes
+        self.init_result = None  # first SchedulerInitResult (its all_child_pids is kept current)
+        self.tokenizer_manager = None
+        self.ensure_daemon = None  # callable(): make sure a daemon holds the model (launcher)
+        self._shm_inodes: set[tuple[int, int]] = set()
+
+    # ---- what the engine hooks record ----------------------------------------------------------
+    def record_launch(self, original, cls, server_args, port_args, func, kwargs, result, procs) -> None:
+        self._launch = (original, cls, server_args, port_args, func, kwargs)
+        self.procs = list(procs or [])
+        if self.init_result is None:
+            self.init_result = result
+
+    def any_dead(self) -> bool:
+        return any(not p.is_alive() for p in self.procs)
+
+    def note_shm(self) -> None:
+        """Remember the /dev/shm files the schedulers map (to remove what a killed one leaves)."""
+        from sgl_elastic.testing.server import shm_inodes_of
+
+        pids = [p.pid for p in self.procs if p.is_alive()]
+        self._shm_inodes |= shm_inodes_of(pids)
+
+    def _remove_scheduler_shm(self, old: list) -> list[str]:
+        """Unlink SGLang's /dev/shm files that only the killed schedulers used (SGLang leaks them):
+        never the daemon's segments (``sgle-*``), never one a live process of this server maps."""
+        import psutil
+
+        from sgl_elastic.testing.server import shm_inodes_of
+
+        old_pids = {p.pid for p in old}
+        live = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in old_pids]
+        in_use = shm_inodes_of([os.getpid(), *live])
+        removed = []
+        for entry in os.scandir("/dev/shm"):
+            try:
+                if entry.name.startswith("sgle-") or entry.inode() in in_use or entry.inode() not in self._shm_inodes:
+                    continue
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                pass
+        self._shm_inodes.clear()
+        return removed
+
+    # ---- restart ---------------------------------------------------------------------------------
+    def restart(self, reason: str) -> list:
+        """Kill all schedulers, fail requests in flight, start them again; returns the new procs."""
+        import psutil
+
+        with self.lock:
+            if self._launch is None:
+                raise RuntimeError("no scheduler launch recorded")
+            self.restarting = True
+            t0 = time.monotonic()
+            try:
+                _log(f"scheduler failure ({reason}); restarting all {len(self.procs)} scheduler processes,"
+                     " state from the daemon")
+                self.note_shm()
+                old = self.procs
+                for p in old:  # step 2
+                    try:
+                        for c in psutil.Process(p.pid).children(recursive=True):
+                            c.kill()
+                    except psutil.Error:
+                        pass
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGKILL)
+                for p in old:
+                    p.join(timeout=10)
+                removed = self._remove_scheduler_shm(old)
+                failed = self.fail_in_flight()  # step 3
+                if self.ensure_daemon is not None:  # step 5
+                    self.ensure_daemon()
+                original, cls, server_args, port_args, func, kwargs = self._launch
+                from sgl_elastic.testing.server import free_port
+
+                port_args.nccl_port = free_port()  # the old store died with rank 0
+                t_launch = time.monotonic()
+                result, procs = original(cls, server_args, port_args, func, **kwargs)  # step 4
+                self.procs = list(procs or [])
+                result.wait_for_ready()
+                t_ready = time.monotonic()
+                if self.init_result is not None:
+                    pids = self.init_result.all_child_pids
+                    old_pids = {p.pid for p in old}
+                    pids[:] = [q for q in pids if q not in old_pids] + [p.pid for p in self.procs]
+                self.note_shm()
+                self.restarts += 1
+                self.last = {"reason": reason, "kill_to_launch_s": t_launch - t0,
+                             "launch_to_ready_s": t_ready - t_launch, "total_s": t_ready - t0,
+                             "failed_requests": failed, "shm_removed": removed}
+                _log(f"restart {self.restarts} done in {t_ready - t0:.2f} s (schedulers ready"
+                     f" {t_ready - t_launch:.2f} s after launch); {failed} requests in flight got an error;"
+                     f" new scheduler pids {[p.pid for p in self.procs]}")
+                return self.procs
+            finally:
+                self.restarting = False
+
+    def fail_in_flight(self) -> int:
+        """Finish every request the old schedulers held with an explicit 503 error (thread-safe)."""
+        tm = self.tokenizer_manager
+        if tm is None or getattr(tm, "event_loop", None) is None:
+            return 0
+        from sglang.srt.managers.io_struct import AbortReq
+
+        msg = "sgl-elastic: a TP rank failed and the schedulers restarted; this request was lost, retry it"
+        done = threading.Event()
+        count = [0]
+
+        def fail_all() -> None:
+            try:
+                for rid in list(tm.rid_to_state):
+                    tm._handle_abort_req(AbortReq(rid=rid, abort_message=msg, finished_reason={
+                        "type": "abort", "message": msg, "status_code": 503}))
+                    count[0] += 1
+            finally:
+                done.set()
+
+        tm.event_loop.call_soon_threadsafe(fail_all)
+        done.wait(10)
+        return count[0]
+
+
+_supervisor = Supervisor()
+
+
+def supervisor() -> Supervisor:
+    return _supervisor
