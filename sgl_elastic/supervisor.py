@@ -46,6 +46,7 @@ class Supervisor:
         self.init_result = None  # first SchedulerInitResult (its all_child_pids is kept current)
         self.tokenizer_manager = None
         self.ensure_daemon = None  # callable(): make sure a daemon holds the model (launcher)
+        self.on_teardown = None  # callable(): SGLang is about to kill the whole process tree
         self._shm_inodes: set[tuple[int, int]] = set()
 
     # ---- what the engine hooks record ----------------------------------------------------------

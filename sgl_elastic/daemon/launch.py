@@ -18,7 +18,7 @@ import time
 
 from sgl_elastic.daemon.client import DaemonClient, DaemonUnavailable
 from sgl_elastic.daemon.server import INFO_FILE
-from sgl_elastic.daemon.shm import reap_segments
+from sgl_elastic.daemon.shm import reap_dead, reap_segments
 
 __all__ = ["DaemonProcess"]
 
@@ -41,6 +41,7 @@ class DaemonProcess:
     def start(cls, *, tcp: bool = False, backend: str = "shm", checkpoint: str | None = None, layout=None,
               run_dir: str | None = None, timeout: float = 30.0, log=None) -> "DaemonProcess":
         own = run_dir is None
+        reap_dead()  # what crashed daemons of earlier runs left behind
         # The parent makes the private directory (0700), so it knows where to look before the child starts.
         run_dir = run_dir or tempfile.mkdtemp(prefix="sgle-daemon-")
         cmd = [sys.executable, "-m", "sgl_elastic.daemon", "--run-dir", run_dir, "--backend", backend]

@@ -72,6 +72,7 @@ class ServerDaemon:
         sv = supervisor()
         sv.enabled = True
         sv.ensure_daemon = d.ensure
+        sv.on_teardown = d.stop
         return d
 
     def start(self) -> None:

@@ -146,3 +146,14 @@ def reap_segments(pid: int) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def reap_dead() -> list[str]:
+    """Unlink every ``sgle-<pid>-*`` segment whose creating process is gone (a daemon SIGKILLed
+    together with its resource tracker, e.g. by SGLang's ``kill_process_tree``, leaves them)."""
+    pids = set()
+    for path in glob.glob(os.path.join(SHM_DIR, "sgle-*-*")):
+        head = os.path.basename(path).split("-")[1]
+        if head.isdigit():
+            pids.add(int(head))
+    return [p for pid in sorted(pids) for p in reap_segments(pid)]

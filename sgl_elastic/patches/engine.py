@@ -56,6 +56,11 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     if sv.enabled and sv._launch is not None and not sv.failed and (sv.restarting or sv.any_dead()):
         _log("SIGQUIT from a scheduler after a rank failure: handled by the restart")
         return None
+    if sv.enabled and sv.on_teardown is not None:  # SGLang kills the whole tree next: free the daemon first
+        try:
+            sv.on_teardown()
+        except Exception as e:  # noqa: BLE001 - the tear-down must go on
+            _log(f"stopping the daemon before the tear-down failed: {e}")
     return original(self, signum, frame)
 
 
