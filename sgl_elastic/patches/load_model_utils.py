@@ -1,0 +1,15 @@
+"""Patch of SGLang's ``model_executor/model_runner_components/load_model_utils.py`` for the state daemon (``--elastic-daemon``).
+
+Passes straight through unless ``SGLE_DAEMON_DIR`` is set.
+"""
+
+from __future__ import annotations
+
+from sgl_elastic.daemon import link
+
+
+def get_model_loader(original, load_config, *args, **kwargs):
+    """Weights come from the daemon; the checkpoint is never opened by a rank."""
+    if not link.active():
+        return original(load_config, *args, **kwargs)
+    return link.DaemonModelLoader(load_config)
