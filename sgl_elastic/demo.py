@@ -107,7 +107,8 @@ def crash_demo(server: ServerProcess, before: str) -> None:
         time.sleep(0.2)
     out = r.json()
     log = server.log_path.read_text(errors="replace")
-    lines = [ln.split("] ", 1)[-1] for ln in log.splitlines()[-400:]
+    log = log[log.rfind("restarting all"):]
+    lines = [ln.split("] ", 1)[-1] for ln in log.splitlines()
              if "weights attached published" in ln or "restart 1 done" in ln or "restored" in ln]
     for ln in dict.fromkeys(lines):
         print(f"[demo]   {ln}", flush=True)
