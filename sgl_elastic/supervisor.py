@@ -47,7 +47,7 @@ class Supervisor:
         self.tokenizer_manager = None
         self.ensure_daemon = None  # callable(): make sure a daemon holds the model (launcher)
         self.on_teardown = None  # callable(): SGLang is about to kill the whole process tree
-        self._shm_inodes: set[tuple[int, int]] = set()
+        self._shm_inodes: set[int] = set()
 
     # ---- what the engine hooks record ----------------------------------------------------------
     def record_launch(self, original, cls, server_args, port_args, func, kwargs, result, procs) -> None:
@@ -71,20 +71,13 @@ class Supervisor:
         never the daemon's segments (``sgle-*``), never one a live process of this server maps."""
         import psutil
 
-        from sgl_elastic.testing.server import shm_inodes_of
+        from sgl_elastic.testing.server import remove_leftover_shm, shm_inodes_of
 
         old_pids = {p.pid for p in old}
         live = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in old_pids]
-        in_use = shm_inodes_of([os.getpid(), *live])
-        removed = []
-        for entry in os.scandir("/dev/shm"):
-            try:
-                if entry.name.startswith("sgle-") or entry.inode() in in_use or entry.inode() not in self._shm_inodes:
-                    continue
-                os.unlink(entry.path)
-                removed.append(entry.path)
-            except OSError:
-                pass
+        keep = shm_inodes_of([os.getpid(), *live])
+        keep |= {e.inode() for e in os.scandir("/dev/shm") if e.name.startswith("sgle-")}
+        removed = remove_leftover_shm(self._shm_inodes - keep)
         self._shm_inodes.clear()
         return removed
 

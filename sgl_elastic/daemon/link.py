@@ -137,7 +137,6 @@ class DaemonModelLoader:
 
     def __init__(self, load_config) -> None:
         self.load_config = load_config
-        self.bytes_from_checkpoint = 0  # by construction: this loader never opens the checkpoint
 
     def download_model(self, model_config) -> None:  # nothing to download: the daemon holds it
         return None
@@ -181,7 +180,7 @@ class DaemonModelLoader:
             how = f"loaded from the daemon's shards and published ({nbytes / 1e6:.1f} MB)"
         dt = time.perf_counter() - t_init
         log(f"rank {att.rank}: weights {how} in {dt:.3f} s (model init {t_init - t0:.3f} s);"
-            f" bytes read from the checkpoint: {self.bytes_from_checkpoint}")
+            " bytes read from the checkpoint: 0")  # by construction: this loader never opens it
         return model.eval()
 
 
@@ -227,11 +226,11 @@ class Mirror:
         self.enabled = active() and _tp_rank() == 0
         self.broken = False
 
-    def _call(self, fn, *args) -> None:
+    def _call(self, fn) -> None:
         if not self.enabled or self.broken:
             return
         try:
-            fn(*args)
+            fn()
         except (DaemonUnavailable, DaemonError) as e:
             self.broken = True
             log(f"ERROR: the state daemon stopped answering ({e}). Serving continues with the weights and KV"

@@ -27,9 +27,6 @@ def _log(msg: str) -> None:
 
 def daemon_layout(elastic_args, server_args):
     """The layout the daemon holds: the elastic layout (tp >= 2), or one rank holding all at tp 1."""
-    from transformers import AutoConfig
-
-    from sgl_elastic.layout import ElasticLayout
     from sgl_elastic.patches import SUPPORTED_MODEL_TYPES, build_layout
 
     tp = int(getattr(server_args, "tp_size", 1) or 1)
@@ -39,25 +36,17 @@ def daemon_layout(elastic_args, server_args):
         raise ValueError("the state daemon supports unquantized checkpoints only (drop --quantization)")
     if getattr(server_args, "load_format", "auto") not in ("auto", "safetensors"):
         raise ValueError(f"the state daemon reads safetensors checkpoints (got --load-format {server_args.load_format})")
-    if tp > 1:
-        layout = build_layout(elastic_args, server_args)
-        if layout is None:
-            raise ValueError(f"model {server_args.model_path!r} has no elastic layout at --tp {tp} (supported model"
-                             f" types: {', '.join(SUPPORTED_MODEL_TYPES)}; at most one rank per KV head)")
-        return layout
-    hf = AutoConfig.from_pretrained(server_args.model_path, trust_remote_code=bool(server_args.trust_remote_code))
-    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    if getattr(hf, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {getattr(hf, 'model_type', None)!r} is not supported by the state daemon"
-                         f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    return ElasticLayout.from_hf_config(hf, 1)
+    layout = build_layout(elastic_args, server_args)
+    if layout is None:
+        raise ValueError(f"model {server_args.model_path!r} has no elastic layout at --tp {tp} (supported model"
+                         f" types: {', '.join(SUPPORTED_MODEL_TYPES)}; at most one rank per KV head)")
+    return layout
 
 
 class ServerDaemon:
     def __init__(self, checkpoint: str, layout, backend: str) -> None:
         self.checkpoint, self.layout, self.backend = checkpoint, layout, backend
         self.proc: DaemonProcess | None = None
-        self.instances = 0
 
     @classmethod
     def start_for(cls, elastic_args, server_args) -> "ServerDaemon":
@@ -78,7 +67,6 @@ class ServerDaemon:
     def start(self) -> None:
         t0 = time.perf_counter()
         self.proc = DaemonProcess.start(backend=self.backend)
-        self.instances += 1
         _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint}"
              f" for {self.layout.tp_size} rank(s)")
         with self.proc.client() as c:
@@ -94,17 +82,14 @@ class ServerDaemon:
 
     def _wait(self, c):
         """wait_ready with a progress line every 5 s (loads of large models take a while)."""
-        deadline, last = time.monotonic() + 3600, 0.0
+        deadline = time.monotonic() + 3600
         while True:
             try:
                 return c.wait_ready(timeout=5.0)
             except DaemonUnavailable:
                 if not c.daemon_alive() or time.monotonic() > deadline:
                     raise
-                s = c.stats()
-                if time.monotonic() - last > 5:
-                    _log(f"loading... {s.checkpoint_bytes_read / 1e6:.1f} MB read so far")
-                    last = time.monotonic()
+                _log(f"loading... {c.stats().checkpoint_bytes_read / 1e6:.1f} MB read so far")
 
     def alive(self) -> bool:
         if self.proc is None or self.proc.proc.poll() is not None:

@@ -50,7 +50,7 @@ def make_class():
 
         def reset(self):
             super().reset()
-            if getattr(self, "_sgle_ready", False):
+            if self._sgle_ready:
                 link.mirror().clear()
 
     return DaemonRadixCache

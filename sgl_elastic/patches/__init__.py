@@ -134,7 +134,9 @@ def load_plugin() -> None:
     SGLang's ``load_plugins`` logs and swallows plugin exceptions; a process that cannot apply
     the layout it was given must not serve with equal shards instead, so failures exit loudly.
     """
-    if not os.environ.get(ENV_VAR) and not os.environ.get("SGLE_DAEMON_DIR"):
+    from sgl_elastic.daemon.link import ENV_DIR as DAEMON_ENV
+
+    if not os.environ.get(ENV_VAR) and not os.environ.get(DAEMON_ENV):
         return
     from sgl_elastic.patches import state, table
 
@@ -142,7 +144,7 @@ def load_plugin() -> None:
         if os.environ.get(ENV_VAR):
             state.load_from_env()
         table.install()
-        if os.environ.get("SGLE_DAEMON_DIR"):  # the daemon's radix-cache backend (--radix-cache-backend)
+        if os.environ.get(DAEMON_ENV):  # the daemon's radix-cache backend (--radix-cache-backend)
             from sgl_elastic.daemon import radix
 
             radix.register()
