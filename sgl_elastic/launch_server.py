@@ -180,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
 
     daemon = None
     if elastic_args.daemon:
-        from sgl_elastic.daemon.manager import ServerDaemon
+        from sgl_elastic.controller.daemon import ServerDaemon
+        from sgl_elastic.patches import daemon_layout, table
 
         try:
-            daemon = ServerDaemon.start_for(elastic_args, server_args)
+            daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install)
         except (ValueError, RuntimeError, TimeoutError) as exc:
             print(f"{PROG}: error: --elastic-daemon: {exc}", file=sys.stderr)
             return 2

@@ -20,7 +20,11 @@ from sgl_elastic.daemon.client import DaemonClient, DaemonUnavailable
 from sgl_elastic.daemon.server import INFO_FILE
 from sgl_elastic.daemon.shm import reap_dead, reap_segments
 
-__all__ = ["DaemonProcess"]
+__all__ = ["DaemonProcess", "ENV_DIR"]
+
+# The environment variable that names a server's daemon run dir to its scheduler processes (set by
+# the controller when it starts the daemon, read once per process at plugin load).
+ENV_DIR = "SGLE_DAEMON_DIR"
 
 
 class DaemonProcess:

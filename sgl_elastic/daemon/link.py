@@ -29,11 +29,11 @@ import time
 from array import array
 
 from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
+from sgl_elastic.daemon.launch import ENV_DIR
 from sgl_elastic.daemon.worker import WorkerAttachment
 
 __all__ = ["ENV_DIR", "active", "DaemonModelLoader", "kv_buffers", "Mirror", "mirror", "log"]
 
-ENV_DIR = "SGLE_DAEMON_DIR"
 NAMESPACE = ""  # one server per daemon
 
 _attachment: WorkerAttachment | None = None

@@ -23,7 +23,7 @@ from typing import Any
 
 from sgl_elastic.patches.state import ENV_VAR
 
-__all__ = ["activate", "deactivate", "load_plugin", "build_layout", "ENV_VAR", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["activate", "deactivate", "load_plugin", "build_layout", "daemon_layout", "ENV_VAR", "SUPPORTED_MODEL_TYPES"]
 
 # HF model_type -> what the patched attention / MLP / MoE constructors cover (patches/models.py).
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3", "mixtral")
@@ -98,6 +98,22 @@ def build_layout(elastic_args, server_args):
                 f"which the elastic patches do not implement yet; use at most {attn.num_kv_heads} ranks"
             )
         return None
+    return layout
+
+
+def daemon_layout(elastic_args, server_args):
+    """The layout the daemon holds: the elastic layout (tp >= 2), or one rank holding all at tp 1."""
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    if int(getattr(server_args, "pp_size", 1) or 1) != 1 or int(getattr(server_args, "dp_size", 1) or 1) != 1:
+        raise ValueError("the state daemon supports tensor parallelism only (no --pp-size / --dp-size)")
+    if getattr(server_args, "quantization", None):
+        raise ValueError("the state daemon supports unquantized checkpoints only (drop --quantization)")
+    if getattr(server_args, "load_format", "auto") not in ("auto", "safetensors"):
+        raise ValueError(f"the state daemon reads safetensors checkpoints (got --load-format {server_args.load_format})")
+    layout = build_layout(elastic_args, server_args)
+    if layout is None:
+        raise ValueError(f"model {server_args.model_path!r} has no elastic layout at --tp {tp} (supported model"
+                         f" types: {', '.join(SUPPORTED_MODEL_TYPES)}; at most one rank per KV head)")
     return layout
 
 

@@ -5,7 +5,7 @@ Pass-through unless ``launch_server --elastic-daemon`` enabled the supervisor.
 
 from __future__ import annotations
 
-from sgl_elastic.supervisor import supervisor
+from sgl_elastic.controller.supervisor import supervisor
 
 
 def launch_scheduler_processes(original, cls, server_args, port_args, run_scheduler_process_func, **kwargs):

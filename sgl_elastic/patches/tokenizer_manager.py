@@ -5,14 +5,15 @@ Pass-through unless ``launch_server --elastic-daemon`` enabled the supervisor.
 
 from __future__ import annotations
 
-from sgl_elastic.supervisor import _log, supervisor
+from sgl_elastic.controller.supervisor import SupervisorState, _log, supervisor
 
 
 def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     """SignalHandler.running_phase_sigquit_handler: a surviving rank's SIGQUIT after a peer died is
     part of the failure the supervisor handles; anything else tears down as before."""
     sv = supervisor()
-    if sv.enabled and sv._launch is not None and not sv.failed and (sv.restarting or sv.any_dead()):
+    if sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
+            sv.state is SupervisorState.RESTARTING or sv.any_dead()):
         _log("SIGQUIT from a scheduler after a rank failure: handled by the restart")
         return None
     if sv.enabled and sv.on_teardown is not None:  # SGLang kills the whole tree next: free the daemon first

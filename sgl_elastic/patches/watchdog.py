@@ -5,7 +5,7 @@ Pass-through unless ``launch_server --elastic-daemon`` enabled the supervisor.
 
 from __future__ import annotations
 
-from sgl_elastic.supervisor import _log, supervisor
+from sgl_elastic.controller.supervisor import SupervisorState, _log, supervisor
 
 
 def watchdog_check_processes(original, self):
@@ -14,7 +14,7 @@ def watchdog_check_processes(original, self):
     if not sv.enabled or sv._launch is None:
         return original(self)
     sched = [i for i, n in enumerate(self._names) if n.startswith("scheduler_")]
-    if sv.restarting:
+    if sv.state is SupervisorState.RESTARTING:
         return False
     if any(not self._processes[i].is_alive() for i in sched):
         dead = [self._processes[i].pid for i in sched if not self._processes[i].is_alive()]
@@ -22,7 +22,6 @@ def watchdog_check_processes(original, self):
             procs = sv.restart(f"scheduler pid(s) {dead} died")
         except Exception as e:  # noqa: BLE001 - cannot restart: SGLang's own tear-down
             _log(f"ERROR: restart failed: {type(e).__name__}: {e}; shutting the server down")
-            sv.failed = True
             return original(self)
         for i, p in zip(sched, procs):
             self._processes[i] = p

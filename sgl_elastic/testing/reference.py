@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from sgl_elastic.launch_server import omp_threads_bind
-from sgl_elastic.testing.server import free_port, remove_leftover_shm, shm_inodes_of
+from sgl_elastic.controller.procs import free_port, remove_leftover_shm, shm_inodes_of
 
 __all__ = [
     "hf_greedy",

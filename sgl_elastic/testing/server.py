@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,49 +22,7 @@ from pathlib import Path
 import psutil
 import requests
 
-
-def shm_inodes_of(pids: list[int]) -> set[int]:
-    """Inodes of the ``/dev/shm`` files that processes ``pids`` have mapped or open (best effort).
-
-    Inodes, not paths: glibc maps a POSIX semaphore under its temporary name (``sem.XXXXXX``)
-    before linking it as ``sem.mp-...``, so ``/proc/<pid>/maps`` does not show the final name.
-    """
-    inodes: set[int] = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                for line in maps:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
-                        inodes.add(int(fields[4]))
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
-                        inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-                except OSError:
-                    continue
-        except OSError:
-            continue
-    return inodes
-
-
-def remove_leftover_shm(inodes: set[int]) -> list[str]:
-    """Unlink the ``/dev/shm`` files whose inode is in ``inodes``; return their paths."""
-    removed = []
-    for entry in os.scandir("/dev/shm"):
-        try:
-            if entry.inode() in inodes:
-                os.unlink(entry.path)
-                removed.append(entry.path)
-        except OSError:
-            pass
-    return sorted(removed)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sgl_elastic.controller.procs import free_port, remove_leftover_shm, shm_inodes_of
 
 
 class ServerStartError(RuntimeError):

@@ -80,7 +80,7 @@ def test_clean_shutdown_last(server):
     """Runs last in this module: stops the module's server and checks nothing is left."""
     import os
 
-    from sgl_elastic.testing.server import shm_inodes_of
+    from sgl_elastic.controller.procs import shm_inodes_of
 
     srv = server
     members = srv.group_members()

@@ -11,20 +11,67 @@ and detokenizer up:
 3. requests in flight get an explicit error (HTTP 503, "retry"): their partial KV is gone;
 4. the schedulers are started again through SGLang's own ``_launch_scheduler_processes`` with the
    same arguments (a fresh distributed-init port); they attach weights, KV and prefix index from
-   the daemon (``daemon.link``) and read nothing from the checkpoint;
+   the daemon (``patches.daemon_link``) and read nothing from the checkpoint;
 5. if the daemon itself is gone, a new one is started first, which reads the checkpoint again.
 
 Until in-place failover exists, every rank restarts (the layout does not change).
+
+State (one Enum, one ``transition()`` that rejects illegal moves and logs each one)::
+
+    DISABLED -> WATCHING <-> RESTARTING -> FAILED
+                                 ^            |
+                                 +------------+   (a later restart attempt)
+
+DISABLED: no ``--elastic-daemon`` (every hook passes through); WATCHING: schedulers recorded or
+about to be; RESTARTING: a restart is under way (SIGQUITs of surviving ranks are expected);
+FAILED: a restart failed and SGLang's own tear-down goes ahead.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import os
 import signal
 import threading
 import time
 
-__all__ = ["Supervisor", "supervisor"]
+from sgl_elastic.controller.procs import free_port, remove_leftover_shm, shm_inodes_of
+
+__all__ = ["Supervisor", "SupervisorState", "IllegalTransition", "transition", "supervisor"]
+
+logger = logging.getLogger("sgl_elastic.controller")
+
+
+class SupervisorState(enum.Enum):
+    DISABLED = "disabled"
+    WATCHING = "watching"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+_LEGAL: dict[SupervisorState, frozenset[SupervisorState]] = {
+    SupervisorState.DISABLED: frozenset({SupervisorState.WATCHING}),
+    SupervisorState.WATCHING: frozenset({SupervisorState.RESTARTING}),
+    SupervisorState.RESTARTING: frozenset({SupervisorState.WATCHING, SupervisorState.FAILED}),
+    SupervisorState.FAILED: frozenset({SupervisorState.RESTARTING}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def transition(current: SupervisorState, target: SupervisorState, reason: str = "") -> SupervisorState:
+    """Return ``target`` if ``current -> target`` is legal (logged), else raise ``IllegalTransition``."""
+    if target not in _LEGAL[current]:
+        allowed = ", ".join(s.name for s in _LEGAL[current]) or "none"
+        raise IllegalTransition(
+            f"supervisor cannot go {current.name} -> {target.name}{f' ({reason})' if reason else ''};"
+            f" from {current.name} it may go to: {allowed}"
+        )
+    logger.info("supervisor state %s -> %s%s", current.name, target.name, f": {reason}" if reason else "")
+    return target
 
 
 def _log(msg: str) -> None:
@@ -35,10 +82,8 @@ def _log(msg: str) -> None:
 
 class Supervisor:
     def __init__(self) -> None:
-        self.enabled = False
+        self.state = SupervisorState.DISABLED
         self.lock = threading.RLock()
-        self.restarting = False
-        self.failed = False  # a restart failed: SGLang's own tear-down goes ahead
         self.restarts = 0
         self.last: dict = {}
         self._launch = None  # (original, cls, server_args, port_args, func, kwargs)
@@ -48,6 +93,20 @@ class Supervisor:
         self.ensure_daemon = None  # callable(): make sure a daemon holds the model (launcher)
         self.on_teardown = None  # callable(): SGLang is about to kill the whole process tree
         self._shm_inodes: set[int] = set()
+
+    def _move(self, target: SupervisorState, reason: str = "") -> None:
+        self.state = transition(self.state, target, reason)
+
+    @property
+    def enabled(self) -> bool:
+        return self.state is not SupervisorState.DISABLED
+
+    def enable(self, ensure_daemon, on_teardown) -> None:
+        """Turn the restart path on (``--elastic-daemon``): ``ensure_daemon()`` before each restart,
+        ``on_teardown()`` when SGLang is about to kill the whole process tree."""
+        self.ensure_daemon, self.on_teardown = ensure_daemon, on_teardown
+        if self.state is SupervisorState.DISABLED:
+            self._move(SupervisorState.WATCHING, "--elastic-daemon")
 
     # ---- what the engine hooks record ----------------------------------------------------------
     def record_launch(self, original, cls, server_args, port_args, func, kwargs, result, procs) -> None:
@@ -61,8 +120,6 @@ class Supervisor:
 
     def note_shm(self) -> None:
         """Remember the /dev/shm files the schedulers map (to remove what a killed one leaves)."""
-        from sgl_elastic.testing.server import shm_inodes_of
-
         pids = [p.pid for p in self.procs if p.is_alive()]
         self._shm_inodes |= shm_inodes_of(pids)
 
@@ -70,8 +127,6 @@ class Supervisor:
         """Unlink SGLang's /dev/shm files that only the killed schedulers used (SGLang leaks them):
         never the daemon's segments (``sgle-*``), never one a live process of this server maps."""
         import psutil
-
-        from sgl_elastic.testing.server import remove_leftover_shm, shm_inodes_of
 
         old_pids = {p.pid for p in old}
         live = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in old_pids]
@@ -89,7 +144,7 @@ class Supervisor:
         with self.lock:
             if self._launch is None:
                 raise RuntimeError("no scheduler launch recorded")
-            self.restarting = True
+            self._move(SupervisorState.RESTARTING, reason)
             t0 = time.monotonic()
             try:
                 _log(f"scheduler failure ({reason}); restarting all {len(self.procs)} scheduler processes,"
@@ -111,8 +166,6 @@ class Supervisor:
                 if self.ensure_daemon is not None:  # step 5
                     self.ensure_daemon()
                 original, cls, server_args, port_args, func, kwargs = self._launch
-                from sgl_elastic.testing.server import free_port
-
                 port_args.nccl_port = free_port()  # the old store died with rank 0
                 t_launch = time.monotonic()
                 result, procs = original(cls, server_args, port_args, func, **kwargs)  # step 4
@@ -131,9 +184,11 @@ class Supervisor:
                 _log(f"restart {self.restarts} done in {t_ready - t0:.2f} s (schedulers ready"
                      f" {t_ready - t_launch:.2f} s after launch); {failed} requests in flight got an error;"
                      f" new scheduler pids {[p.pid for p in self.procs]}")
-                return self.procs
-            finally:
-                self.restarting = False
+            except BaseException as e:
+                self._move(SupervisorState.FAILED, f"{type(e).__name__}: {e}")
+                raise
+            self._move(SupervisorState.WATCHING, f"restart {self.restarts} done")
+            return self.procs
 
     def fail_in_flight(self) -> int:
         """Finish every request the old schedulers held with an explicit 503 error (thread-safe)."""

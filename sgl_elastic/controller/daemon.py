@@ -1,4 +1,4 @@
-"""The daemon of one ``launch_server --elastic-daemon`` (main process): start, load, hand over, stop.
+"""The state daemon of one ``launch_server --elastic-daemon`` (main process): start, load, hand over, stop.
 
 - start: a daemon in a private run dir, loading the checkpoint under the server's layout (each
   byte read once, progress on stderr); ``SGLE_DAEMON_DIR`` tells the scheduler processes where
@@ -15,32 +15,13 @@ import sys
 import time
 
 from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
-from sgl_elastic.daemon.launch import DaemonProcess
-from sgl_elastic.daemon.link import ENV_DIR
+from sgl_elastic.daemon.launch import ENV_DIR, DaemonProcess
 
-__all__ = ["ServerDaemon", "daemon_layout"]
+__all__ = ["ServerDaemon"]
 
 
 def _log(msg: str) -> None:
     print(f"[sgl-elastic daemon-manager] {msg}", file=sys.stderr, flush=True)
-
-
-def daemon_layout(elastic_args, server_args):
-    """The layout the daemon holds: the elastic layout (tp >= 2), or one rank holding all at tp 1."""
-    from sgl_elastic.patches import SUPPORTED_MODEL_TYPES, build_layout
-
-    tp = int(getattr(server_args, "tp_size", 1) or 1)
-    if int(getattr(server_args, "pp_size", 1) or 1) != 1 or int(getattr(server_args, "dp_size", 1) or 1) != 1:
-        raise ValueError("the state daemon supports tensor parallelism only (no --pp-size / --dp-size)")
-    if getattr(server_args, "quantization", None):
-        raise ValueError("the state daemon supports unquantized checkpoints only (drop --quantization)")
-    if getattr(server_args, "load_format", "auto") not in ("auto", "safetensors"):
-        raise ValueError(f"the state daemon reads safetensors checkpoints (got --load-format {server_args.load_format})")
-    layout = build_layout(elastic_args, server_args)
-    if layout is None:
-        raise ValueError(f"model {server_args.model_path!r} has no elastic layout at --tp {tp} (supported model"
-                         f" types: {', '.join(SUPPORTED_MODEL_TYPES)}; at most one rank per KV head)")
-    return layout
 
 
 class ServerDaemon:
@@ -49,19 +30,17 @@ class ServerDaemon:
         self.proc: DaemonProcess | None = None
 
     @classmethod
-    def start_for(cls, elastic_args, server_args) -> "ServerDaemon":
-        from sgl_elastic.patches import table
-        from sgl_elastic.supervisor import supervisor
+    def start_for(cls, layout, server_args, install_hooks=None) -> "ServerDaemon":
+        """Start a daemon holding ``layout`` (``patches.daemon_layout``) of ``server_args``' model,
+        call ``install_hooks()`` (the patches' installer), and arm the supervisor with it."""
+        from sgl_elastic.controller.supervisor import supervisor
 
-        layout = daemon_layout(elastic_args, server_args)
         on_cuda = getattr(server_args, "device", "cpu") not in ("cpu", None)
         d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm")
         d.start()
-        table.install()  # the daemon hooks (already installed at tp >= 2 by activate)
-        sv = supervisor()
-        sv.enabled = True
-        sv.ensure_daemon = d.ensure
-        sv.on_teardown = d.stop
+        if install_hooks is not None:
+            install_hooks()  # the daemon hooks (already installed at tp >= 2 by activate)
+        supervisor().enable(ensure_daemon=d.ensure, on_teardown=d.stop)
         return d
 
     def start(self) -> None:

@@ -1,0 +1,56 @@
+"""Process, shared-memory and port helpers of the controller (main process); tests use them too.
+
+SGLang 0.5.23 leaves ``/dev/shm`` files behind (scheduler message queues, semaphores); the
+controller notes the files its processes map and removes those a killed process left.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+__all__ = ["shm_inodes_of", "remove_leftover_shm", "free_port"]
+
+
+def shm_inodes_of(pids: list[int]) -> set[int]:
+    """Inodes of the ``/dev/shm`` files that processes ``pids`` have mapped or open (best effort).
+
+    Inodes, not paths: glibc maps a POSIX semaphore under its temporary name (``sem.XXXXXX``)
+    before linking it as ``sem.mp-...``, so ``/proc/<pid>/maps`` does not show the final name.
+    """
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                        inodes.add(int(fields[4]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                        inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return inodes
+
+
+def remove_leftover_shm(inodes: set[int]) -> list[str]:
+    """Unlink the ``/dev/shm`` files whose inode is in ``inodes``; return their paths."""
+    removed = []
+    for entry in os.scandir("/dev/shm"):
+        try:
+            if entry.inode() in inodes:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            pass
+    return sorted(removed)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
