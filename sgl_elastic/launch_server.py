@@ -115,7 +115,7 @@ def prepare(argv: list[str]):
         if args.tp_size > 1:
             os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_threads_bind(args.tp_size))
     if elastic_args.daemon:
-        from sgl_elastic.daemon.radix import BACKEND, register
+        from sgl_elastic.patches.radix_backend import BACKEND, register
 
         if _given(sglang_argv, "--radix-cache-backend", parser) and BACKEND not in sglang_argv:
             raise ValueError(f"--elastic-daemon keeps the prefix cache in the daemon: drop --radix-cache-backend"

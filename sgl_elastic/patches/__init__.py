@@ -150,20 +150,22 @@ def load_plugin() -> None:
     SGLang's ``load_plugins`` logs and swallows plugin exceptions; a process that cannot apply
     the layout it was given must not serve with equal shards instead, so failures exit loudly.
     """
-    from sgl_elastic.daemon.link import ENV_DIR as DAEMON_ENV
+    from sgl_elastic.daemon.launch import ENV_DIR as DAEMON_ENV
 
-    if not os.environ.get(ENV_VAR) and not os.environ.get(DAEMON_ENV):
+    layout_env, daemon_dir = os.environ.get(ENV_VAR), os.environ.get(DAEMON_ENV)  # read once, here
+    if not layout_env and not daemon_dir:
         return
     from sgl_elastic.patches import state, table
 
     try:
-        if os.environ.get(ENV_VAR):
+        if layout_env:
             state.load_from_env()
         table.install()
-        if os.environ.get(DAEMON_ENV):  # the daemon's radix-cache backend (--radix-cache-backend)
-            from sgl_elastic.daemon import radix
+        if daemon_dir:  # the daemon's radix-cache backend (--radix-cache-backend)
+            from sgl_elastic.patches import daemon_link, radix_backend
 
-            radix.register()
+            daemon_link.set_run_dir(daemon_dir)
+            radix_backend.register()
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

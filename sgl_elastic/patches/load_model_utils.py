@@ -1,11 +1,11 @@
 """Patch of SGLang's ``model_executor/model_runner_components/load_model_utils.py`` for the state daemon (``--elastic-daemon``).
 
-Passes straight through unless ``SGLE_DAEMON_DIR`` is set.
+Passes straight through unless ``SGLE_DAEMON_DIR`` was set at plugin load.
 """
 
 from __future__ import annotations
 
-from sgl_elastic.daemon import link
+from sgl_elastic.patches import daemon_link as link
 
 
 def get_model_loader(original, load_config, *args, **kwargs):

@@ -1,7 +1,8 @@
 """THE table of every change sgl-elastic makes to SGLang 0.5.23, and its installer.
 
 One row per patched symbol: the SGLang target, the hook type (SGLang's ``HookRegistry``:
-before / after / around / replace), our hook, and why. Hooks live in one module per patched SGLang
+before / after / around / replace; or "register" for a registration through one of SGLang's own
+extension points, applied by the hook module's ``register()``), our hook, and why. Hooks live in one module per patched SGLang
 module (``patches/<module>.py``). Every hook passes straight through to SGLang when no elastic
 layout is active in the process (``patches.state.layout() is None``).
 
@@ -20,11 +21,14 @@ _L = "sglang.srt.layers.linear"
 _MOE = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE"
 _P = "sgl_elastic.patches"
 
+HOOK_KINDS = ("before", "after", "around", "replace")  # through HookRegistry (applied by install())
+KINDS = (*HOOK_KINDS, "register")  # "register": target is SGLang's registration function, hook what we register
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Patch:
     target: str  # dotted path of the SGLang symbol
-    kind: str  # "before" | "after" | "around" | "replace" (HookRegistry.HookType)
+    kind: str  # "before" | "after" | "around" | "replace" (HookRegistry.HookType) | "register"
     hook: str  # dotted path of our hook
     reason: str  # one line: why SGLang needs this change
 
@@ -120,6 +124,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch("sglang.srt.managers.tokenizer_manager.SignalHandler.running_phase_sigquit_handler", "around",
           f"{_P}.tokenizer_manager.running_phase_sigquit_handler",
           "a surviving rank's SIGQUIT after a peer died must not kill the server during the restart"),
+    Patch("sglang.srt.mem_cache.registry.register_radix_cache_backend", "register", f"{_P}.radix_backend.factory",
+          "radix-cache backend sgl-elastic-daemon: the prefix tree is mirrored into the daemon and rebuilt after a restart"),
 )
 
 
@@ -163,16 +169,17 @@ def install(patches: tuple[Patch, ...] = PATCHES) -> None:
     global _registered
     from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
 
+    hooks = tuple(p for p in patches if p.kind in HOOK_KINDS)
     if not _registered:
         check_targets(patches)
         source = HookSource(plugin_name="sgl_elastic", dist_name="sgl-elastic")
-        for p in patches:
+        for p in hooks:
             module, _, name = p.hook.rpartition(".")
             hook = getattr(importlib.import_module(module), name)
             HookRegistry.register(p.target, hook, HookType(p.kind), source=source)
         _registered = True
     HookRegistry.apply_hooks()
-    not_applied = sorted({p.target for p in patches} - HookRegistry._patched)
+    not_applied = sorted({p.target for p in hooks} - HookRegistry._patched)
     if not_applied:
         raise PatchTargetError(
             "SGLang's HookRegistry did not apply these sgl-elastic patches (see its log above):\n  "

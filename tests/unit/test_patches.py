@@ -32,7 +32,7 @@ def test_table_rows_are_unique_and_explained():
     targets = [p.target for p in table.PATCHES]
     assert len(targets) == len(set(targets))
     for p in table.PATCHES:
-        assert p.kind in ("before", "after", "around", "replace"), p
+        assert p.kind in table.KINDS, p
         assert p.reason and "\n" not in p.reason, p
         assert p.target.startswith("sglang.srt."), p
 

@@ -1,4 +1,6 @@
-"""``DaemonRadixCache``: SGLang's classic ``RadixCache`` mirrored into the daemon's prefix index.
+"""Radix-cache backend of SGLang's ``mem_cache/registry.py`` for the state daemon (``--elastic-daemon``).
+
+``DaemonRadixCache``: SGLang's classic ``RadixCache`` mirrored into the daemon's prefix index.
 
 Registered as the radix-cache backend ``sgl-elastic-daemon`` (SGLang's own extension point,
 ``mem_cache/registry.py``); ``launch_server --elastic-daemon`` selects it. What it adds:
@@ -24,7 +26,7 @@ def _plain(key) -> bool:
 def make_class():
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from sgl_elastic.daemon import link
+    from sgl_elastic.patches import daemon_link as link
 
     class DaemonRadixCache(RadixCache):
         def __init__(self, params) -> None:

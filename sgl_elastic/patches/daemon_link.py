@@ -1,7 +1,8 @@
 """The daemon seen from inside one SGLang scheduler process (one TP rank): what the patches call.
 
 Active when ``SGLE_DAEMON_DIR`` names a daemon run dir (set by ``launch_server --elastic-daemon``;
-the token is read from that dir's 0600 file, never passed on a command line). Three jobs:
+the token is read from that dir's 0600 file, never passed on a command line). The variable is read
+once per process, at plugin load (``patches.load_plugin`` calls :func:`set_run_dir`). Three jobs:
 
 1. Weights (``DaemonModelLoader``). Nothing is read from the checkpoint by a rank, ever:
    - first start of a rank: SGLang's own ``load_weights`` runs on the daemon's shards of this rank
@@ -32,16 +33,23 @@ from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
 from sgl_elastic.daemon.launch import ENV_DIR
 from sgl_elastic.daemon.worker import WorkerAttachment
 
-__all__ = ["ENV_DIR", "active", "DaemonModelLoader", "kv_buffers", "Mirror", "mirror", "log"]
+__all__ = ["ENV_DIR", "active", "set_run_dir", "DaemonModelLoader", "kv_buffers", "Mirror", "mirror", "log"]
 
 NAMESPACE = ""  # one server per daemon
 
+_run_dir: str | None = None  # the daemon's run dir for this process (None: no daemon)
 _attachment: WorkerAttachment | None = None
 _keep: list = []  # AttachedTensors whose mappings back live parameters / KV buffers
 
 
+def set_run_dir(run_dir: str | None) -> None:
+    """Point this process at the daemon in ``run_dir`` (None or "": no daemon)."""
+    global _run_dir
+    _run_dir = run_dir or None
+
+
 def active() -> bool:
-    return bool(os.environ.get(ENV_DIR))
+    return _run_dir is not None
 
 
 def log(msg: str) -> None:
@@ -58,7 +66,9 @@ def attachment() -> WorkerAttachment:
     """This process's registered connection (made on first use, for this process's TP rank)."""
     global _attachment
     if _attachment is None:
-        run_dir = os.environ[ENV_DIR]
+        run_dir = _run_dir
+        if run_dir is None:
+            raise RuntimeError(f"sgl-elastic: no state daemon in this process ({ENV_DIR} was not set at plugin load)")
         try:
             _attachment = WorkerAttachment.connect(run_dir, _tp_rank())
         except (DaemonUnavailable, DaemonError, OSError) as e:
