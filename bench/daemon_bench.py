@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sgl_elastic.daemon import DaemonProcess
-    from sgl_elastic.daemon.memory import attach_handles
+    from sgl_elastic.memory import attach_handles
     from sgl_elastic.executor.shards import rank_tensors
     from sgl_elastic.testing.models import build_model
 

@@ -19,7 +19,7 @@ import time
 import zmq
 
 from sgl_elastic.daemon import protocol as P
-from sgl_elastic.daemon.memory import AttachedTensors, attach_handles
+from sgl_elastic.memory import AttachedTensors, attach_handles
 
 __all__ = ["DaemonClient", "DaemonUnavailable", "DaemonError"]
 

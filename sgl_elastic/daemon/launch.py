@@ -18,7 +18,7 @@ import time
 
 from sgl_elastic.daemon.client import DaemonClient, DaemonUnavailable
 from sgl_elastic.daemon.server import INFO_FILE
-from sgl_elastic.daemon.shm import reap_dead, reap_segments
+from sgl_elastic.memory.shm import reap_dead, reap_segments
 
 __all__ = ["DaemonProcess", "ENV_DIR"]
 

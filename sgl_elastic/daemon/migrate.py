@@ -1,15 +1,12 @@
-"""Applying a MigrationPlan to the daemon's weight segments, through the executor.
-
-CPU (``shm``): ``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly and
-returns new arenas (allocated before any copy); CUDA: ``executor.cuda.CudaExecutor`` on device
-views. The failed ranks' segments are dropped first: on this backend a device failure is the loss
+"""Applying a MigrationPlan to the daemon's weight segments, through the memory interface
+(``DeviceMemory.run_plan``: each device runs it with its executor). The failed ranks' segments are dropped first: on this backend a device failure is the loss
 of its daemon-held memory, so the plan may not read them (and does not: it reads survivors and
 reloads the rest from the checkpoint).
 """
 
 from __future__ import annotations
 
-from sgl_elastic.daemon.memory import DeviceMemory, Segment
+from sgl_elastic.memory import DeviceMemory, Segment
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.planner.plan import MigrationPlan
@@ -41,18 +38,6 @@ def run_plan(memory: DeviceMemory, plan: MigrationPlan, old: dict[int, Segment],
              label: str) -> tuple[dict[int, Segment], ExecReport]:
     """Execute ``plan``; ``old`` maps surviving old rank -> its weight segment. Returns new rank ->
     segment (the caller frees ``old``) and the executor's report."""
-    dtypes = {h.name: h.dtype for seg in old.values() for h in seg.handles()}
     num_slots = plan.old_layout.tp_size + plan.change.added
-    if memory.backend == "shm":
-        from sgl_elastic.executor.cpu import CpuExecutor
-
-        topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
-        new_arenas, report = CpuExecutor(ckpt, topo).run(plan, {r: s.arena for r, s in old.items()}, label=label)
-        return {r: memory.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
-    if memory.backend == "cuda":
-        from sgl_elastic.executor.cuda import CudaExecutor
-
-        topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
-        new_tensors, report = CudaExecutor(ckpt, topo).run(plan, {r: s.views(raw=True) for r, s in old.items()})
-        return {r: memory.wrap_tensors(r, "weights", t, dtypes) for r, t in new_tensors.items()}, report
-    raise ValueError(f"no migration path for backend {memory.backend!r}")
+    topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
+    return memory.run_plan(plan, old, ckpt, topo, label=label)

@@ -18,6 +18,8 @@ from typing import Annotated, Union
 import msgspec
 from msgspec import Meta
 
+from sgl_elastic.memory.handles import SegmentRef, TensorHandle
+
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
@@ -259,33 +261,6 @@ class Error(_Msg):
 
     code: str
     reason: str
-
-
-class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
-    """One memory segment a client maps.
-
-    backend "shm": ``locator`` is the POSIX shared-memory name (``/dev/shm/<locator>``).
-    backend "cuda": ``ipc`` holds the CUDA IPC fields of the storage (msgpack), ``device_uuid`` the
-    GPU (clients map it to their own device index, as SGLang's ``patch_torch`` does).
-    ``size``: bytes.
-    """
-
-    backend: str
-    locator: str
-    size: int
-    device_uuid: str = ""
-    ipc: bytes = b""
-
-
-class TensorHandle(msgspec.Struct, frozen=True, array_like=True):
-    """A tensor inside segment ``segment`` (index into ``Handles.segments``) at byte ``offset``;
-    ``dtype`` is a torch dtype name ("bfloat16"); ``shape`` in elements (row-major, contiguous)."""
-
-    name: str
-    segment: int
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class Handles(_Msg):

@@ -48,7 +48,7 @@ import zmq
 
 from sgl_elastic.daemon import protocol as P
 from sgl_elastic.daemon.kv_index import BudgetExceeded
-from sgl_elastic.daemon.memory import TensorAlloc, make_memory
+from sgl_elastic.memory import TensorAlloc, make_memory
 from sgl_elastic.daemon.state import DaemonState, IllegalTransition, transition
 from sgl_elastic.daemon.store import KvSpec, ModelStore
 from sgl_elastic.daemon.weights import LoadCancelled

@@ -17,7 +17,8 @@ import threading
 import time
 
 from sgl_elastic.daemon.kv_index import PrefixIndex
-from sgl_elastic.daemon.memory import DTYPE_ITEMSIZE, DeviceMemory, Segment, TensorAlloc
+from sgl_elastic.layout.dtypes import ITEMSIZE as DTYPE_ITEMSIZE
+from sgl_elastic.memory import DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.daemon.protocol import Handles, KvIndexStats, RankStats, PROTOCOL_VERSION
 from sgl_elastic.daemon.weights import load_ranks, weight_allocs
 from sgl_elastic.executor.report import ExecReport

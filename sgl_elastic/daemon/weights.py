@@ -21,7 +21,8 @@ import threading
 
 import numpy as np
 
-from sgl_elastic.daemon.memory import SAFETENSORS_TO_TORCH, DeviceMemory, Segment, TensorAlloc
+from sgl_elastic.layout.dtypes import SAFETENSORS_TO_TORCH
+from sgl_elastic.memory import DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.executor.safetensors_io import RAW_DTYPE, SafetensorsCheckpoint
 from sgl_elastic.executor.shards import rank_tensors, shard_region
 from sgl_elastic.layout import ElasticLayout

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from sgl_elastic.daemon.client import DaemonClient
-from sgl_elastic.daemon.memory import AttachedTensors
+from sgl_elastic.memory import AttachedTensors
 
 __all__ = ["WorkerAttachment", "sglang_kv_rows"]
 

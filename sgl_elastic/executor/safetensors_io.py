@@ -22,10 +22,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from sgl_elastic.layout.dtypes import SAFETENSORS_ITEMSIZE
+
 __all__ = ["SafetensorsCheckpoint", "TensorEntry", "DTYPE_ITEMSIZE"]
 
-DTYPE_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_ITEMSIZE = SAFETENSORS_ITEMSIZE  # safetensors dtype code -> bytes per element
 # numpy dtype of the same width: copies are bitwise, the element type never matters.
 RAW_DTYPE = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
 STRIDED_PREAD_MIN = 64 << 10

@@ -12,11 +12,14 @@ from typing import Any
 
 import msgspec
 
+from sgl_elastic.layout.dtypes import ALIASES, ITEMSIZE
+from sgl_elastic.layout.dtypes import dtype_name as dtype_name_of
+
 __all__ = ["ModelShape", "DTYPE_BYTES"]
 
-DTYPE_BYTES = {
-    "bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1, "float8_e5m2": 1,
-}
+# Model weight dtypes the layout accepts, with their bytes per element (from the one dtype table).
+DTYPE_BYTES = {name: ITEMSIZE[ALIASES.get(name, name)]
+               for name in ("bfloat16", "float16", "half", "float32", "float", "float8_e4m3fn", "float8_e5m2")}
 
 # model_type -> naming scheme of the checkpoint's expert tensors.
 _MOE_NAMING = {"qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen3_moe", "mixtral": "mixtral"}
@@ -97,7 +100,7 @@ class ModelShape(msgspec.Struct, frozen=True, kw_only=True):
             dense_inter = int(need("intermediate_size"))
         # `dtype` (transformers >= 4.56) or the older `torch_dtype` (read from __dict__: the property warns).
         dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "__dict__", {}).get("torch_dtype") or "bfloat16"
-        dtype_name = str(dtype).replace("torch.", "")
+        dtype_name = dtype_name_of(dtype)
         if dtype_name not in DTYPE_BYTES:
             raise ValueError(f"unsupported dtype {dtype_name!r}; known: {sorted(DTYPE_BYTES)}")
         return cls(

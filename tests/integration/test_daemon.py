@@ -17,7 +17,7 @@ import torch
 
 from sgl_elastic.daemon import DaemonClient, DaemonError, DaemonProcess, DaemonUnavailable
 from sgl_elastic.daemon import protocol as P
-from sgl_elastic.daemon.shm import segments_of_pid
+from sgl_elastic.memory.shm import segments_of_pid
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.executor.shards import rank_tensors, shard_region
 from sgl_elastic.layout import ElasticLayout

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sgl_elastic.daemon import DaemonProcess
 from sgl_elastic.daemon import protocol as P
-from sgl_elastic.daemon.shm import segments_of_pid
+from sgl_elastic.memory.shm import segments_of_pid
 
 
 @pytest.fixture(scope="module")

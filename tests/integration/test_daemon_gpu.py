@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from sgl_elastic.daemon import DaemonProcess
-from sgl_elastic.daemon.shm import segments_of_pid
+from sgl_elastic.memory.shm import segments_of_pid
 
 pytestmark = pytest.mark.gpu
 

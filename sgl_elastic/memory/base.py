@@ -1,12 +1,15 @@
-"""The device edge of the daemon: where a rank's tensors live and how another process maps them.
+"""The interface of device memory: where a rank's tensors live and how another process maps them.
 
-One interface, one implementation per device:
+One interface (this module), one implementation per device (``shm``, ``cuda``), one factory
+(the package's ``__init__``: ``make_memory``, ``attach_handles``):
 - ``DeviceMemory.allocate(rank, kind, specs) -> Segment`` (daemon side): one allocation holding
   every tensor of a rank's weights or KV pool, tensors at aligned byte offsets.
 - ``Segment.refs()`` -> ``SegmentRef`` list + ``Segment.handles()`` -> ``TensorHandle`` list: what a
-  client needs, as plain data (``protocol.Handles``).
+  client needs, as plain data (``handles``; sent as ``daemon.protocol.Handles``).
 - ``attach_handles(handles) -> AttachedTensors`` (client side): maps every segment once and views
   each tensor zero-copy (a torch tensor over the daemon's memory).
+- ``DeviceMemory.run_plan(plan, old, ckpt, topo, label)``: a ``MigrationPlan`` applied to a
+  daemon's weight segments, through the executor of the device.
 
 Implementations: ``shm.ShmMemory`` (CPU: POSIX shared memory, names unique per daemon instance) and
 ``cuda.CudaMemory`` (GPU: ``torch.cuda`` allocations exported as CUDA IPC handles keyed by GPU
@@ -19,18 +22,12 @@ import abc
 import math
 from collections.abc import Iterable
 
-from sgl_elastic.daemon.protocol import Handles, SegmentRef, TensorHandle
+from sgl_elastic.layout.dtypes import ITEMSIZE as DTYPE_ITEMSIZE
+from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
-__all__ = ["TensorAlloc", "Segment", "DeviceMemory", "AttachedTensors", "attach_handles", "make_memory",
-           "DTYPE_ITEMSIZE", "SAFETENSORS_TO_TORCH"]
+__all__ = ["TensorAlloc", "Segment", "DeviceMemory", "AttachedTensors", "place", "segment_dtypes", "ALIGN"]
 
 ALIGN = 64
-
-DTYPE_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-                  "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
-SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 class TensorAlloc:
@@ -104,6 +101,11 @@ class DeviceMemory(abc.ABC):
         """Bytes that can still be allocated for ``rank`` (checked before allocating, so a bad
         request fails with a clear error instead of exhausting the machine)."""
 
+    @abc.abstractmethod
+    def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str) -> tuple[dict[int, Segment], object]:
+        """Execute ``MigrationPlan`` ``plan`` on this device; ``old`` maps surviving old rank -> its
+        weight segment. Returns new rank -> segment (the caller frees ``old``) and the ``ExecReport``."""
+
     shared_pool: bool = False  # True: every rank allocates from one pool (CPU: /dev/shm)
 
     def check_fits(self, sizes: dict[int, int], what: str) -> None:
@@ -121,24 +123,16 @@ class DeviceMemory(abc.ABC):
                                  f" ({self.backend}); lower the size or free memory")
 
 
-def make_memory(backend: str, instance: str, device_of_rank: dict[int, str] | None = None) -> DeviceMemory:
-    """``backend`` "shm" (CPU) or "cuda"; the CUDA module is imported only here, on demand."""
-    if backend == "shm":
-        from sgl_elastic.daemon.shm import ShmMemory
-
-        return ShmMemory(instance)
-    if backend == "cuda":
-        from sgl_elastic.daemon.cuda import CudaMemory
-
-        return CudaMemory(instance, device_of_rank)
-    raise ValueError(f"backend={backend!r}; choose 'shm' (CPU shared memory) or 'cuda' (CUDA IPC)")
+def segment_dtypes(segments: Iterable[Segment]) -> dict[str, str]:
+    """Tensor name -> torch dtype name over ``segments``."""
+    return {h.name: h.dtype for seg in segments for h in seg.handles()}
 
 
 class AttachedTensors:
     """Tensors mapped from daemon memory: ``tensors[name]`` (torch, zero-copy). ``close()`` unmaps
     (drop your own references to the tensors first: a mapping with live views stays until they go)."""
 
-    def __init__(self, handles: Handles, tensors: dict, mappings: list) -> None:
+    def __init__(self, handles, tensors: dict, mappings: list) -> None:
         self.instance, self.rank, self.kind, self.epoch = handles.instance, handles.rank, handles.kind, handles.epoch
         self.tensors = tensors
         self._mappings = mappings
@@ -158,40 +152,3 @@ class AttachedTensors:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def attach_handles(handles: Handles, *, populate: bool = False) -> AttachedTensors:
-    """Map every segment of ``handles`` once and view each tensor in it (zero-copy).
-
-    ``populate`` (CPU): fault the whole mapping in now, in one call per segment, rather than page by
-    page at first use (a serving process wants this; a process that reads a few tensors does not).
-    """
-    import torch
-
-    mappings, flats = [], []
-    try:
-        for ref in handles.segments:
-            if ref.backend == "shm":
-                from sgl_elastic.daemon.shm import ShmMapping
-
-                m = ShmMapping(ref, populate=populate)
-            elif ref.backend == "cuda":
-                from sgl_elastic.daemon.cuda import CudaMapping
-
-                m = CudaMapping(ref)
-            else:
-                raise ValueError(f"segment backend {ref.backend!r} unknown to this client; upgrade sgl_elastic")
-            mappings.append(m)
-            flats.append(m.flat)
-        tensors = {}
-        for h in handles.tensors:
-            flat = flats[h.segment]
-            n = math.prod(h.shape) * DTYPE_ITEMSIZE[h.dtype]
-            if h.offset < 0 or h.offset + n > flat.numel():
-                raise ValueError(f"{h.name}: bytes [{h.offset}, {h.offset + n}) outside its segment of {flat.numel()}")
-            tensors[h.name] = flat[h.offset:h.offset + n].view(getattr(torch, h.dtype)).view(h.shape)
-    except BaseException:
-        for m in mappings:
-            m.close()
-        raise
-    return AttachedTensors(handles, tensors, mappings)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import msgspec
 
-from sgl_elastic.daemon.memory import DeviceMemory, Segment, TensorAlloc, place
-from sgl_elastic.daemon.protocol import SegmentRef, TensorHandle
+from sgl_elastic.memory.base import DeviceMemory, Segment, TensorAlloc, place, segment_dtypes
+from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
 __all__ = ["CudaMemory", "CudaSegment", "CudaMapping", "gpu_uuid", "device_of_uuid"]
 
@@ -182,6 +182,14 @@ class CudaMemory(DeviceMemory):
             flats.append(t.contiguous().view(-1).view(torch.uint8))
             handles.append(TensorHandle(name, i, 0, dtypes[name], tuple(t.shape)))
         return CudaSegment(rank, kind, flats, handles)
+
+    def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
+        """``executor.cuda.CudaExecutor`` on raw device views of the old segments."""
+        from sgl_elastic.executor.cuda import CudaExecutor
+
+        dtypes = segment_dtypes(old.values())
+        new_tensors, report = CudaExecutor(ckpt, topo).run(plan, {r: s.views(raw=True) for r, s in old.items()})
+        return {r: self.wrap_tensors(r, "weights", t, dtypes) for r, t in new_tensors.items()}, report
 
 
 class CudaMapping:

@@ -19,9 +19,9 @@ import mmap
 import os
 import re
 
-from sgl_elastic.daemon.memory import DeviceMemory, Segment, TensorAlloc
-from sgl_elastic.daemon.protocol import SegmentRef, TensorHandle
 from sgl_elastic.executor.shm import ShardSpec, ShmArena
+from sgl_elastic.memory.base import DeviceMemory, Segment, TensorAlloc, segment_dtypes
+from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
 __all__ = ["ShmMemory", "ShmSegment", "ShmMapping", "reap_segments", "segments_of_pid", "SHM_DIR"]
 
@@ -81,6 +81,15 @@ class ShmMemory(DeviceMemory):
     def wrap(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str]) -> ShmSegment:
         """Adopt an arena the executor allocated (migration destinations)."""
         return ShmSegment(rank, kind, arena, dtypes)
+
+    def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
+        """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly and returns new
+        arenas (allocated before any copy)."""
+        from sgl_elastic.executor.cpu import CpuExecutor
+
+        dtypes = segment_dtypes(old.values())
+        new_arenas, report = CpuExecutor(ckpt, topo).run(plan, {r: s.arena for r, s in old.items()}, label=label)
+        return {r: self.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
 
 
 class ShmMapping:

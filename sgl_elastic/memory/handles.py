@@ -1,0 +1,35 @@
+"""Where a tensor of daemon memory lives, as plain data: what a client needs to map it (wire types
+of ``daemon.protocol``'s ``Handles`` reply)."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["SegmentRef", "TensorHandle"]
+
+
+class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
+    """One memory segment a client maps.
+
+    backend "shm": ``locator`` is the POSIX shared-memory name (``/dev/shm/<locator>``).
+    backend "cuda": ``ipc`` holds the CUDA IPC fields of the storage (msgpack), ``device_uuid`` the
+    GPU (clients map it to their own device index, as SGLang's ``patch_torch`` does).
+    ``size``: bytes.
+    """
+
+    backend: str
+    locator: str
+    size: int
+    device_uuid: str = ""
+    ipc: bytes = b""
+
+
+class TensorHandle(msgspec.Struct, frozen=True, array_like=True):
+    """A tensor inside segment ``segment`` (index into ``Handles.segments``) at byte ``offset``;
+    ``dtype`` is a torch dtype name ("bfloat16"); ``shape`` in elements (row-major, contiguous)."""
+
+    name: str
+    segment: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
