@@ -60,7 +60,7 @@ def _disk_preadv(ckpt_dir: str, layout, rank: int) -> tuple[dict, int]:
     import torch
 
     from sgl_elastic.executor.safetensors_io import RAW_DTYPE, SafetensorsCheckpoint
-    from sgl_elastic.executor.shards import rank_tensors, shard_region
+    from sgl_elastic.layout.geometry import rank_tensors, shard_region
 
     out = {}
     with SafetensorsCheckpoint(ckpt_dir) as ck:
@@ -75,7 +75,7 @@ def _disk_preadv(ckpt_dir: str, layout, rank: int) -> tuple[dict, int]:
 def _disk_safe_open(ckpt_dir: str, layout, rank: int) -> dict:
     from safetensors import safe_open
 
-    from sgl_elastic.executor.shards import rank_tensors, shard_region
+    from sgl_elastic.layout.geometry import rank_tensors, shard_region
 
     out = {}
     files = [os.path.join(ckpt_dir, f) for f in sorted(os.listdir(ckpt_dir)) if f.endswith(".safetensors")]
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sgl_elastic.daemon import DaemonProcess
     from sgl_elastic.memory import attach_handles
-    from sgl_elastic.executor.shards import rank_tensors
+    from sgl_elastic.layout.geometry import rank_tensors
     from sgl_elastic.testing.models import build_model
 
     torch.manual_seed(a.seed)

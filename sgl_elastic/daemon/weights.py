@@ -1,6 +1,6 @@
 """Filling the held ranks' weight shards from the checkpoint, each byte of the file read once.
 
-Per checkpoint tensor, over the ranks this daemon holds (``executor.shards.shard_region`` gives
+Per checkpoint tensor, over the ranks this daemon holds (``layout.geometry.shard_region`` gives
 each rank's region ``full[row0:row1, col0:col1]``: rows for dim-0 sharding, columns for dim-1, the
 whole tensor for unsharded ones):
 
@@ -24,7 +24,7 @@ import numpy as np
 from sgl_elastic.layout.dtypes import SAFETENSORS_TO_TORCH
 from sgl_elastic.memory import DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.executor.safetensors_io import RAW_DTYPE, SafetensorsCheckpoint
-from sgl_elastic.executor.shards import rank_tensors, shard_region
+from sgl_elastic.layout.geometry import rank_tensors, shard_region
 from sgl_elastic.layout import ElasticLayout
 
 __all__ = ["weight_allocs", "load_ranks", "LoadCancelled"]

@@ -19,7 +19,7 @@ import numpy as np
 from sgl_elastic.executor.ops import full_region, shard_view, split_queues
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
-from sgl_elastic.executor.shards import rank_tensors
+from sgl_elastic.layout.geometry import rank_tensors
 from sgl_elastic.executor.shm import ShardSpec, ShmArena
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
@@ -59,7 +59,7 @@ def allocate_rank_arenas(plan_layout, label: str, prefault: bool = True) -> dict
 
 def load_rank_from_checkpoint(layout, rank: int, ckpt: SafetensorsCheckpoint, arena: ShmArena) -> int:
     """Fill ``arena`` with ``rank``'s shards of ``layout`` read from ``ckpt``; returns bytes read."""
-    from sgl_elastic.executor.shards import shard_region
+    from sgl_elastic.layout.geometry import shard_region
 
     n = 0
     for t, _ in rank_tensors(layout, rank):

@@ -21,7 +21,7 @@ import numpy as np
 from sgl_elastic.executor.ops import full_region, split_queues
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
-from sgl_elastic.executor.shards import rank_tensors
+from sgl_elastic.layout.geometry import rank_tensors
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology

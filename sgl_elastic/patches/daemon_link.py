@@ -32,6 +32,7 @@ from array import array
 from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
 from sgl_elastic.daemon.launch import ENV_DIR
 from sgl_elastic.daemon.worker import WorkerAttachment
+from sgl_elastic.layout.dtypes import dtype_name
 
 __all__ = ["ENV_DIR", "active", "set_run_dir", "DaemonModelLoader", "kv_buffers", "Mirror", "mirror", "log"]
 
@@ -88,14 +89,14 @@ def _expand(layout, rank: int, shards: dict):
     """
     import torch
 
-    from sgl_elastic.executor.shards import _rows_cols, shard_region
+    from sgl_elastic.layout.geometry import rows_cols, shard_region
 
     for t in layout.tensors():
         reg = shard_region(t, layout, rank)
         if reg is None:
             continue
         shard = shards[t.name]
-        rows, cols = _rows_cols(t)
+        rows, cols = rows_cols(t)
         r0, r1, c0, c1 = reg
         if (r0, r1, c0, c1) == (0, rows, 0, cols):
             yield t.name, shard.view(tuple(t.shape))
@@ -103,10 +104,6 @@ def _expand(layout, rank: int, shards: dict):
         full = torch.empty(tuple(t.shape), dtype=shard.dtype, device=shard.device)
         full.view(rows, cols)[r0:r1, c0:c1].copy_(shard.view(r1 - r0, c1 - c0))
         yield t.name, full
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _bind(model, tensors: dict) -> None:
@@ -127,7 +124,7 @@ def _bind(model, tensors: dict) -> None:
 def _publish(att: WorkerAttachment, model) -> int:
     """Copy the loaded parameters into a daemon segment, rebind them to it, commit. Returns bytes."""
     params = list(model.named_parameters())
-    specs = [(n, _dtype_name(p.dtype), tuple(p.shape)) for n, p in params]
+    specs = [(n, dtype_name(p.dtype), tuple(p.shape)) for n, p in params]
     seg = att.client.publish_params(att.rank, specs)
     total = 0
     for name, p in params:
@@ -213,7 +210,7 @@ def kv_buffers(pool, k_shape, v_shape):
     att = attachment()
     t0 = time.perf_counter()
     k, v = att.kv_buffers(num_layers=pool.layer_num, head_dim=k_shape[2], size=pool.size,
-                          page_size=pool.page_size, dtype=_dtype_name(pool.store_dtype))
+                          page_size=pool.page_size, dtype=dtype_name(pool.store_dtype))
     if tuple(k[0].shape) != tuple(k_shape) or k[0].dtype != pool.store_dtype:
         raise RuntimeError(f"sgl-elastic: the daemon's KV pool has rows {tuple(k[0].shape)} {k[0].dtype} but SGLang"
                            f" wants {tuple(k_shape)} {pool.store_dtype}")

@@ -37,6 +37,7 @@ import itertools
 from collections.abc import Sequence
 
 from sgl_elastic.layout import ElasticLayout, FamilyLayout, capacity_widths
+from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS, TensorSpec
 from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, RankTotals
 from sgl_elastic.planner.topology import Topology
@@ -115,7 +116,7 @@ class _FamilyCost:
         fam = old.family(name)
         self.subdims = FAMILY_SUBDIMS[name]
         self.w = {sd: weights.get((name, sd), 0) for sd in self.subdims}
-        self.hold = {s: {sd: _old_range(fam, sd, s) for sd in self.subdims} for s in survivors}
+        self.hold = {s: {sd: family_granule_range(fam, sd, s) for sd in self.subdims} for s in survivors}
         self.all = {sd: _merge([self.hold[s][sd] for s in survivors]) for sd in self.subdims}
         self.check_reach = not topo.fully_connected()
         self.survivors = survivors
@@ -155,14 +156,6 @@ class _FamilyCost:
             if not any(self.topo.reachable(r, slot) for r in roots):
                 roots.append(slot)
         return (len(roots) - 1) * self.w["kv"]
-
-
-def _old_range(fam: FamilyLayout, subdim: str, rank: int) -> Range:
-    if subdim == "q":
-        return fam.rank_q_head_range(rank)
-    if subdim == "kv":
-        return fam.rank_kv_head_range(rank)
-    return fam.rank_dim_range(rank)
 
 
 def _ranges(fam: FamilyLayout, unit_start: int, width: int) -> dict[str, Range]:
@@ -465,8 +458,8 @@ def build_plan(old_layout: ElasticLayout, change: ClusterChange, new_layout: Ela
                 need = [(0, 1)] * n_new
                 total_granules = 1
             else:
-                hold = {s: _old_range(old_layout.family(name), sd, s) for s in survivors}
-                need = [_old_range(new_layout.family(name), sd, r) for r in range(n_new)]
+                hold = {s: family_granule_range(old_layout.family(name), sd, s) for s in survivors}
+                need = [family_granule_range(new_layout.family(name), sd, r) for r in range(n_new)]
                 total_granules = _subdim_size(old_layout.family(name), sd)
             lower_bound += w * (total_granules - sum(b - a for a, b in _merge(list(hold.values()))))
             ops.extend(_subdim_ops(name, sd, w, hold, need, order, topology, peer_out, allow_keep, allow_peer))

@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Sequence
 
 from sgl_elastic.layout import ElasticLayout, FamilyLayout, capacity_widths
+from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS
 from sgl_elastic.planner.cmm import family_granule_bytes, new_slots
 from sgl_elastic.planner.plan import ClusterChange
@@ -21,12 +22,7 @@ __all__ = ["exact_min_cost"]
 
 
 def _old_sets(fam: FamilyLayout, sd: str, rank: int) -> set[int]:
-    if sd == "q":
-        a, b = fam.rank_q_head_range(rank)
-    elif sd == "kv":
-        a, b = fam.rank_kv_head_range(rank)
-    else:
-        a, b = fam.rank_dim_range(rank)
+    a, b = family_granule_range(fam, sd, rank)
     return set(range(a, b))
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import msgspec
 
 from sgl_elastic.layout import ElasticLayout, TensorSpec
+from sgl_elastic.layout.geometry import shard_granule_range
 
 __all__ = ["HOST", "KEEP", "PEER", "RELOAD", "FamilyOp", "CopyOp", "RankTotals", "MigrationPlan", "ClusterChange"]
 
@@ -157,18 +158,6 @@ class MigrationPlan(msgspec.Struct, frozen=True, kw_only=True):
     def summary(self) -> dict[str, int]:
         return {"keep_bytes": self.keep_bytes, "peer_bytes": self.peer_bytes, "reload_bytes": self.reload_bytes,
                 "lower_bound_reload_bytes": self.lower_bound_reload_bytes, "num_family_ops": len(self.ops)}
-
-
-def shard_granule_range(layout: ElasticLayout, family: str, subdim: str, rank: int) -> tuple[int, int]:
-    """Global granules ``[start, end)`` of ``subdim`` that ``rank`` holds in ``layout``."""
-    if family == "full":
-        return (0, 1)
-    fam = layout.family(family)
-    if subdim == "q":
-        return fam.rank_q_head_range(rank)
-    if subdim == "kv":
-        return fam.rank_kv_head_range(rank)
-    return fam.rank_dim_range(rank)
 
 
 def expand_tensor_ops(plan: MigrationPlan, kinds: tuple[str, ...]) -> Iterator[CopyOp]:

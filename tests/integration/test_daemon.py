@@ -19,7 +19,7 @@ from sgl_elastic.daemon import DaemonClient, DaemonError, DaemonProcess, DaemonU
 from sgl_elastic.daemon import protocol as P
 from sgl_elastic.memory.shm import segments_of_pid
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
-from sgl_elastic.executor.shards import rank_tensors, shard_region
+from sgl_elastic.layout.geometry import rank_tensors, shard_region
 from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.planner import ClusterChange, plan_migration
 from sgl_elastic.testing.models import build_model

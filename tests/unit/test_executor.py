@@ -13,7 +13,7 @@ import pytest
 from sgl_elastic.executor import CpuExecutor, SafetensorsCheckpoint, ShardSpec, ShmArena, load_rank_from_checkpoint
 from sgl_elastic.executor.cpu import allocate_rank_arenas
 from sgl_elastic.executor.owner import ShardOwner
-from sgl_elastic.executor.shards import shard_region
+from sgl_elastic.layout.geometry import shard_region
 from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.planner import ClusterChange, Topology, plan_migration
 

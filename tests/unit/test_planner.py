@@ -13,7 +13,7 @@ from sgl_elastic.planner import HOST, KEEP, PEER, RELOAD, ClusterChange, Topolog
 from sgl_elastic.planner.baselines import plan_full_reload, plan_greedy
 from sgl_elastic.planner.exact import exact_min_cost, exact_min_cost_for_widths
 from sgl_elastic.layout.presets import preset_config
-from sgl_elastic.planner.plan import shard_granule_range
+from sgl_elastic.layout.geometry import shard_granule_range
 
 pytestmark = pytest.mark.unit
 
