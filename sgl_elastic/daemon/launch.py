@@ -3,7 +3,7 @@
 ``DaemonProcess.start()`` runs ``python -m sgl_elastic.daemon`` in a new private run directory,
 waits for its ``daemon.json``, and hands out clients (the token is read from the 0600 file, never
 passed on a command line). ``stop()`` asks it to shut down, escalates to SIGTERM then SIGKILL, and
-sweeps any shared-memory segment a killed daemon left (``shm.reap_segments``).
+sweeps any shared-memory segment a killed daemon left (``memory.shm.reap_segments``).
 """
 
 from __future__ import annotations

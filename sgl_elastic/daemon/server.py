@@ -16,9 +16,9 @@ Contract for clients (``client.DaemonClient``):
   when the pid is known to be gone). On CPU, tensors a worker already mapped stay valid (shared
   memory lives until its last mapping), so a running server keeps serving with what it has; the
   prefix index and the ability to attach new processes are gone, and a later start reads the
-  checkpoint again. On CUDA, IPC memory dies with the daemon: workers must stop (see ``cuda.py``).
+  checkpoint again. On CUDA, IPC memory dies with the daemon: workers must stop (see ``memory/cuda.py``).
 - The daemon frees its segments on Shutdown, SIGTERM and SIGINT; after SIGKILL the resource
-  tracker unlinks them (and ``shm.reap_segments(pid)`` sweeps anything left).
+  tracker unlinks them (and ``memory.shm.reap_segments(pid)`` sweeps anything left).
 - A registered worker that dies loses its KV pins (its running requests are gone); its mappings
   are the kernel's business (nothing to leak).
 - After ``ApplyMigration`` the epoch advances, old handles are stale (segments unlinked; existing
