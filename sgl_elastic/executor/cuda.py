@@ -21,15 +21,13 @@ import numpy as np
 from sgl_elastic.executor.ops import full_region, split_queues
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+from sgl_elastic.layout.dtypes import RAW_TORCH
 from sgl_elastic.layout.geometry import rank_tensors
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology
 
 __all__ = ["CudaExecutor", "cuda_available"]
-
-_TORCH_RAW = {8: "int64", 4: "int32", 2: "int16", 1: "uint8"}
-
 
 def cuda_available() -> bool:
     try:
@@ -93,7 +91,7 @@ class CudaExecutor:
         out: dict[int, dict[str, object]] = {}
         for r in range(layout.tp_size):
             dev = torch.device(self.device_of_slot[new2slot[r]])
-            out[r] = {t.name: torch.empty(shape, dtype=getattr(torch, _TORCH_RAW[t.dtype_bytes]), device=dev)
+            out[r] = {t.name: torch.empty(shape, dtype=getattr(torch, RAW_TORCH[t.dtype_bytes]), device=dev)
                       for t, shape in rank_tensors(layout, r)}
         return out
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from sgl_elastic.layout.dtypes import SAFETENSORS_ITEMSIZE
+from sgl_elastic.layout.dtypes import RAW_NUMPY, SAFETENSORS_ITEMSIZE
 
 __all__ = ["SafetensorsCheckpoint", "TensorEntry", "DTYPE_ITEMSIZE"]
 
 DTYPE_ITEMSIZE = SAFETENSORS_ITEMSIZE  # safetensors dtype code -> bytes per element
 # numpy dtype of the same width: copies are bitwise, the element type never matters.
-RAW_DTYPE = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+RAW_DTYPE = {size: getattr(np, name) for size, name in RAW_NUMPY.items()}
 STRIDED_PREAD_MIN = 64 << 10
 
 

@@ -18,6 +18,8 @@ from multiprocessing import resource_tracker, shared_memory
 import msgspec
 import numpy as np
 
+from sgl_elastic.executor.safetensors_io import RAW_DTYPE
+
 __all__ = ["ShardSpec", "ArenaHandle", "ShmArena"]
 
 _ALIGN = 64
@@ -44,7 +46,6 @@ class ArenaHandle(msgspec.Struct, frozen=True):
     shards: tuple[ShardSpec, ...]
 
 
-_RAW = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
 _TRACKER_LOCK = threading.Lock()
 
 
@@ -106,7 +107,7 @@ class ShmArena:
         arr = self._arrays.get(name)
         if arr is None:
             s = self.shards[name]
-            arr = np.ndarray(s.shape, dtype=_RAW[s.itemsize], buffer=self._shm.buf, offset=s.offset)
+            arr = np.ndarray(s.shape, dtype=RAW_DTYPE[s.itemsize], buffer=self._shm.buf, offset=s.offset)
             self._arrays[name] = arr
         return arr
 

@@ -5,7 +5,8 @@ Pure (no torch import): everything else derives its lookups from ``DTYPES``.
 
 from __future__ import annotations
 
-__all__ = ["DTYPES", "ITEMSIZE", "SAFETENSORS_ITEMSIZE", "SAFETENSORS_TO_TORCH", "ALIASES", "dtype_name"]
+__all__ = ["DTYPES", "ITEMSIZE", "SAFETENSORS_ITEMSIZE", "SAFETENSORS_TO_TORCH", "ALIASES", "RAW_NUMPY", "RAW_TORCH",
+           "dtype_name"]
 
 # torch dtype name: (bytes per element, safetensors dtype code)
 DTYPES: dict[str, tuple[int, str]] = {
@@ -14,6 +15,10 @@ DTYPES: dict[str, tuple[int, str]] = {
     "bool": (1, "BOOL"), "float8_e4m3fn": (1, "F8_E4M3"), "float8_e5m2": (1, "F8_E5M2"),
 }
 ALIASES = {"half": "float16", "float": "float32"}  # torch's other spellings (HF configs use them)
+
+# Bitwise copies: an integer dtype of the same width (the element type never matters).
+RAW_NUMPY = {8: "uint64", 4: "uint32", 2: "uint16", 1: "uint8"}  # bytes per element -> numpy dtype name
+RAW_TORCH = {8: "int64", 4: "int32", 2: "int16", 1: "uint8"}  # bytes per element -> torch dtype name
 
 ITEMSIZE = {name: size for name, (size, _) in DTYPES.items()}
 SAFETENSORS_ITEMSIZE = {code: size for size, code in DTYPES.values()}

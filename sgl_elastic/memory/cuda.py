@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import msgspec
 
+from sgl_elastic.layout.dtypes import RAW_TORCH
 from sgl_elastic.memory.base import DeviceMemory, Segment, TensorAlloc, place, segment_dtypes
 from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
@@ -114,7 +115,7 @@ class CudaSegment(Segment):
 
         dst = self.view(name)
         host = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True)
-        raw = host.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[host.element_size()]).numpy()
+        raw = host.view(getattr(torch, RAW_TORCH[host.element_size()])).numpy()
         n = ckpt.read_region(name, raw, *region)
         dst.copy_(host)
         return n
@@ -131,7 +132,7 @@ class CudaSegment(Segment):
         import torch
 
         t = self.view(name)
-        return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+        return t.view(getattr(torch, RAW_TORCH[t.element_size()]))
 
     def zero(self) -> None:
         for f in self.flats:
