@@ -32,13 +32,15 @@ class ElasticArgs:
     tp_widths: KV-head groups per TP rank (None: the server chooses, per ``width_policy``).
     width_policy: "equal" (floor/ceil shares) or "capacity" (proportional to free memory).
     admin_token: token for the ``/elastic/*`` admin API (None: generated at start).
-    daemon: whether the state daemon holds weights and KV (used once the daemon exists).
+    daemon: whether the state daemon holds weights and KV (None: decided by the launcher, on at tp > 1).
+    failover: in-place failover on the survivors when a rank dies (needs the daemon).
     """
 
     tp_widths: tuple[int, ...] | None = None
     width_policy: str = "equal"
     admin_token: str | None = None
-    daemon: bool = False
+    daemon: bool | None = False
+    failover: bool = True
 
     def __post_init__(self):
         if self.width_policy not in WIDTH_POLICIES:
@@ -72,8 +74,14 @@ class ElasticArgs:
             help="token required by the /elastic/* admin API (default: generated at start)",
         )
         group.add_argument(
-            "--elastic-daemon", action=argparse.BooleanOptionalAction, default=False,
-            help="keep weights and KV in the sgl-elastic state daemon",
+            "--elastic-daemon", action=argparse.BooleanOptionalAction, default=None,
+            help="keep weights and KV in the sgl-elastic state daemon (default: on at --tp > 1 for the model"
+                 " types the elastic layout covers, which is what in-place failover needs)",
+        )
+        group.add_argument(
+            "--elastic-failover", action=argparse.BooleanOptionalAction, default=True,
+            help="when a TP rank dies, keep serving on the survivors in place (needs the daemon; on by default"
+                 " at --tp > 1; --no-elastic-failover restarts every scheduler from the daemon instead)",
         )
 
     @classmethod
@@ -84,4 +92,5 @@ class ElasticArgs:
             width_policy=args.elastic_width_policy,
             admin_token=args.elastic_admin_token,
             daemon=args.elastic_daemon,
+            failover=args.elastic_failover,
         )

@@ -9,6 +9,7 @@ and exits with status 2, before any process starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -33,7 +34,10 @@ CPU_DEFAULTS: dict[str, object] = {
     "--attention-backend": "torch_native",
     "--disable-cuda-graph": True,
     "--sleep-on-idle": True,
-    "--mem-fraction-static": 0.05,
+    # Ranks share the host's memory: the static fraction is a budget for weights + KV, and the KV
+    # pool is sized by tokens (every rank the same), so the bench model fits at every tp.
+    "--mem-fraction-static": 0.5,
+    "--max-total-tokens": 8192,
 }
 
 
@@ -105,6 +109,8 @@ def prepare(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)  # bad flags: argparse prints usage + error, exits 2
     elastic_args = ElasticArgs.from_cli_args(args)
+    if elastic_args.daemon is None:
+        elastic_args = dataclasses.replace(elastic_args, daemon=_default_daemon(args))
     check_model_path(args.model_path)
     elastic_args.check_tp_size(args.tp_size)
 
@@ -179,13 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     daemon = None
+    daemon, failover, admin_token = None, None, None
     if elastic_args.daemon:
         from sgl_elastic.controller.daemon import ServerDaemon
         from sgl_elastic.patches import daemon_layout, table
 
         try:
             daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install)
+            if int(server_args.tp_size) > 1 and elastic_args.failover:
+                failover, admin_token = _arm_failover(elastic_args, daemon)
         except (ValueError, RuntimeError, TimeoutError) as exc:
+            if daemon is not None:
+                daemon.stop()
             print(f"{PROG}: error: --elastic-daemon: {exc}", file=sys.stderr)
             return 2
 
@@ -195,10 +206,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_server(server_args)
     finally:
+        if failover is not None:
+            failover.close()  # before the tear-down kills the ranks: that is not a failure
+            admin_token.remove_file()
         if daemon is not None:
             daemon.stop()
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
+
+
+def _arm_failover(elastic_args, daemon):
+    """In-place failover: the controller's socket (inherited by the schedulers) and the admin API."""
+    from sglang.srt.entrypoints.http_server import app
+
+    from sgl_elastic.controller.admin import AdminToken, install_routes
+    from sgl_elastic.controller.failover import controller
+    from sgl_elastic.patches import state
+
+    fc = controller()
+    fc.arm(state.layout() or daemon.layout, daemon)
+    token = AdminToken(elastic_args.admin_token)
+    install_routes(app, token, fc)
+    return fc, token
+
+
+def _default_daemon(args) -> bool:
+    """--elastic-daemon not given: on at tp > 1 when the elastic layout covers the model type."""
+    if int(args.tp_size or 1) <= 1 or int(getattr(args, "pp_size", 1) or 1) != 1 or int(getattr(args, "dp_size", 1) or 1) != 1:
+        return False
+    if getattr(args, "quantization", None) or getattr(args, "load_format", "auto") not in ("auto", "safetensors"):
+        return False
+    try:
+        import json
+
+        with open(Path(args.model_path).expanduser() / "config.json") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return False
+    from sgl_elastic.patches import SUPPORTED_MODEL_TYPES
+
+    return model_type in SUPPORTED_MODEL_TYPES
 
 
 if __name__ == "__main__":

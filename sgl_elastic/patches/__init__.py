@@ -152,7 +152,10 @@ def load_plugin() -> None:
     """
     from sgl_elastic.daemon.launch import ENV_DIR as DAEMON_ENV
 
+    from sgl_elastic.controller.wire import ENV_CONTROL
+
     layout_env, daemon_dir = os.environ.get(ENV_VAR), os.environ.get(DAEMON_ENV)  # read once, here
+    control = os.environ.get(ENV_CONTROL)
     if not layout_env and not daemon_dir:
         return
     from sgl_elastic.patches import state, table
@@ -166,6 +169,10 @@ def load_plugin() -> None:
 
             daemon_link.set_run_dir(daemon_dir)
             radix_backend.register()
+        if control:  # in-place failover: survivors of a dead rank rebuild instead of exiting
+            from sgl_elastic.patches import reconfigure
+
+            reconfigure.set_control_addr(control)
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

@@ -49,6 +49,17 @@ def set_run_dir(run_dir: str | None) -> None:
     _run_dir = run_dir or None
 
 
+def reset_attachment() -> None:
+    """Forget this process's registration (its TP rank changed in a failover); mappings stay valid."""
+    global _attachment
+    if _attachment is not None:
+        try:
+            _attachment.client.close()
+        except Exception:  # noqa: BLE001 - the old connection is abandoned either way
+            pass
+    _attachment = None
+
+
 def active() -> bool:
     return _run_dir is not None
 

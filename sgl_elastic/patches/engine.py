@@ -14,6 +14,11 @@ def launch_scheduler_processes(original, cls, server_args, port_args, run_schedu
     sv = supervisor()
     if sv.enabled:
         sv.record_launch(original, cls, server_args, port_args, run_scheduler_process_func, kwargs, result, procs)
+    from sgl_elastic.controller.failover import controller
+
+    fc = controller()
+    if fc.enabled:
+        fc.watch(procs)
     return result, procs
 
 

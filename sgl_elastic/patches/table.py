@@ -126,6 +126,26 @@ PATCHES: tuple[Patch, ...] = (
           "a surviving rank's SIGQUIT after a peer died must not kill the server during the restart"),
     Patch("sglang.srt.mem_cache.registry.register_radix_cache_backend", "register", f"{_P}.radix_backend.factory",
           "radix-cache backend sgl-elastic-daemon: the prefix tree is mirrored into the daemon and rebuilt after a restart"),
+    # -- in-place failover (scheduler processes): survivors of a dead rank rebuild, they do not exit
+    Patch("sglang.srt.managers.scheduler.Scheduler.run_event_loop", "around", f"{_P}.reconfigure.run_event_loop",
+          "a failed collective ends SGLang's scheduler process; survivors rebuild in place under the new layout"),
+    Patch("sglang.srt.managers.scheduler.Scheduler.__init__", "around", f"{_P}.reconfigure.scheduler_init",
+          "a rebuilt scheduler needs the original port_args (SGLang does not keep them)"),
+    Patch("sglang.srt.managers.scheduler.Scheduler.handle_generate_request", "around",
+          f"{_P}.reconfigure.handle_generate_request",
+          "keep each request's tokenized input on its Req, to resume it in the next epoch"),
+    Patch("sglang.srt.managers.scheduler.Scheduler.process_input_requests", "around",
+          f"{_P}.reconfigure.process_input_requests",
+          "resumed requests are re-created with the output ids they had (retraction semantics)"),
+    Patch("sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
+          "around", f"{_P}.reconfigure.pull_raw_reqs",
+          "the new rank 0's first broadcast carries the resumed requests to every survivor"),
+    Patch("sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver."
+          "_broadcast_reqs_across_ranks", "around", f"{_P}.reconfigure.broadcast_reqs",
+          "inputs pulled from the tokenizer are lost if their broadcast fails: keep them to re-send"),
+    Patch("sglang.srt.managers.scheduler_components.ipc_channels.SchedulerIpcChannels.create", "around",
+          f"{_P}.reconfigure.ipc_channels_create",
+          "a rank 0 that stays rank 0 keeps its ZMQ channels (requests queued during the failover are kept)"),
 )
 
 

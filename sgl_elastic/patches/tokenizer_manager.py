@@ -11,6 +11,12 @@ from sgl_elastic.controller.supervisor import SupervisorState, _log, supervisor
 def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     """SignalHandler.running_phase_sigquit_handler: a surviving rank's SIGQUIT after a peer died is
     part of the failure the supervisor handles; anything else tears down as before."""
+    from sgl_elastic.controller.failover import Phase, controller
+
+    fc = controller()
+    if fc.enabled and fc.phase is not Phase.FAILED:
+        _log("SIGQUIT from a scheduler: a rank failure, handled by the failover controller")
+        return None
     sv = supervisor()
     if sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
             sv.state is SupervisorState.RESTARTING or sv.any_dead()):

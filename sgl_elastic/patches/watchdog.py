@@ -13,6 +13,10 @@ def watchdog_check_processes(original, self):
     sv = supervisor()
     if not sv.enabled or sv._launch is None:
         return original(self)
+    from sgl_elastic.controller.failover import controller
+
+    if controller().enabled:  # in-place failover: the controller's detector handles deaths (and fallback)
+        return False
     sched = [i for i, n in enumerate(self._names) if n.startswith("scheduler_")]
     if sv.state is SupervisorState.RESTARTING:
         return False

@@ -1,0 +1,87 @@
+"""The elastic admin API on SGLang's own HTTP server (main process): ``/elastic/*``.
+
+- ``GET /elastic/status``: the failover controller's state, epoch, ranks, widths, recoveries;
+- ``POST /elastic/inject_failure {"rank": r}``: a device loss: SIGKILL rank r's process (its
+  daemon-held memory is dropped by the migration that follows).
+
+Every call needs the admin token (``Authorization: Bearer <token>`` or ``X-Elastic-Token``):
+``--elastic-admin-token``, or one generated at start and written to a 0600 file whose path is
+logged. A missing or wrong token gets 401 (compared in constant time); a bad body gets 400/409
+and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import signal
+import sys
+import tempfile
+
+__all__ = ["AdminToken", "install_routes"]
+
+
+class AdminToken:
+    def __init__(self, token: str | None) -> None:
+        self.path: str | None = None
+        if token is None:
+            token = secrets.token_urlsafe(24)
+            fd, self.path = tempfile.mkstemp(prefix="sgle-admin-token-")
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            print(f"[sgl-elastic admin] token for /elastic/* written to {self.path} (0600)", file=sys.stderr,
+                  flush=True)
+        self._token = token.encode()
+
+    def check(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self._token)
+
+    def remove_file(self) -> None:
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _presented(request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-elastic-token")
+
+
+def install_routes(app, token: AdminToken, controller) -> None:
+    """Add the ``/elastic/*`` routes to SGLang's FastAPI ``app`` (before the server starts)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def _deny():
+        return JSONResponse({"error": "unauthorized: give the admin token (Authorization: Bearer <token>)"},
+                            status_code=401)
+
+    async def status(request: Request):
+        if not token.check(_presented(request)):
+            return _deny()
+        return JSONResponse(controller.status())
+
+    async def inject_failure(request: Request):
+        if not token.check(_presented(request)):
+            return _deny()
+        try:
+            body = await request.json()
+        except Exception:  # noqa: BLE001 - any unparsable body
+            return JSONResponse({"error": 'body must be JSON: {"rank": <int>}'}, status_code=400)
+        rank = body.get("rank") if isinstance(body, dict) else None
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            return JSONResponse({"error": f'body must be {{"rank": <int>}}, got {body!r}'}, status_code=400)
+        err, code, pid = controller.check_injectable(rank)
+        if err:
+            return JSONResponse({"error": err}, status_code=code)
+        os.kill(pid, signal.SIGKILL)
+        return JSONResponse({"killed": {"rank": rank, "pid": pid}, "epoch": controller.epoch})
+
+    app.add_api_route("/elastic/status", status, methods=["GET"])
+    app.add_api_route("/elastic/inject_failure", inject_failure, methods=["POST"])

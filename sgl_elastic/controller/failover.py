@@ -1,0 +1,373 @@
+"""In-place failover (main process): a TP rank dies, the surviving scheduler processes go on at tp-1.
+
+Recovery phases (one Enum, one ``transition()`` that rejects illegal moves and logs each with the
+time spent in the phase it leaves)::
+
+    SERVING -> FROZEN -> PLANNING -> MIGRATING -> RECONFIGURING -> RESUMING -> SERVING
+                 any phase but SERVING -> FAILED (fallback: restart every scheduler from the daemon)
+
+- detect: a thread waits on the scheduler processes' sentinels (``multiprocessing.connection.wait``):
+  a SIGKILL is seen within milliseconds, not at SGLang's 1 s watchdog poll;
+- frozen: the survivors' collectives fail and their event loops stop; they tear down and say
+  ``RankHello``. Requests keep arriving in rank 0's ZMQ socket (the HTTP server stays up, /health
+  waits, nothing fails);
+- planning: ``planner.plan_migration`` over the survivors (the layout's width policy);
+- migrating: the daemon runs the plan (only the dead rank's bytes are read from the checkpoint);
+- reconfiguring: each survivor gets ``Reconfigure`` (new rank, tp, layout, rendezvous port) and
+  rebuilds its scheduler in place (``patches.reconfigure``);
+- resuming: every survivor said ``RankReady``; rank 0 re-broadcast the unfinished requests.
+
+Nothing assumes rank 0 survives or that a recovery runs once: ranks are tracked by process, each
+recovery has its epoch, and the planner starts from the layout the last one left.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import multiprocessing.connection
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import msgspec
+
+from sgl_elastic.controller import wire
+from sgl_elastic.controller.procs import free_port
+
+__all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "FailoverController", "controller"]
+
+logger = logging.getLogger("sgl_elastic.controller.failover")
+
+HELLO_TIMEOUT_S = 20.0  # survivors must check in within this (else: fallback)
+READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
+
+
+def _log(msg: str) -> None:
+    print(f"[sgl-elastic failover] {msg}", file=sys.stderr, flush=True)
+
+
+class Phase(enum.Enum):
+    SERVING = "serving"
+    FROZEN = "frozen"
+    PLANNING = "planning"
+    MIGRATING = "migrating"
+    RECONFIGURING = "reconfiguring"
+    RESUMING = "resuming"
+    FAILED = "failed"
+
+
+_ORDER = (Phase.SERVING, Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.RESUMING,
+          Phase.SERVING)
+_LEGAL: dict[Phase, frozenset[Phase]] = {a: frozenset({b}) for a, b in zip(_ORDER, _ORDER[1:])}
+for _p in (Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.RESUMING):
+    _LEGAL[_p] = _LEGAL[_p] | {Phase.FAILED}
+_LEGAL[Phase.FAILED] = frozenset({Phase.SERVING})  # after the fallback restart
+
+
+class IllegalPhaseTransition(RuntimeError):
+    pass
+
+
+def transition(current: Phase, new: Phase, why: str) -> Phase:
+    if new not in _LEGAL.get(current, frozenset()):
+        raise IllegalPhaseTransition(f"recovery phase {current.value} -> {new.value} is not allowed ({why})")
+    logger.info("recovery: %s -> %s (%s)", current.value, new.value, why)
+    _log(f"{current.value} -> {new.value}: {why}")
+    return new
+
+
+class Recovery(msgspec.Struct, kw_only=True):
+    """One recovery, as ``/elastic/status`` shows it. Times in seconds."""
+
+    epoch: int
+    reason: str
+    failed_ranks: list[int]
+    tp_before: int
+    tp_after: int = 0
+    widths_after: list[int] = []
+    phases_s: dict[str, float] = {}
+    recovery_s: float = 0.0  # fault seen -> every survivor serving again
+    tfs_s: float | None = None  # fault seen -> first token returned after it (set by the tokenizer hook)
+    resumed_requests: int = 0
+    migration: dict[str, float] = {}
+    outcome: str = "running"  # running | ok | failed: <why>
+    t_fault: float = 0.0  # monotonic; internal
+
+
+class FailoverController:
+    """Owns the rank processes' lifecycle after start: detection, recovery, status."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.phase = Phase.SERVING
+        self.epoch = 0
+        self.lock = threading.RLock()
+        self.layout = None  # ElasticLayout served now
+        self.daemon = None  # controller.daemon.ServerDaemon
+        self.ranks: list = []  # multiprocessing.Process per current TP rank
+        self.recoveries: list[Recovery] = []
+        self.departed: set[int] = set()  # pids of ranks that died (or were retired)
+        self._dir: str | None = None
+        self._sock = None
+        self._wake_r, self._wake_w = None, None
+        self._thread: threading.Thread | None = None
+        self._phase_t0 = time.monotonic()
+        self._pending_tfs: Recovery | None = None
+        self._hello_ids: dict[int, bytes] = {}
+
+    # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
+    def arm(self, layout, daemon) -> str:
+        """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL)."""
+        import zmq
+
+        self.layout, self.daemon = layout, daemon
+        self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
+        os.chmod(self._dir, 0o700)
+        addr = f"ipc://{self._dir}/control.sock"
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(addr)
+        os.environ[wire.ENV_CONTROL] = addr
+        self.enabled = True
+        return addr
+
+    def watch(self, procs: list) -> None:
+        """The scheduler processes, in TP rank order (from the engine hook); starts the detector."""
+        with self.lock:
+            self.ranks = list(procs)
+        if self._thread is None:
+            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+            self._thread = threading.Thread(target=self._run, name="sgle-failover", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self.enabled = False
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"stop")
+            except OSError:
+                pass
+
+    # ---- status -------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self.lock:
+            widths = list(self.layout.family("attn").widths) if self.layout is not None else []
+            return {
+                "state": self.phase.value, "epoch": self.epoch, "tp_size": len(self.ranks),
+                "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive()} for r, p in enumerate(self.ranks)],
+                "widths": widths,
+                "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
+            }
+
+    def check_injectable(self, rank: int) -> tuple[str | None, int, int]:
+        """(error, http status, pid) for an injected failure of ``rank``; error None: go ahead."""
+        with self.lock:
+            n = len(self.ranks)
+            if not self.enabled:
+                return "in-place failover is off (--no-elastic-failover, or tp 1)", 409, 0
+            if self.phase is not Phase.SERVING:
+                return f"a recovery is in progress (phase {self.phase.value}); try again when serving", 409, 0
+            if not 0 <= rank < n:
+                return f"rank {rank} does not exist: the server has ranks 0..{n - 1}", 400, 0
+            if n == 1:
+                return "rank 0 is the last rank: killing it would leave nothing to serve", 409, 0
+            if rank == 0:
+                return "failover of rank 0 is not supported yet (it owns the request intake); kill another rank", 409, 0
+            return None, 200, self.ranks[rank].pid
+
+    def first_token_after_fault(self) -> None:
+        """Called by the tokenizer hook for every output batch: records TFS of the last recovery."""
+        rec = self._pending_tfs
+        if rec is not None and rec.tfs_s is None:
+            rec.tfs_s = time.monotonic() - rec.t_fault
+            self._pending_tfs = None
+
+    # ---- detection ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while self.enabled:
+            with self.lock:
+                live = [p for p in self.ranks if p.pid not in self.departed]
+            sentinels = {p.sentinel: p for p in live}
+            ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r], timeout=5.0)
+            if self._wake_r in ready:
+                try:
+                    if self._wake_r.recv() == b"stop":
+                        return
+                except EOFError:
+                    return
+            dead = [sentinels[s] for s in ready if s in sentinels]
+            if dead and self.enabled:
+                time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
+                if not self.enabled or not any(p.is_alive() for p in live if p not in dead):
+                    _log("every rank is gone (server shutting down, or a total failure): no recovery")
+                    self.enabled = False
+                    return
+                try:
+                    self._recover(dead)
+                except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
+                    _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
+
+    def _to(self, rec: Recovery | None, new: Phase, why: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            old = self.phase
+            self.phase = transition(self.phase, new, why)
+            if rec is not None and old is not Phase.SERVING:
+                rec.phases_s[old.value] = round(now - self._phase_t0, 4)
+            self._phase_t0 = now
+
+    # ---- recovery -------------------------------------------------------------------------------------
+    def _recover(self, dead: list) -> None:
+        from sgl_elastic.planner.cmm import plan_migration
+        from sgl_elastic.planner.plan import ClusterChange
+
+        t_fault = time.monotonic()
+        with self.lock:
+            ranks = list(self.ranks)
+            failed = sorted(ranks.index(p) for p in dead)
+            self.departed |= {p.pid for p in dead}
+            self.epoch += 1
+            epoch = self.epoch
+        rec = Recovery(epoch=epoch, reason=f"rank(s) {failed} died (pids {[p.pid for p in dead]})",
+                       failed_ranks=failed, tp_before=len(ranks), t_fault=t_fault)
+        self.recoveries.append(rec)
+        survivors = [p for i, p in enumerate(ranks) if i not in failed]
+        self._to(rec, Phase.FROZEN, rec.reason)
+        try:
+            if not survivors:
+                raise RuntimeError("no rank survived")
+            # planning
+            self._to(rec, Phase.PLANNING, f"{len(survivors)} survivors")
+            plan = plan_migration(self.layout, ClusterChange(failed=tuple(failed)))
+            # migrating (survivors tear down meanwhile and check in)
+            self._to(rec, Phase.MIGRATING, f"plan: keep {plan.keep_bytes / 1e6:.1f} MB, peer"
+                     f" {plan.peer_bytes / 1e6:.1f} MB, reload {plan.reload_bytes / 1e6:.1f} MB"
+                     f" (lower bound {plan.lower_bound_reload_bytes / 1e6:.1f} MB)")
+            hellos: dict[int, bytes] = {}
+            with self.daemon.proc.client(timeout=60.0) as c:
+                t0 = time.monotonic()
+                summary = c.apply_migration(plan)
+                rec.migration = {"seconds": round(time.monotonic() - t0, 4), "keep_bytes": summary.keep_bytes,
+                                 "peer_bytes": summary.peer_bytes, "reload_bytes": summary.reload_bytes,
+                                 "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s}
+            self.daemon.layout = plan.new_layout
+            # reconfiguring
+            self._to(rec, Phase.RECONFIGURING, f"migrated in {rec.migration['seconds']:.3f} s")
+            self._collect(hellos, {p.pid for p in survivors}, epoch, HELLO_TIMEOUT_S, "hello")
+            new_tp = plan.new_layout.tp_size
+            port = free_port()
+            bind = _omp_bind(new_tp)
+            from sgl_elastic.patches import state
+
+            layout_bytes = plan.new_layout.to_bytes()
+            new_ranks: list = [None] * new_tp
+            for old_rank, p in enumerate(ranks):
+                new_rank = plan.old2new_rank[old_rank]
+                if new_rank < 0:
+                    continue
+                new_ranks[new_rank] = p
+                self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
+                    epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
+                    omp_bind=bind))])
+            readies: dict[int, wire.RankReady] = {}
+            self._collect(readies, {p.pid for p in survivors}, epoch, READY_TIMEOUT_S, "ready")
+            with self.lock:
+                self.ranks = new_ranks
+                self.layout = plan.new_layout
+            state.set_layout(plan.new_layout)
+            os.environ[state.ENV_VAR] = state.encode(plan.new_layout)
+            if bind:
+                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
+            rec.resumed_requests = sum(r.resumed for r in readies.values())
+            rec.tp_after = new_tp
+            rec.widths_after = list(plan.new_layout.family("attn").widths)
+            self._to(rec, Phase.RESUMING, f"{new_tp} ranks rebuilt; {rec.resumed_requests} requests resumed")
+            rec.recovery_s = round(time.monotonic() - t_fault, 4)
+            rec.outcome = "ok"
+            self._pending_tfs = rec
+            self._to(rec, Phase.SERVING, f"epoch {epoch} at tp {new_tp}, widths {rec.widths_after},"
+                     f" {rec.recovery_s:.3f} s after the fault")
+        except Exception as e:
+            migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING)
+            rec.outcome = f"failed: {type(e).__name__}: {e}"
+            self._to(rec, Phase.FAILED, rec.outcome)
+            for pid in list(self._hello_ids):
+                self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
+            self._fallback(rec, migrated)
+            raise
+
+    def _fallback(self, rec: Recovery, migrated: bool) -> None:
+        """The in-place path failed: restart every scheduler from the daemon (today's restart path).
+
+        Only possible while the daemon still holds the layout the schedulers were launched with
+        (the failure came before the migration); after it, the launch arguments no longer match
+        and the server is left FAILED with the reason in /elastic/status.
+        """
+        from sgl_elastic.controller.supervisor import supervisor
+
+        if migrated or self.epoch > 1:
+            _log("ERROR: cannot fall back to a restart after the layout changed; the server cannot serve until"
+                 " it is restarted (see /elastic/status)")
+            return
+        sv = supervisor()
+        _log("falling back to restarting every scheduler from the daemon")
+        procs = sv.restart(f"in-place failover failed: {rec.outcome}")
+        with self.lock:
+            self.ranks = list(procs)
+            self.departed = set()
+        self._to(rec, Phase.SERVING, "fallback restart done")
+
+    def _collect(self, into: dict, pids: set[int], epoch: int, timeout: float, kind: str) -> None:
+        """Receive messages until every pid in ``pids`` sent ``kind`` for ``epoch`` (bounded)."""
+        import zmq
+
+        deadline = time.monotonic() + timeout
+        while not pids <= set(into):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(pids - set(into))
+                raise TimeoutError(f"ranks with pids {missing} did not say {kind} within {timeout:.0f} s")
+            if not self._sock.poll(int(min(left, 0.5) * 1000), zmq.POLLIN):
+                with self.lock:
+                    dead = [p for p in self.ranks if p.pid in pids and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
+                continue
+            ident, data = self._sock.recv_multipart()
+            try:
+                msg = wire.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                _log(f"dropped a malformed control message: {e}")
+                continue
+            if isinstance(msg, wire.RankHello):
+                self._hello_ids[msg.pid] = ident
+                if kind == "hello" and msg.pid in pids:
+                    into[msg.pid] = ident
+                    _log(f"rank {msg.rank} (pid {msg.pid}) checked in: {msg.reason}")
+            elif isinstance(msg, wire.RankReady) and msg.epoch == epoch and kind == "ready":
+                into[msg.pid] = msg
+            elif isinstance(msg, wire.RankFailed) and msg.epoch == epoch:
+                raise RuntimeError(f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
+
+
+def _omp_bind(tp: int) -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return ""
+    except ImportError:
+        pass
+    from sgl_elastic.launch_server import omp_threads_bind
+
+    return omp_threads_bind(tp)
+
+
+_controller = FailoverController()
+
+
+def controller() -> FailoverController:
+    return _controller

@@ -1,0 +1,73 @@
+"""Messages between the server's failover controller and its scheduler processes (one ZMQ pair).
+
+The controller binds a ROUTER on an ``ipc://`` path inside its private 0700 run dir; each
+scheduler process that survives a peer's death connects a DEALER and says ``RankHello``; the
+controller answers ``Reconfigure`` (the rank's new place) or ``Retire`` (leave: the process exits
+and the controller falls back); the rank answers ``RankReady`` once its new scheduler serves, or
+``RankFailed``. Every message names the recovery ``epoch`` it belongs to: a message of another
+epoch is dropped by both sides.
+
+Pure: imports msgspec only (the scheduler side imports it inside SGLang processes).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL"]
+
+ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
+
+
+class RankHello(msgspec.Struct, tag="hello", frozen=True, kw_only=True):
+    """A scheduler process whose collective failed: it is alive, torn down, and waits for orders."""
+
+    epoch: int  # the epoch this process served in
+    rank: int  # its TP rank in that epoch
+    pid: int
+    reason: str  # the error that stopped its event loop (one line)
+
+
+class Reconfigure(msgspec.Struct, tag="reconfigure", frozen=True, kw_only=True):
+    """Become rank ``rank`` of ``tp_size`` in epoch ``epoch`` under ``layout`` (ElasticLayout bytes)."""
+
+    epoch: int
+    rank: int
+    tp_size: int
+    layout: bytes
+    dist_port: int  # fresh torch.distributed rendezvous port (the old store died with its group)
+    omp_bind: str  # SGLANG_CPU_OMP_THREADS_BIND for the new tp size ("" on GPU)
+
+
+class Retire(msgspec.Struct, tag="retire", frozen=True, kw_only=True):
+    epoch: int
+    reason: str
+
+
+class RankReady(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
+    epoch: int
+    rank: int
+    pid: int
+    resumed: int  # requests this rank put back in its queue (rank 0: re-broadcast to the others)
+    phases_s: dict[str, float]  # teardown, wait, rebuild, ... as measured in the process
+
+
+class RankFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
+    epoch: int
+    rank: int
+    pid: int
+    reason: str
+
+
+Message = RankHello | Reconfigure | Retire | RankReady | RankFailed
+_decoder = msgspec.msgpack.Decoder(Message)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Raises msgspec.DecodeError / ValidationError for anything that is not one of the messages."""
+    return _decoder.decode(data)
