@@ -223,8 +223,13 @@ def _arm_failover(elastic_args, daemon):
     from sgl_elastic.controller.failover import controller
     from sgl_elastic.patches import state
 
+    def on_new_layout(layout) -> None:  # processes spawned later (a fallback restart) get the new layout
+        state.set_layout(layout)
+        os.environ[state.ENV_VAR] = state.encode(layout)
+
     fc = controller()
-    fc.arm(state.layout() or daemon.layout, daemon)
+    fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
+           omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp))
     token = AdminToken(elastic_args.admin_token)
     install_routes(app, token, fc)
     return fc, token

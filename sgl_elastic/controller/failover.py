@@ -119,11 +119,18 @@ class FailoverController:
         self._hello_ids: dict[int, bytes] = {}
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
-    def arm(self, layout, daemon) -> str:
-        """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL)."""
+    def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None) -> str:
+        """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
+
+        ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
+        this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
+        ("" on GPU).
+        """
         import zmq
 
         self.layout, self.daemon = layout, daemon
+        self._on_new_layout = on_new_layout or (lambda layout: None)
+        self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
         os.chmod(self._dir, 0o700)
         addr = f"ipc://{self._dir}/control.sock"
@@ -259,9 +266,7 @@ class FailoverController:
             self._collect(hellos, {p.pid for p in survivors}, epoch, HELLO_TIMEOUT_S, "hello")
             new_tp = plan.new_layout.tp_size
             port = free_port()
-            bind = _omp_bind(new_tp)
-            from sgl_elastic.patches import state
-
+            bind = self._omp_bind(new_tp)
             layout_bytes = plan.new_layout.to_bytes()
             new_ranks: list = [None] * new_tp
             for old_rank, p in enumerate(ranks):
@@ -277,8 +282,7 @@ class FailoverController:
             with self.lock:
                 self.ranks = new_ranks
                 self.layout = plan.new_layout
-            state.set_layout(plan.new_layout)
-            os.environ[state.ENV_VAR] = state.encode(plan.new_layout)
+            self._on_new_layout(plan.new_layout)
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
             rec.resumed_requests = sum(r.resumed for r in readies.values())
@@ -351,19 +355,6 @@ class FailoverController:
                 into[msg.pid] = msg
             elif isinstance(msg, wire.RankFailed) and msg.epoch == epoch:
                 raise RuntimeError(f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
-
-
-def _omp_bind(tp: int) -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return ""
-    except ImportError:
-        pass
-    from sgl_elastic.launch_server import omp_threads_bind
-
-    return omp_threads_bind(tp)
 
 
 _controller = FailoverController()

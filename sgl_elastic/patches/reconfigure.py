@@ -1,4 +1,5 @@
-"""In-place failover inside a surviving scheduler process (one TP rank): the hooks of ``managers/scheduler.py``.
+"""In-place failover inside a surviving scheduler process (one TP rank); its hooks are in
+``patches/scheduler.py``, ``patches/request_receiver.py`` and ``patches/ipc_channels.py``.
 
 When a peer rank dies, this process's collective fails (gloo: "Connection reset" within
 milliseconds) and SGLang's event loop raises. Instead of letting the exception end the process
@@ -31,12 +32,11 @@ import gc
 import os
 import sys
 import time
-import traceback
 
 from sgl_elastic.controller import wire
 
-__all__ = ["ResumeReq", "set_control_addr", "enabled", "run_event_loop", "broadcast_reqs", "pull_raw_reqs",
-           "process_input_requests", "handle_generate_request", "scheduler_init", "ipc_channels_create"]
+__all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
+           "take_channels", "resume"]
 
 _control_addr: str | None = None  # read once at plugin load
 _epoch = 0  # the recovery epoch this process serves in
@@ -80,95 +80,35 @@ class ResumeReq:
         self.tokenized, self.output_ids, self.carry = s
 
 
-# ---- hooks ------------------------------------------------------------------------------------------
-def run_event_loop(original, self):
-    """Scheduler.run_event_loop: on a failed collective, rebuild in place and serve again."""
-    sched = self
-    while True:
-        try:
-            return original(sched)
-        except Exception as exc:  # noqa: BLE001 - decided below: failover or SGLang's own path
-            if not enabled():
-                raise
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            log(f"event loop stopped ({reason}); failing over in place")
-            try:
-                sched = _failover(sched, reason)
-            except Exception as e2:  # noqa: BLE001 - cannot rebuild: end as SGLang would
-                log(f"ERROR: in-place failover failed: {type(e2).__name__}: {e2}\n{traceback.format_exc()}")
-                raise exc from e2
-            del self
-
-
-def broadcast_reqs(original, self, recv_reqs, local_reqs=None):
-    """SchedulerRequestReceiver._broadcast_reqs_across_ranks: remember what rank 0 is broadcasting,
-    so that inputs pulled from the tokenizer's socket are not lost when the broadcast fails."""
+# ---- what the hooks (patches/scheduler.py, request_receiver.py, ipc_channels.py) call ----------------
+def stash(reqs: list | None) -> None:
     global _stash
-    if enabled() and recv_reqs:
-        _stash = list(recv_reqs) + list(local_reqs or [])
-    try:
-        out = original(self, recv_reqs, local_reqs)
-    except Exception:
-        raise  # _stash is kept: the failover re-sends it
-    _stash = None
-    return out
+    _stash = reqs
 
 
-def pull_raw_reqs(original, self):
-    """SchedulerRequestReceiver._pull_raw_reqs: the first pull of a new epoch leads with what was resumed."""
+def take_injected() -> list:
     global _inject
-    out = original(self)
-    if _inject and out is not None:
-        out = _inject + list(out)
-        _inject = []
+    out, _inject = _inject, []
     return out
 
 
-def handle_generate_request(original, self, recv_req, *args, **kwargs):
-    """Scheduler.handle_generate_request: keep the tokenized input on the Req (to resume it later)."""
-    out = original(self, recv_req, *args, **kwargs)
-    if enabled():
-        for req in reversed(self.waiting_queue):
-            if req.rid == recv_req.rid:
-                req._sgle_tokenized = recv_req
-                break
-    return out
-
-
-def process_input_requests(original, self, recv_reqs):
-    """Scheduler.process_input_requests: re-create resumed requests with their output so far."""
-    if not recv_reqs or not any(isinstance(r, ResumeReq) for r in recv_reqs):
-        return original(self, recv_reqs)
-    rest = []
-    for r in recv_reqs:
-        if not isinstance(r, ResumeReq):
-            rest.append(r)
-            continue
-        self.handle_generate_request(r.tokenized)
-        req = next((q for q in reversed(self.waiting_queue) if q.rid == r.tokenized.rid), None)
-        if req is None:
-            log(f"resumed request {r.tokenized.rid} was not queued by SGLang (rejected); it ends with SGLang's error")
-            continue
-        req.output_ids.extend(r.output_ids)
-        for k, v in r.carry.items():
-            setattr(req, k, v)
-        req.is_retracted = True
-    return original(self, rest)
-
-
-def scheduler_init(original, self, server_args, port_args, *args, **kwargs):
-    """Scheduler.__init__: keep port_args (a rebuilt scheduler needs them, with a new rendezvous port)."""
-    original(self, server_args, port_args, *args, **kwargs)
-    self._sgle_port_args = port_args
-
-
-def ipc_channels_create(original, cls, *args, **kwargs):
-    """SchedulerIpcChannels.create: a rank 0 that stays rank 0 keeps its channels (queued inputs kept)."""
+def take_channels():
     global _reuse_channels
-    if _reuse_channels is not None and kwargs.get("is_rank_zero"):
-        ch, _reuse_channels = _reuse_channels, None
-        return ch
-    return original(cls, *args, **kwargs)
+    ch, _reuse_channels = _reuse_channels, None
+    return ch
+
+
+def resume(sched, r: ResumeReq) -> None:
+    """Re-create a resumed request in ``sched``'s waiting queue with the output it had (retraction semantics)."""
+    sched.handle_generate_request(r.tokenized)
+    req = next((q for q in reversed(sched.waiting_queue) if q.rid == r.tokenized.rid), None)
+    if req is None:
+        log(f"resumed request {r.tokenized.rid} was not queued by SGLang (rejected); it ends with SGLang's error")
+        return
+    req.output_ids.extend(r.output_ids)
+    for k, v in r.carry.items():
+        setattr(req, k, v)
+    req.is_retracted = True
 
 
 # ---- the failover -----------------------------------------------------------------------------------
@@ -316,7 +256,7 @@ def _new_server_args(old, tp_size: int):
     return ServerArgs(**kw)
 
 
-def _failover(old, reason: str):
+def failover(old, reason: str):
     global _epoch, _inject, _stash, _reuse_channels
     import copy
 

@@ -1,0 +1,61 @@
+"""Patch of SGLang's ``managers/scheduler.py``: in-place failover of a surviving scheduler process.
+
+Pass-through unless the failover controller's endpoint (``SGLE_CONTROL``) was set at plugin load.
+The failover itself is ``patches.reconfigure``.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from sgl_elastic.patches import reconfigure as rc
+
+
+def run_event_loop(original, self):
+    """Scheduler.run_event_loop: on a failed collective, rebuild in place and serve again."""
+    sched = self
+    del self
+    while True:
+        try:
+            return original(sched)
+        except Exception as exc:  # noqa: BLE001 - decided below: failover or SGLang's own path
+            if not rc.enabled():
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"{type(exc).__name__}: {first}"[:300]
+            rc.log(f"event loop stopped ({reason}); failing over in place")
+            try:
+                sched = rc.failover(sched, reason)
+            except Exception as e2:  # noqa: BLE001 - cannot rebuild: end as SGLang would
+                rc.log(f"ERROR: in-place failover failed: {type(e2).__name__}: {e2}\n{traceback.format_exc()}")
+                raise exc from e2
+
+
+def scheduler_init(original, self, server_args, port_args, *args, **kwargs):
+    """Scheduler.__init__: keep port_args (a rebuilt scheduler needs them, with a new rendezvous port)."""
+    original(self, server_args, port_args, *args, **kwargs)
+    self._sgle_port_args = port_args
+
+
+def handle_generate_request(original, self, recv_req, *args, **kwargs):
+    """Scheduler.handle_generate_request: keep the tokenized input on the Req (to resume it later)."""
+    out = original(self, recv_req, *args, **kwargs)
+    if rc.enabled():
+        for req in reversed(self.waiting_queue):
+            if req.rid == recv_req.rid:
+                req._sgle_tokenized = recv_req
+                break
+    return out
+
+
+def process_input_requests(original, self, recv_reqs):
+    """Scheduler.process_input_requests: re-create resumed requests with their output so far."""
+    if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
+        return original(self, recv_reqs)
+    rest = []
+    for r in recv_reqs:
+        if isinstance(r, rc.ResumeReq):
+            rc.resume(self, r)
+        else:
+            rest.append(r)
+    return original(self, rest)
