@@ -64,7 +64,7 @@ def _schedulers(srv):
 
 
 def run_daemon(model, tp, repeats):
-    srv = ServerProcess(model, tp_size=tp, extra_args=[*FLAGS, "--elastic-daemon"], start_timeout_s=900)
+    srv = ServerProcess(model, tp_size=tp, extra_args=[*FLAGS, "--elastic-daemon", "--no-elastic-failover"], start_timeout_s=900)
     srv.start()
     rows = []
     try:
@@ -94,7 +94,7 @@ def run_daemon(model, tp, repeats):
 def run_baseline(model, tp, repeats):
     rows = []
     for i in range(repeats):
-        srv = ServerProcess(model, tp_size=tp, extra_args=FLAGS, start_timeout_s=900)
+        srv = ServerProcess(model, tp_size=tp, extra_args=[*FLAGS, "--no-elastic-daemon"], start_timeout_s=900)
         t0 = time.perf_counter()
         try:
             srv.start()

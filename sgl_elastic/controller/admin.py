@@ -10,7 +10,7 @@ logged. A missing or wrong token gets 401 (compared in constant time); a bad bod
 and changes nothing.
 """
 
-from __future__ import annotations
+# (no "from __future__ import annotations": FastAPI reads the handlers' annotations at route creation)
 
 import hmac
 import os
@@ -23,8 +23,8 @@ __all__ = ["AdminToken", "install_routes"]
 
 
 class AdminToken:
-    def __init__(self, token: str | None) -> None:
-        self.path: str | None = None
+    def __init__(self, token: "str | None") -> None:
+        self.path = None
         if token is None:
             token = secrets.token_urlsafe(24)
             fd, self.path = tempfile.mkstemp(prefix="sgle-admin-token-")
@@ -35,7 +35,7 @@ class AdminToken:
                   flush=True)
         self._token = token.encode()
 
-    def check(self, presented: str | None) -> bool:
+    def check(self, presented) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self._token)
 
     def remove_file(self) -> None:
@@ -46,7 +46,7 @@ class AdminToken:
                 pass
 
 
-def _presented(request) -> str | None:
+def _presented(request):
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()

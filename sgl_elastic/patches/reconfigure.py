@@ -49,7 +49,8 @@ HELLO_TIMEOUT_S = 60.0  # how long a torn-down rank waits for its orders before 
 _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logprobs_offset", "decoded_text",
           "surr_offset", "read_offset", "surr_and_decode_ids", "output_token_logprobs_val",
           "output_token_logprobs_idx", "output_top_logprobs_val", "output_top_logprobs_idx",
-          "output_token_ids_logprobs_val", "output_token_ids_logprobs_idx", "cached_tokens", "retraction_count")
+          "output_token_ids_logprobs_val", "output_token_ids_logprobs_idx", "cached_tokens", "retraction_count",
+          "cur_decode_ids_len")
 
 
 def set_control_addr(addr: str | None) -> None:

@@ -59,7 +59,8 @@ def want(model_copy):
 @pytest.fixture(scope="module")
 def server(model_copy):
     srv = ServerProcess(model_copy, tp_size=2, extra_args=[
-        "--dtype", "float32", "--elastic-daemon", "--max-total-tokens", "4096", "--mem-fraction-static", "0.15"])
+        "--dtype", "float32", "--elastic-daemon", "--no-elastic-failover", "--max-total-tokens", "4096",
+        "--mem-fraction-static", "0.15"])
     srv.start()
     yield srv
     code = srv.stop()

@@ -1,0 +1,197 @@
+"""In-place failover: a rank is SIGKILLed mid-stream and the same server goes on at tp-1.
+
+One server per model family (tiny, float32, ``launch_server --tp 3`` with no extra flag: daemon
+and failover are on by default), in order:
+1. kill -9 of rank 1's process while requests run (native /generate, the official ``openai``
+   client streaming, an SGLang frontend program): every request completes with the greedy tokens
+   of the run before the failure (HF's for /generate), /health never fails, /elastic/status shows
+   the new widths and the recovery's phases;
+2. the admin API refuses a missing or wrong token (401) and bad bodies (400 / 409) and changes
+   nothing; ``inject_failure`` of rank 1 takes the server from tp 2 to tp 1 (no collective at all),
+   which still answers with the same tokens;
+3. after the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
+"""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.server import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module", params=["qwen3-moe", "mixtral", "qwen3"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models, family):
+    return hf_greedy(str(tiny_models[family]), PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, family):
+    srv = ServerProcess(tiny_models[family], tp_size=3, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN])
+    srv.start()
+    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+    yield srv
+    code = srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"server processes left running: {alive}"
+    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
+    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
+    assert not left, f"daemon segments left in /dev/shm: {left}"
+    assert code is not None
+
+
+def _generate(url, ids, n=MAX_NEW):
+    r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=300)
+    r.raise_for_status()
+    return r.json()["output_ids"]
+
+
+def _status(url):
+    r = requests.get(url + "/elastic/status", headers=AUTH, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _rank_pid(url, rank):
+    return next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == rank)
+
+
+class HealthProbe(threading.Thread):
+    """Polls /health every 0.2 s until stopped; records every answer that is not 200."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.bad, self.count, self.stop_ev = url, [], 0, threading.Event()
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            try:
+                code = requests.get(self.url + "/health", timeout=30).status_code
+            except requests.RequestException as e:
+                code = repr(e)
+            self.count += 1
+            if code != 200:
+                self.bad.append(code)
+            self.stop_ev.wait(0.2)
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(60)
+        return self.bad
+
+
+def _frontend_program(url):
+    import sglang as sgl
+
+    @sgl.function
+    def answer(s, question):
+        s += question
+        s += sgl.gen("a", max_tokens=MAX_NEW, temperature=0)
+
+    backend = sgl.RuntimeEndpoint(url)
+    try:
+        return answer.run(question="The capital of", backend=backend)["a"]
+    finally:
+        backend.shutdown() if hasattr(backend, "shutdown") else None
+
+
+def _openai_stream(url, prompt):
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300)
+    chunks = client.completions.create(model="default", prompt=prompt, max_tokens=MAX_NEW, temperature=0,
+                                       stream=True)
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_kill_rank_mid_stream(server, want):
+    url = server.url
+    assert _generate(url, PROMPTS[0]) == want[0]  # tp 3 before any failure
+    text_before = _openai_stream(url, "hello world")
+    sgl_before = _frontend_program(url)
+    before = _status(url)
+    assert before["tp_size"] == 3 and before["state"] == "serving" and len(before["widths"]) == 3
+
+    probe = HealthProbe(url)
+    probe.start()
+    results, errors = {}, []
+
+    def run(key, fn, *a):
+        try:
+            results[key] = fn(*a)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{key}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i, _generate, url, p)) for i, p in enumerate(PROMPTS)]
+    threads.append(threading.Thread(target=run, args=("openai", _openai_stream, url, "hello world")))
+    threads.append(threading.Thread(target=run, args=("sgl", _frontend_program, url)))
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the requests are being decoded
+    os.kill(_rank_pid(url, 1), signal.SIGKILL)
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
+    bad_health = probe.finish()
+
+    assert not errors, errors
+    assert [results[i] for i in range(len(PROMPTS))] == want
+    assert results["openai"] == text_before
+    assert results["sgl"] == sgl_before
+    assert not bad_health, f"/health failed during the failover: {bad_health} ({probe.count} probes)"
+    after = _status(url)
+    assert after["state"] == "serving" and after["tp_size"] == 2 and after["epoch"] == before["epoch"] + 1
+    assert len(after["widths"]) == 2 and sum(after["widths"]) == sum(before["widths"])
+    rec = after["recoveries"][-1]
+    assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1] and rec["tp_after"] == 2
+    assert {"frozen", "planning", "migrating", "reconfiguring", "resuming"} <= set(rec["phases_s"])
+    assert rec["migration"]["reload_bytes"] > 0 and rec["migration"]["file_bytes_read"] > 0
+
+
+def test_admin_api_then_down_to_one_rank(server, want):
+    url = server.url
+    before = _status(url)
+    assert requests.get(url + "/elastic/status", timeout=30).status_code == 401
+    assert requests.get(url + "/elastic/status", headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
+    assert requests.post(url + "/elastic/inject_failure", json={"rank": 1}, timeout=30).status_code == 401
+    for body, code in (({"rank": 7}, 400), ({"rank": "1"}, 400), ({}, 400), ([1], 400), ({"rank": 0}, 409)):
+        r = requests.post(url + "/elastic/inject_failure", json=body, headers=AUTH, timeout=30)
+        assert r.status_code == code, (body, r.status_code, r.text)
+        assert "error" in r.json()
+    r = requests.post(url + "/elastic/inject_failure", data=b"not json", headers=AUTH, timeout=30)
+    assert r.status_code == 400
+    assert _status(url) == before  # nothing changed
+
+    r = requests.post(url + "/elastic/inject_failure", json={"rank": 1}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        s = _status(url)
+        if s["state"] == "serving" and s["tp_size"] == 1:
+            break
+        time.sleep(0.2)
+    assert s["tp_size"] == 1 and s["recoveries"][-1]["outcome"] == "ok", s
+    assert [_generate(url, p) for p in PROMPTS] == want
+    r = requests.post(url + "/elastic/inject_failure", json={"rank": 0}, headers=AUTH, timeout=30)
+    assert r.status_code == 409 and "last rank" in r.json()["error"]
