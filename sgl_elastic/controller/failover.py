@@ -35,6 +35,7 @@ import time
 import msgspec
 
 from sgl_elastic.controller import wire
+from sgl_elastic.controller.metrics import FailoverMetrics
 from sgl_elastic.controller.procs import free_port
 
 __all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "FailoverController", "controller"]
@@ -117,6 +118,8 @@ class FailoverController:
         self._phase_t0 = time.monotonic()
         self._pending_tfs: Recovery | None = None
         self._hello_ids: dict[int, bytes] = {}
+        self.metrics = FailoverMetrics()
+        self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None) -> str:
@@ -145,6 +148,7 @@ class FailoverController:
         """The scheduler processes, in TP rank order (from the engine hook); starts the detector."""
         with self.lock:
             self.ranks = list(procs)
+        self.metrics.serving(len(self.ranks), self.epoch)
         if self._thread is None:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
             self._thread = threading.Thread(target=self._run, name="sgle-failover", daemon=True)
@@ -184,6 +188,19 @@ class FailoverController:
             if rank == 0:
                 return "failover of rank 0 is not supported yet (it owns the request intake); kill another rank", 409, 0
             return None, 200, self.ranks[rank].pid
+
+    def record_dispatch(self, obj) -> None:
+        """The tokenizer manager sent ``obj`` to rank 0: keep generate inputs until they finish
+        (what a new rank 0 would re-submit if the old one died with them queued)."""
+        rid = getattr(obj, "rid", None)
+        if isinstance(rid, str) and hasattr(obj, "input_ids"):
+            self.dispatched[rid] = obj
+
+    def forget_finished(self, live_rids) -> None:
+        """Drop the record of every request the tokenizer manager no longer tracks."""
+        if len(self.dispatched) > 64:
+            for rid in [r for r in self.dispatched if r not in live_rids]:
+                self.dispatched.pop(rid, None)
 
     def first_token_after_fault(self) -> None:
         """Called by the tokenizer hook for every output batch: records TFS of the last recovery."""
@@ -294,10 +311,13 @@ class FailoverController:
             self._pending_tfs = rec
             self._to(rec, Phase.SERVING, f"epoch {epoch} at tp {new_tp}, widths {rec.widths_after},"
                      f" {rec.recovery_s:.3f} s after the fault")
+            self.metrics.recovery("ok", rec.phases_s, rec.recovery_s, rec.resumed_requests)
+            self.metrics.serving(new_tp, epoch)
         except Exception as e:
             migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING)
             rec.outcome = f"failed: {type(e).__name__}: {e}"
             self._to(rec, Phase.FAILED, rec.outcome)
+            self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
             for pid in list(self._hello_ids):
                 self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
             self._fallback(rec, migrated)

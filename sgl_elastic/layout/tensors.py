@@ -94,20 +94,23 @@ def model_tensors(model: ModelShape, *, expert_parallel: bool = False) -> tuple[
         add(p + "post_attention_layernorm.weight", "full", "", (H,), -1, layer=i)
         if i in moe_layers:
             I, E = model.moe_intermediate_size, model.num_experts
+            # SGLang's fused order (a rank's shards then form its w13 / w2 parameters contiguously):
+            # every expert's gate and up, then every expert's down.
             if model.naming == "mixtral":
                 blk = p + "block_sparse_moe."
-                names = (("w1", (I, H), 0), ("w2", (H, I), 1), ("w3", (I, H), 0))
+                names = ((("w1", (I, H), 0), ("w3", (I, H), 0)), (("w2", (H, I), 1),))
             else:
                 blk = p + "mlp."
-                names = (("gate_proj", (I, H), 0), ("up_proj", (I, H), 0), ("down_proj", (H, I), 1))
+                names = ((("gate_proj", (I, H), 0), ("up_proj", (I, H), 0)), (("down_proj", (H, I), 1),))
             add(blk + "gate.weight", "full", "", (E, H), -1, layer=i)
-            for e in range(E):
-                for n, shape, dim in names:
-                    name = f"{blk}experts.{e}.{n}.weight"
-                    if expert_parallel:
-                        add(name, "experts", "e", shape, -1, e=e, layer=i)
-                    else:
-                        add(name, "moe", "i", shape, dim, layer=i)
+            for group in names:
+                for e in range(E):
+                    for n, shape, dim in group:
+                        name = f"{blk}experts.{e}.{n}.weight"
+                        if expert_parallel:
+                            add(name, "experts", "e", shape, -1, e=e, layer=i)
+                        else:
+                            add(name, "moe", "i", shape, dim, layer=i)
         else:
             I = model.intermediate_size
             add(p + "mlp.gate_proj.weight", "mlp", "i", (I, H), 0, layer=i)

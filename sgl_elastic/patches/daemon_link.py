@@ -148,6 +148,66 @@ def _publish(att: WorkerAttachment, model) -> int:
     return total
 
 
+# SGLang's fused parameters, as the checkpoint tensors they concatenate (dim 0, in this order).
+_FUSED = (
+    (".self_attn.qkv_proj.weight", (".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight")),
+    (".mlp.gate_up_proj.weight", (".mlp.gate_proj.weight", ".mlp.up_proj.weight")),
+)
+_EXPERTS = {  # FusedMoE parameter -> per-expert checkpoint tensors, concatenated per expert
+    "w13_weight": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "w2_weight": (("down_proj",), ("w2",)),
+}
+
+
+def _parts(name: str, shards: dict) -> list[str] | None:
+    """Checkpoint shard names whose bytes, in this order, are SGLang parameter ``name``."""
+    if name in shards:
+        return [name]
+    for fused, pieces in _FUSED:
+        if name.endswith(fused):
+            stem = name[: -len(fused)]
+            return [stem + p for p in pieces]
+    for param, namings in _EXPERTS.items():
+        if name.endswith(".experts." + param):
+            stem = name[: -len(param)]
+            for pieces in namings:
+                experts = sorted({int(k[len(stem):].split(".", 1)[0]) for k in shards
+                                  if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()
+                                  and k.endswith(f".{pieces[0]}.weight")})
+                if experts:
+                    return [f"{stem}{e}.{p}.weight" for e in experts for p in pieces]
+    return None
+
+
+def shard_views(model, shards: dict):
+    """Every parameter of ``model`` as a view of the daemon's shards (no copy), or (None, why).
+
+    The daemon lays each rank's shards out in SGLang's fused order (``layout.tensors``: q, k, v;
+    gate, up; per expert gate, up, then the downs), so a fused parameter is one contiguous range
+    of the segment. Anything else (another dtype, padding, a parameter the checkpoint lacks, a
+    post-processed layout) returns None and the caller loads a private copy instead.
+    """
+    import torch
+
+    views = {}
+    for name, p in model.named_parameters():
+        parts = _parts(name, shards)
+        if parts is None or any(q not in shards for q in parts):
+            return None, f"no shard for parameter {name}"
+        ts = [shards[q] for q in parts]
+        if any(t.dtype != p.dtype for t in ts):
+            return None, f"{name}: shards are {ts[0].dtype}, the parameter {p.dtype}"
+        if sum(t.numel() for t in ts) != p.numel():
+            return None, f"{name}: shards hold {sum(t.numel() for t in ts)} elements, the parameter {tuple(p.shape)}"
+        base = ts[0]
+        for a, b in zip(ts, ts[1:]):
+            if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
+                return None, f"{name}: its shards are not contiguous in the daemon's segment"
+        views[name] = torch.as_strided(base, tuple(p.shape), torch.empty(tuple(p.shape), device="meta").stride(),
+                                       base.storage_offset())
+    return views, ""
+
+
 class DaemonModelLoader:
     """SGLang model loader (``BaseModelLoader`` interface) over the daemon. See module docstring."""
 
@@ -182,18 +242,29 @@ class DaemonModelLoader:
         t_init = time.perf_counter()
         att = attachment()
         reg = att.client.register(att.rank)
-        published = att.client.attach_params(att.rank, populate=True)
-        if published is not None:
+        shard_att = att.client.attach_weights(att.rank, populate=True)
+        att._check_instance(shard_att)
+        views, why = shard_views(model, shard_att.tensors)
+        published = None if views is not None else att.client.attach_params(att.rank, populate=True)
+        if views is not None:
+            for name, p in model.named_parameters():
+                p.data = views[name]
+            _keep.append(shard_att)
+            post_load_weights(model)
+            how = f"bound to the daemon's shards zero-copy ({shard_att.nbytes / 1e6:.1f} MB, held once)"
+        elif published is not None:
             att._check_instance(published)
             _bind(model, published.tensors)
             _keep.append(published)
             post_load_weights(model)
             how = f"attached published parameters zero-copy ({published.nbytes / 1e6:.1f} MB)"
         else:
+            log(f"rank {att.rank}: parameters cannot be views of the daemon's shards ({why}); loading a copy")
             layout = ElasticLayout.from_bytes(reg.layout)
-            shards = att.attach_weights()
+            shards = shard_att.tensors
             with set_default_torch_dtype(model_config.dtype):
                 DefaultModelLoader.load_weights_and_postprocess(model, _expand(layout, att.rank, shards), target_device)
+            shard_att.close() if hasattr(shard_att, "close") else None
             nbytes = _publish(att, model)
             how = f"loaded from the daemon's shards and published ({nbytes / 1e6:.1f} MB)"
         dt = time.perf_counter() - t_init

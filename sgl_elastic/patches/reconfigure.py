@@ -248,6 +248,20 @@ def _ask_controller(old_rank: int, reason: str):
         raise
 
 
+def _forget_metrics() -> None:
+    """Unregister the old scheduler's Prometheus collectors (``--enable-metrics``): the new one
+    registers the same names in this process's registry."""
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return
+    for c in list(getattr(REGISTRY, "_collector_to_names", {})):
+        try:
+            REGISTRY.unregister(c)
+        except KeyError:
+            pass
+
+
 def _new_server_args(old, tp_size: int):
     """A fresh, unresolved ServerArgs equal to ``old`` but for tp_size (resolved records are read-only)."""
     from sglang.srt.server_args import ServerArgs, record_fields
@@ -295,6 +309,7 @@ def failover(old, reason: str):
             _reuse_channels = channels
         elif channels is not None:
             _close_channels(channels)
+        _forget_metrics()
         new_args = _new_server_args(server_args, order.tp_size)
         port_args.nccl_port = order.dist_port
         del old

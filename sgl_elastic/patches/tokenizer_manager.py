@@ -28,3 +28,36 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
         except Exception as e:  # noqa: BLE001 - the tear-down must go on
             _log(f"stopping the daemon before the tear-down failed: {e}")
     return original(self, signum, frame)
+
+
+def dispatch_to_scheduler(original, self, obj):
+    """TokenizerManager._dispatch_to_scheduler: record each request's tokenized input (failover)."""
+    from sgl_elastic.controller.failover import controller
+
+    fc = controller()
+    if fc.enabled:
+        fc.record_dispatch(obj)
+    return original(self, obj)
+
+
+async def async_dispatch_to_scheduler(original, self, obj):
+    """TokenizerManager._async_dispatch_to_scheduler: same, async path."""
+    from sgl_elastic.controller.failover import controller
+
+    fc = controller()
+    if fc.enabled:
+        fc.record_dispatch(obj)
+    return await original(self, obj)
+
+
+async def handle_batch_output(original, self, recv_obj):
+    """TokenizerManager._handle_batch_output: time to first success after a fault (TFS), and the
+    dispatch records of finished requests dropped."""
+    out = await original(self, recv_obj)
+    from sgl_elastic.controller.failover import controller
+
+    fc = controller()
+    if fc.enabled and getattr(recv_obj, "rids", None):
+        fc.first_token_after_fault()
+        fc.forget_finished(self.rid_to_state)
+    return out

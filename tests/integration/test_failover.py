@@ -9,6 +9,7 @@ and failover are on by default), in order:
 2. the admin API refuses a missing or wrong token (401) and bad bodies (400 / 409) and changes
    nothing; ``inject_failure`` of rank 1 takes the server from tp 2 to tp 1 (no collective at all),
    which still answers with the same tokens;
+   Recoveries, phases, tp size and epoch are on SGLang's /metrics (``--enable-metrics``);
 3. after the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
 """
 
@@ -46,7 +47,7 @@ def want(tiny_models, family):
 @pytest.fixture(scope="module")
 def server(tiny_models, family):
     srv = ServerProcess(tiny_models[family], tp_size=3, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN])
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics"])
     srv.start()
     pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
     yield srv
@@ -167,6 +168,10 @@ def test_kill_rank_mid_stream(server, want):
     assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1] and rec["tp_after"] == 2
     assert {"frozen", "planning", "migrating", "reconfiguring", "resuming"} <= set(rec["phases_s"])
     assert rec["migration"]["reload_bytes"] > 0 and rec["migration"]["file_bytes_read"] > 0
+    assert rec["tfs_s"] is not None and rec["tfs_s"] >= rec["recovery_s"]
+    metrics = requests.get(url + "/metrics", timeout=30).text
+    assert 'sgl_elastic_recoveries_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
+    assert "sgl_elastic_tp_size 2.0" in metrics
 
 
 def test_admin_api_then_down_to_one_rank(server, want):
