@@ -7,7 +7,9 @@ Qwen3-MoE) at ``--tp`` (default 3), each mode ``--repeats`` times on a fresh ser
    streaming ``/generate`` requests back to back (random prompts of ``--prompt-len`` tokens,
    ``--max-new`` tokens each; a failed request is counted and retried after 0.2 s, as a user would);
 2. after ``--warm-s`` seconds, SIGKILL rank 1's process (a device loss);
-3. TFS = from the kill to the first streamed token any client receives after it (client clock);
+3. TFS = from the kill to the first streamed token of a request that succeeds, received by a client
+   more than 50 ms after the kill (earlier chunks were produced before the fault and were in the
+   pipes; a request that ends in an error does not count), on the client's clock;
 4. ``--after-s`` seconds later the load stops; requests that failed are counted.
 
 Modes:
@@ -51,6 +53,7 @@ from sgl_elastic.testing.server import ServerProcess
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FLAGS = ["--dtype", "float32", "--elastic-admin-token", TOKEN]
+IN_TRANSIT_S = 0.05  # outputs arriving this soon after the kill left the scheduler before it
 
 
 class Load:
@@ -58,7 +61,7 @@ class Load:
 
     def __init__(self, url: str, clients: int, prompt_len: int, max_new: int, seed: int) -> None:
         self.url, self.stop_ev = url, threading.Event()
-        self.tokens: list[float] = []  # arrival time of every streamed chunk
+        self.tokens: list[float] = []  # arrival time of every streamed chunk of a request that succeeded
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
@@ -78,6 +81,7 @@ class Load:
             "sampling_params": {"max_new_tokens": self.max_new, "temperature": 0, "ignore_eos": True}})
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}")
+        arrivals = []
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
@@ -85,8 +89,9 @@ class Load:
             if "error" in chunk or chunk.get("meta_info", {}).get("finish_reason", {}) and \
                     chunk["meta_info"]["finish_reason"].get("type") == "abort":
                 raise RuntimeError(f"aborted: {str(chunk)[:200]}")
-            with self.lock:
-                self.tokens.append(time.perf_counter())
+            arrivals.append(time.perf_counter())
+        with self.lock:  # only a request that succeeded counts as a success
+            self.tokens.extend(arrivals)
 
     def _run(self, i: int) -> None:
         k = i
@@ -104,8 +109,10 @@ class Load:
             k += len(self.threads)
 
     def first_token_after(self, t: float) -> float | None:
+        """Seconds from ``t`` to the first token of a successful request that arrived more than
+        ``IN_TRANSIT_S`` after ``t`` (earlier ones were produced before the fault, in the pipes)."""
         with self.lock:
-            later = [x for x in self.tokens if x > t]
+            later = [x for x in self.tokens if x > t + IN_TRANSIT_S]
         return min(later) - t if later else None
 
     def finish(self) -> None:
@@ -200,7 +207,7 @@ def run_once(mode: str, model: str, args, rep: int) -> dict:
         load.finish()
         peak.stop_ev.set()
         peak.join(5)
-        res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)
+        res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)  # failed: attempts
         live = second or srv
         if mode == "elastic":
             s = requests.get(srv.url + "/elastic/status", headers=AUTH, timeout=30).json()

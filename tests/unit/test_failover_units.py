@@ -1,0 +1,90 @@
+"""Pure parts of the failover: the recovery state machine, the control-channel messages, the admin
+token, and the fused shard order that lets ranks serve from the daemon's shards (weights held once)."""
+
+import msgspec
+import pytest
+
+from sgl_elastic.controller import wire
+from sgl_elastic.controller.admin import AdminToken
+from sgl_elastic.controller.failover import IllegalPhaseTransition, Phase, transition
+from sgl_elastic.layout import ElasticLayout
+from sgl_elastic.layout.geometry import rank_tensors
+from sgl_elastic.layout.presets import PRESETS, preset_config
+
+pytestmark = pytest.mark.unit
+
+HAPPY = [Phase.SERVING, Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.RESUMING,
+         Phase.SERVING]
+
+
+def test_recovery_phases_in_order_only():
+    p = Phase.SERVING
+    for nxt in HAPPY[1:]:
+        p = transition(p, nxt, "test")
+    assert p is Phase.SERVING
+    for a, b in [(Phase.SERVING, Phase.PLANNING), (Phase.FROZEN, Phase.MIGRATING), (Phase.SERVING, Phase.FAILED),
+                 (Phase.RESUMING, Phase.FROZEN), (Phase.FAILED, Phase.FROZEN)]:
+        with pytest.raises(IllegalPhaseTransition, match=f"{a.value} -> {b.value}"):
+            transition(a, b, "test")
+    for a in HAPPY[1:-1]:  # every phase of a recovery may fail
+        assert transition(a, Phase.FAILED, "test") is Phase.FAILED
+
+
+def test_wire_round_trip_and_garbage():
+    msgs = [wire.RankHello(epoch=0, rank=2, pid=11, reason="RuntimeError: reset"),
+            wire.Reconfigure(epoch=1, rank=1, tp_size=2, layout=b"\x01\x02", dist_port=1234, omp_bind="0|1"),
+            wire.Retire(epoch=1, reason="no"),
+            wire.RankReady(epoch=1, rank=0, pid=11, resumed=3, phases_s={"rebuild": 0.2}),
+            wire.RankFailed(epoch=1, rank=0, pid=11, reason="boom")]
+    for m in msgs:
+        assert wire.decode(wire.encode(m)) == m
+    for bad in (b"", b"\xff\x00garbage", msgspec.msgpack.encode({"type": "hello", "epoch": "x"}),
+                msgspec.msgpack.encode({"type": "nope"})):
+        with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
+            wire.decode(bad)
+
+
+def test_admin_token(tmp_path):
+    t = AdminToken("secret")
+    assert t.check("secret") and not t.check("secreT") and not t.check(None) and not t.check("")
+    g = AdminToken(None)  # generated, written to a 0600 file
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(g.path).st_mode) == 0o600
+    assert g.check(open(g.path).read())
+    g.remove_file()
+    assert not os.path.exists(g.path)
+
+
+def _fused_groups(names):
+    """Yield the checkpoint names SGLang fuses into one parameter, grouped, per layer."""
+    by_layer = {}
+    for n in names:
+        if ".layers." in n:
+            by_layer.setdefault(n.split(".layers.")[1].split(".")[0], []).append(n)
+    for layer in by_layer.values():
+        yield [n for n in layer if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]
+        yield [n for n in layer if ".experts." not in n and n.split(".")[-2] in ("gate_proj", "up_proj")]
+        yield [n for n in layer if ".experts." in n and n.split(".")[-2] in ("gate_proj", "up_proj", "w1", "w3")]
+        yield [n for n in layer if ".experts." in n and n.split(".")[-2] in ("down_proj", "w2")]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_rank_shards_are_in_sglang_fused_order(preset):
+    """Each group SGLang fuses (qkv, gate_up, w13, w2) is a run of consecutive shards, in SGLang's order."""
+    layout = ElasticLayout.from_hf_config(preset_config(preset), 3)
+    for rank in range(layout.tp_size):
+        names = [t.name for t, _ in rank_tensors(layout, rank)]
+        pos = {n: i for i, n in enumerate(names)}
+        for group in _fused_groups(names):
+            if not group:
+                continue
+            idx = [pos[n] for n in group]
+            assert idx == list(range(idx[0], idx[0] + len(idx))), group
+            kinds = [n.split(".")[-2] for n in group]
+            if kinds[0] in ("q_proj",):
+                assert kinds == ["q_proj", "k_proj", "v_proj"]
+            if ".experts." in group[0] and kinds[0] in ("gate_proj", "w1"):
+                experts = [int(n.split(".experts.")[1].split(".")[0]) for n in group]
+                assert experts == sorted(experts) and kinds[:2] in (["gate_proj", "up_proj"], ["w1", "w3"])
