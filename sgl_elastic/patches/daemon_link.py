@@ -4,14 +4,18 @@ Active when ``SGLE_DAEMON_DIR`` names a daemon run dir (set by ``launch_server -
 the token is read from that dir's 0600 file, never passed on a command line). The variable is read
 once per process, at plugin load (``patches.load_plugin`` calls :func:`set_run_dir`). Three jobs:
 
-1. Weights (``DaemonModelLoader``). Nothing is read from the checkpoint by a rank, ever:
-   - first start of a rank: SGLang's own ``load_weights`` runs on the daemon's shards of this rank
-     (each shard is placed at its offset in a full-shape tensor, so every SGLang loader, patched
-     or not, narrows out exactly the shard), then the loaded parameters (SGLang's fused qkv /
-     gate_up / w13) are *published*: copied once into a daemon segment and the parameters rebound
-     to it, so the process keeps no private copy;
-   - any later start of that rank (a restarted scheduler): the published parameters are mapped
-     and bound, zero-copy, no ``load_weights`` at all.
+1. Weights (``DaemonModelLoader``). Nothing is read from the checkpoint by a rank, ever, and the
+   weights are held once:
+   - every start of a rank (first start, restart, rebuild after a failover): the model's
+     parameters are bound as views of the daemon's shards of this rank (``shard_views``): the
+     daemon lays the shards out in SGLang's fused order, so qkv / gate_up / w13 / w2 are each one
+     contiguous range of the segment. No ``load_weights``, no copy; a migration moves exactly
+     what the ranks serve from;
+   - fallback, when a parameter cannot be such a view (another dtype than the checkpoint's,
+     padding, post-processed weights): SGLang's own ``load_weights`` runs on the shards (each
+     placed at its offset in a full-shape tensor), and the loaded parameters are *published*
+     (copied once into a daemon segment and rebound to it; a restart binds them zero-copy). The
+     daemon then holds the model twice.
 2. KV pool: ``MHATokenToKVPool``'s per-layer K/V buffers are views of the daemon's pool.
 3. Prefix index: rank 0 mirrors its radix cache into the daemon's index (insert, evict, flush);
    a restarted scheduler rebuilds its radix tree from it and takes those slots out of its free
