@@ -41,8 +41,11 @@ class ElasticArgs:
     admin_token: str | None = None
     daemon: bool | None = False
     failover: bool = True
+    checkin_timeout_s: float = 10.0
 
     def __post_init__(self):
+        if not self.checkin_timeout_s > 0:
+            raise ValueError(f"--elastic-checkin-timeout {self.checkin_timeout_s}: give a positive number of seconds")
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(
                 f"--elastic-width-policy {self.width_policy!r}: choose one of {', '.join(WIDTH_POLICIES)}"
@@ -83,6 +86,12 @@ class ElasticArgs:
             help="when a TP rank dies, keep serving on the survivors in place (needs the daemon; on by default"
                  " at --tp > 1; --no-elastic-failover restarts every scheduler from the daemon instead)",
         )
+        group.add_argument(
+            "--elastic-checkin-timeout", type=float, default=10.0, metavar="SECONDS",
+            help="after a rank failure, a survivor that has not stopped and checked in with the controller"
+                 " within this time (hung, or stuck in a collective) is fenced (SIGKILL) and the recovery goes"
+                 " on without it (default 10)",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
@@ -93,4 +102,5 @@ class ElasticArgs:
             admin_token=args.elastic_admin_token,
             daemon=args.elastic_daemon,
             failover=args.elastic_failover,
+            checkin_timeout_s=args.elastic_checkin_timeout,
         )

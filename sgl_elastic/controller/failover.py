@@ -42,7 +42,7 @@ __all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "Failove
 
 logger = logging.getLogger("sgl_elastic.controller.failover")
 
-HELLO_TIMEOUT_S = 20.0  # survivors must check in within this (else: fallback)
+HELLO_TIMEOUT_S = 10.0  # default: survivors must check in within this (else: fenced, recovery goes on)
 READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
 
 
@@ -65,11 +65,26 @@ _ORDER = (Phase.SERVING, Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RE
 _LEGAL: dict[Phase, frozenset[Phase]] = {a: frozenset({b}) for a, b in zip(_ORDER, _ORDER[1:])}
 for _p in (Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.RESUMING):
     _LEGAL[_p] = _LEGAL[_p] | {Phase.FAILED}
+# a survivor that does not check in (hung) or dies during a recovery: that recovery is abandoned
+# and a new one starts from the layout the daemon holds, without it
+_LEGAL[Phase.RECONFIGURING] = _LEGAL[Phase.RECONFIGURING] | {Phase.FROZEN}
 _LEGAL[Phase.FAILED] = frozenset({Phase.SERVING})  # after the fallback restart
 
 
 class IllegalPhaseTransition(RuntimeError):
     pass
+
+
+class _Retry(Exception):
+    """Abandon this recovery and start another (see ``FailoverController._without``)."""
+
+
+class _Stragglers(Exception):
+    """Survivors that did not check in in time, died, or could not rebuild (pids)."""
+
+    def __init__(self, pids: list[int], why: str) -> None:
+        super().__init__(why)
+        self.pids = pids
 
 
 def transition(current: Phase, new: Phase, why: str) -> Phase:
@@ -116,13 +131,15 @@ class FailoverController:
         self._wake_r, self._wake_w = None, None
         self._thread: threading.Thread | None = None
         self._phase_t0 = time.monotonic()
+        self._phase_rec: Recovery | None = None
         self._pending_tfs: Recovery | None = None
         self._hello_ids: dict[int, bytes] = {}
+        self.checkin_timeout_s = HELLO_TIMEOUT_S
         self.metrics = FailoverMetrics()
         self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
-    def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None) -> str:
+    def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
@@ -132,6 +149,7 @@ class FailoverController:
         import zmq
 
         self.layout, self.daemon = layout, daemon
+        self.checkin_timeout_s = checkin_timeout_s
         self._on_new_layout = on_new_layout or (lambda layout: None)
         self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
@@ -239,12 +257,13 @@ class FailoverController:
         with self.lock:
             old = self.phase
             self.phase = transition(self.phase, new, why)
-            if rec is not None and old is not Phase.SERVING:
+            if rec is not None and old is not Phase.SERVING and rec is self._phase_rec:
                 rec.phases_s[old.value] = round(now - self._phase_t0, 4)
+            self._phase_rec = rec
             self._phase_t0 = now
 
     # ---- recovery -------------------------------------------------------------------------------------
-    def _recover(self, dead: list) -> None:
+    def _recover(self, dead: list, hellos: dict[int, bytes] | None = None) -> None:
         from sgl_elastic.planner.cmm import plan_migration
         from sgl_elastic.planner.plan import ClusterChange
 
@@ -270,32 +289,41 @@ class FailoverController:
             self._to(rec, Phase.MIGRATING, f"plan: keep {plan.keep_bytes / 1e6:.1f} MB, peer"
                      f" {plan.peer_bytes / 1e6:.1f} MB, reload {plan.reload_bytes / 1e6:.1f} MB"
                      f" (lower bound {plan.lower_bound_reload_bytes / 1e6:.1f} MB)")
-            hellos: dict[int, bytes] = {}
+            hellos = {pid: ident for pid, ident in (hellos or {}).items() if pid in {p.pid for p in survivors}}
             with self.daemon.proc.client(timeout=60.0) as c:
                 t0 = time.monotonic()
                 summary = c.apply_migration(plan)
                 rec.migration = {"seconds": round(time.monotonic() - t0, 4), "keep_bytes": summary.keep_bytes,
                                  "peer_bytes": summary.peer_bytes, "reload_bytes": summary.reload_bytes,
-                                 "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s}
+                                 "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
+                                 "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s,
+                                 "predicted_s": summary.predicted_s}
             self.daemon.layout = plan.new_layout
             # reconfiguring
             self._to(rec, Phase.RECONFIGURING, f"migrated in {rec.migration['seconds']:.3f} s")
-            self._collect(hellos, {p.pid for p in survivors}, epoch, HELLO_TIMEOUT_S, "hello")
             new_tp = plan.new_layout.tp_size
+            new_ranks: list = [None] * new_tp
+            for old_rank, p in enumerate(ranks):
+                if plan.old2new_rank[old_rank] >= 0:
+                    new_ranks[plan.old2new_rank[old_rank]] = p
+            try:
+                self._collect(hellos, {p.pid for p in survivors}, epoch, self.checkin_timeout_s, "hello")
+            except _Stragglers as s:
+                straggle = (s, plan.new_layout, new_ranks, hellos)
+                raise _Retry() from None
             port = free_port()
             bind = self._omp_bind(new_tp)
             layout_bytes = plan.new_layout.to_bytes()
-            new_ranks: list = [None] * new_tp
-            for old_rank, p in enumerate(ranks):
-                new_rank = plan.old2new_rank[old_rank]
-                if new_rank < 0:
-                    continue
-                new_ranks[new_rank] = p
+            for p in survivors:
+                new_rank = new_ranks.index(p)
                 self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
                     epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
                     omp_bind=bind))])
             readies: dict[int, wire.RankReady] = {}
-            self._collect(readies, {p.pid for p in survivors}, epoch, READY_TIMEOUT_S, "ready")
+            try:
+                self._collect(readies, {p.pid for p in survivors}, epoch, READY_TIMEOUT_S, "ready")
+            except _Stragglers as s:  # the others are in a rendezvous that includes it: cannot go on
+                raise RuntimeError(f"{s} while the survivors were rebuilding") from None
             with self.lock:
                 self.ranks = new_ranks
                 self.layout = plan.new_layout
@@ -313,6 +341,8 @@ class FailoverController:
                      f" {rec.recovery_s:.3f} s after the fault")
             self.metrics.recovery("ok", rec.phases_s, rec.recovery_s, rec.resumed_requests)
             self.metrics.serving(new_tp, epoch)
+        except _Retry:
+            return self._without(rec, *straggle)
         except Exception as e:
             migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING)
             rec.outcome = f"failed: {type(e).__name__}: {e}"
@@ -322,6 +352,25 @@ class FailoverController:
                 self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
             self._fallback(rec, migrated)
             raise
+
+    def _without(self, rec: Recovery, s: _Stragglers, layout, ranks: list, hellos: dict[int, bytes]) -> None:
+        """Abandon ``rec``: fence the stragglers (SIGKILL) and recover again, from ``layout`` (what the
+        daemon holds now), without them. The survivors that checked in keep waiting for orders."""
+        import signal
+
+        for pid in s.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        rec.outcome = f"superseded: {s}; fenced pids {s.pids} and recovering again without them"
+        rec.phases_s[self.phase.value] = round(time.monotonic() - self._phase_t0, 4)
+        _log(rec.outcome)
+        with self.lock:
+            self.layout, self.ranks = layout, ranks
+        self._on_new_layout(layout)
+        dead = [p for p in ranks if p.pid in s.pids]  # the next recovery moves RECONFIGURING -> FROZEN
+        self._recover(dead, hellos)
 
     def _fallback(self, rec: Recovery, migrated: bool) -> None:
         """The in-place path failed: restart every scheduler from the daemon (today's restart path).
@@ -353,12 +402,12 @@ class FailoverController:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(pids - set(into))
-                raise TimeoutError(f"ranks with pids {missing} did not say {kind} within {timeout:.0f} s")
+                raise _Stragglers(missing, f"ranks with pids {missing} did not say {kind} within {timeout:.0f} s")
             if not self._sock.poll(int(min(left, 0.5) * 1000), zmq.POLLIN):
                 with self.lock:
                     dead = [p for p in self.ranks if p.pid in pids and not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
+                    raise _Stragglers([p.pid for p in dead], f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
                 continue
             ident, data = self._sock.recv_multipart()
             try:
@@ -374,7 +423,7 @@ class FailoverController:
             elif isinstance(msg, wire.RankReady) and msg.epoch == epoch and kind == "ready":
                 into[msg.pid] = msg
             elif isinstance(msg, wire.RankFailed) and msg.epoch == epoch:
-                raise RuntimeError(f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
+                raise _Stragglers([msg.pid], f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
 
 
 _controller = FailoverController()

@@ -304,6 +304,10 @@ class MigrationSummary(msgspec.Struct, kw_only=True):
     reload_bytes: int
     file_bytes_read: int
     achieved_s: float
+    alloc_s: float = 0.0  # destination buffers (allocated and pre-faulted before any copy)
+    reload_s: float = 0.0  # wall time of the host-reload workers
+    copy_s: float = 0.0  # wall time of the keep / peer copy workers (overlapping the reloads)
+    predicted_s: float = 0.0  # the executor's cost model for this plan (achieved / modelled in reports)
 
 
 class StatsReply(_Msg):

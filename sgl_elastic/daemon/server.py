@@ -475,7 +475,9 @@ class Daemon:
                 rep = self.store.migrate(plan, self._lock)
                 self.last_migration = P.MigrationSummary(
                     epoch=self.store.epoch, keep_bytes=rep.keep_bytes, peer_bytes=rep.peer_bytes,
-                    reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s)
+                    reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
+                    alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s,
+                    predicted_s=rep.predicted.predicted_s)
             except Exception as e:
                 logger.error("migration failed:\n%s", traceback.format_exc())
                 reason = self.last_error = (f"migration failed: {type(e).__name__}: {e};"

@@ -23,11 +23,13 @@ def test_recovery_phases_in_order_only():
         p = transition(p, nxt, "test")
     assert p is Phase.SERVING
     for a, b in [(Phase.SERVING, Phase.PLANNING), (Phase.FROZEN, Phase.MIGRATING), (Phase.SERVING, Phase.FAILED),
-                 (Phase.RESUMING, Phase.FROZEN), (Phase.FAILED, Phase.FROZEN)]:
+                 (Phase.RESUMING, Phase.FROZEN), (Phase.FAILED, Phase.FROZEN), (Phase.SERVING, Phase.RESUMING)]:
         with pytest.raises(IllegalPhaseTransition, match=f"{a.value} -> {b.value}"):
             transition(a, b, "test")
     for a in HAPPY[1:-1]:  # every phase of a recovery may fail
         assert transition(a, Phase.FAILED, "test") is Phase.FAILED
+    # a survivor that never checks in: the recovery starts again without it
+    assert transition(Phase.RECONFIGURING, Phase.FROZEN, "test") is Phase.FROZEN
 
 
 def test_wire_round_trip_and_garbage():
