@@ -76,7 +76,7 @@ def run_daemon(model, tp, repeats):
             os.kill(victim, signal.SIGKILL)
             secs, out = _first_token(srv, [PREFIX + [7 + i]], t0)
             log = srv.log_path.read_text(errors="replace")[mark:]
-            attach = [float(x) for x in re.findall(r"weights attached published parameters zero-copy \([\d.]+ MB\) in ([\d.]+) s", log)]
+            attach = [float(x) for x in re.findall(r"weights bound to the daemon's shards zero-copy \([\d.]+ MB, held once\) in ([\d.]+) s", log)]
             restart = float(re.search(r"restart \d+ done in ([\d.]+) s", log).group(1))
             restored = [int(x) for x in re.findall(r"restored (\d+) cached KV slots", log)]
             again = _gen(srv, [PREFIX + [1, 2]], n=8).json()[0]["output_ids"]
@@ -85,7 +85,7 @@ def run_daemon(model, tp, repeats):
                          "same_tokens": again == ref})
             print(f"daemon kill {i}: first token {secs:.2f} s, restart {restart:.2f} s, attach {attach} s,"
                   f" cached {rows[-1]['cached_tokens']} tokens, same tokens {again == ref}", flush=True)
-        mb = re.findall(r"published \(([\d.]+) MB\)", srv.log_path.read_text(errors="replace"))
+        mb = re.findall(r"zero-copy \(([\d.]+) MB, held once\)", srv.log_path.read_text(errors="replace"))
     finally:
         srv.stop()
     return rows, mb

@@ -3,7 +3,7 @@
 One server (tiny Qwen3-MoE, float32) on a private copy of the checkpoint, in order:
 1. first start: HF's greedy tokens; the daemon read the checkpoint once, the ranks 0 bytes;
 2. kill -9 of one scheduler with the checkpoint's weight files renamed away: the HTTP server stays
-   up, all schedulers restart, attach their published parameters zero-copy, give the same tokens,
+   up, all schedulers restart, bind their parameters to the daemon's shards zero-copy, give the same tokens,
    and a prompt sharing a prefix with an earlier one hits the preserved KV;
 3. a request running during a kill gets an explicit 503, not a hang;
 4. kill -9 of the daemon: the server keeps serving with what it mapped and logs a clear error;
@@ -120,7 +120,7 @@ def test_first_start_reads_checkpoint_once_and_matches_hf(server, model_copy, wa
     assert [o["output_ids"] for o in r.json()] == want
     log = server.log_path.read_text(errors="replace")
     for rank in (0, 1):
-        assert re.search(rf"rank {rank}: weights loaded from the daemon's shards and published .*"
+        assert re.search(rf"rank {rank}: weights bound to the daemon's shards zero-copy .*held once.*"
                          r"bytes read from the checkpoint: 0", log), log[-3000:]
         assert f"rank {rank}: KV pool attached from the daemon" in log
     with _client(server) as c:
@@ -152,9 +152,9 @@ def test_kill9_scheduler_restarts_from_daemon(server, model_copy, want):
     assert set(new) == set(old) and not set(new.values()) & set(old.values()), (old, new)
     after = _log_after(server, "restarting all 2 scheduler processes")
     attach = [float(s) for s in re.findall(
-        r"weights attached published parameters zero-copy \([\d.]+ MB\) in ([\d.]+) s", after)]
-    assert len(set(attach)) >= 1 and len(re.findall(r"rank \d: weights attached published", after)) >= 2, after
-    assert "bytes read from the checkpoint: 0" in after and "loaded from the daemon's shards" not in after
+        r"weights bound to the daemon's shards zero-copy \([\d.]+ MB, held once\) in ([\d.]+) s", after)]
+    assert len(set(attach)) >= 1 and len(re.findall(r"rank \d: weights bound to the daemon's shards", after)) >= 2, after
+    assert "bytes read from the checkpoint: 0" in after and "loading a copy" not in after
     restored = [int(n) for n in re.findall(r"restored (\d+) cached KV slots", after)]
     assert restored and min(restored) > 0, after
     restart_s = float(re.search(r"restart \d+ done in ([\d.]+) s", after).group(1))
@@ -200,7 +200,7 @@ def test_daemon_death_keeps_serving_then_restart_reads_checkpoint(server, want):
     _kill_and_wait(server, _schedulers(server)["scheduler_TP1"], [PROMPTS[1]])
     log = _log_after(server, "the state daemon is gone; starting a new instance")
     assert log, server.log_tail(80)
-    assert "loaded from the daemon's shards and published" in log
+    assert "weights bound to the daemon's shards zero-copy" in log
     with _client(server) as c:
         assert c.pid != daemon_pid and c.stats().checkpoint_bytes_read > 0
     assert [o["output_ids"] for o in _generate(server, PROMPTS).json()] == want
