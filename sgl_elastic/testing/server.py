@@ -29,6 +29,10 @@ class ServerStartError(RuntimeError):
     pass
 
 
+class _PortTaken(Exception):
+    """The server could not bind its HTTP port (another process took it after we chose it)."""
+
+
 class ServerProcess:
     """``with ServerProcess(model_path, tp_size=2) as srv: requests.post(srv.url + "/generate")``.
 
@@ -76,6 +80,19 @@ class ServerProcess:
         ]
 
     def start(self) -> "ServerProcess":
+        """Spawn the server and wait until /health answers 200. If its HTTP port was taken between
+        choosing it and binding it (SGLang picks its own internal ports meanwhile), the server is
+        stopped and started again on another free port (twice at most)."""
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                self.stop()
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise ServerStartError(f"the HTTP port was taken three times in a row:\n{self.log_tail()}")
+
+    def _start_once(self) -> "ServerProcess":
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         t0 = time.perf_counter()
@@ -85,6 +102,7 @@ class ServerProcess:
                 start_new_session=True,  # own process group: stopped as a whole, by our pid
             )
         deadline = t0 + self.start_timeout_s
+        polls = 0
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
                 raise ServerStartError(
@@ -96,6 +114,10 @@ class ServerProcess:
                     return self
             except requests.RequestException:
                 pass
+            polls += 1
+            if polls % 4 == 0 and f"error while attempting to bind on address ('127.0.0.1', {self.port})" in \
+                    self.log_path.read_text(errors="replace"):
+                raise _PortTaken(self.port)
             time.sleep(0.5)
         self.stop()
         raise ServerStartError(
