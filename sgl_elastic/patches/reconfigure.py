@@ -120,6 +120,9 @@ def _unfinished(sched) -> list:
     last = getattr(sched, "last_batch", None)
     if last is not None:
         groups.append(list(getattr(last, "reqs", None) or []))
+    cur = getattr(sched, "cur_batch_for_debug", None)  # the batch whose forward failed: a new prefill
+    if cur is not None:                                  # batch's requests are in no queue at that point
+        groups.append(list(getattr(cur, "reqs", None) or []))
     if getattr(sched, "chunked_req", None) is not None:
         groups.append([sched.chunked_req])
     groups.append(list(sched.waiting_queue))
@@ -135,6 +138,7 @@ def _unfinished(sched) -> list:
 def _resume_record(req) -> ResumeReq | None:
     tok = getattr(req, "_sgle_tokenized", None)
     if tok is None:
+        log(f"ERROR: request {req.rid} has no recorded input and cannot be resumed; its client will wait")
         return None
     carry = {k: getattr(req, k) for k in _CARRY if hasattr(req, k)}
     for k in ("output_token_logprobs_val", "output_token_logprobs_idx", "output_top_logprobs_val",
