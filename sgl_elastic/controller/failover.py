@@ -309,6 +309,7 @@ class FailoverController:
             try:
                 self._collect(hellos, {p.pid for p in survivors}, epoch, self.checkin_timeout_s, "hello")
             except _Stragglers as s:
+                s = self._fence_hung_first(s, hellos, {p.pid for p in survivors}, epoch)
                 straggle = (s, plan.new_layout, new_ranks, hellos)
                 raise _Retry() from None
             port = free_port()
@@ -352,6 +353,35 @@ class FailoverController:
                 self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
             self._fallback(rec, migrated)
             raise
+
+    def _fence_hung_first(self, s: _Stragglers, hellos: dict, pids: set[int], epoch: int) -> _Stragglers:
+        """Of the survivors that did not check in, some may only be blocked in a collective with a
+        hung one. Fence the stopped ones first (SIGKILL: their peers' sockets reset), give the others
+        a short grace to check in, and return who is still missing."""
+        import signal
+
+        import psutil
+
+        def stopped(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+            except psutil.Error:
+                return False
+
+        hung = [pid for pid in s.pids if stopped(pid)]
+        if not hung or len(hung) == len(s.pids):
+            return s
+        for pid in hung:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _log(f"fenced stopped rank pid(s) {hung}; waiting for the others to check in")
+        try:
+            self._collect(hellos, pids - set(hung), epoch, max(2.0, self.checkin_timeout_s / 2), "hello")
+            return _Stragglers(hung, f"rank pid(s) {hung} were stopped (hung) and did not check in")
+        except _Stragglers as s2:
+            return _Stragglers(sorted(set(hung) | set(s2.pids)), f"{s}; then {s2}")
 
     def _without(self, rec: Recovery, s: _Stragglers, layout, ranks: list, hellos: dict[int, bytes]) -> None:
         """Abandon ``rec``: fence the stragglers (SIGKILL) and recover again, from ``layout`` (what the
