@@ -44,16 +44,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import requests
+from _common import AUTH, FLAGS, IN_TRANSIT_S, rank_pid
 
 from sgl_elastic.testing.models import build_model
 from sgl_elastic.testing.server import ServerProcess
-
-TOKEN = "bench-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FLAGS = ["--dtype", "float32", "--elastic-admin-token", TOKEN]
-IN_TRANSIT_S = 0.05  # outputs arriving this soon after the kill left the scheduler before it
 
 
 class Load:
@@ -144,14 +139,6 @@ class ShmPeak(threading.Thread):
             self.stop_ev.wait(0.02)
 
 
-def _rank1_pid(srv: ServerProcess, mode: str) -> int:
-    if mode == "elastic":
-        s = requests.get(srv.url + "/elastic/status", headers=AUTH, timeout=30).json()
-        return next(r["pid"] for r in s["ranks"] if r["rank"] == 1)
-    return next(c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)
-                if c.name().endswith("scheduler_TP1"))
-
-
 def _decode_tput(url: str, clients: int, max_new: int, seed: int) -> float:
     rng = random.Random(seed)
     ids = [[rng.randrange(3, 1000) for _ in range(32)] for _ in range(clients)]
@@ -186,7 +173,7 @@ def run_once(mode: str, model: str, args, rep: int) -> dict:
         time.sleep(args.warm_s)
         peak = ShmPeak(srv.log_path)
         peak.start()
-        pid = _rank1_pid(srv, mode)
+        pid = rank_pid(srv, 1, via_admin=mode == "elastic")
         t_kill = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
         if mode == "reload":
