@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2] / "sgl_elastic"
 # Bottom to top; a package may import only packages on lower levels. (README "Layout" shows this.)
 LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"layout", "config", "version_check"}),
-    frozenset({"planner"}),
+    frozenset({"planner", "moe"}),
     frozenset({"executor", "kernels"}),
     frozenset({"memory"}),
     frozenset({"daemon"}),
@@ -30,7 +30,7 @@ LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"testing"}),
     frozenset({"demo"}),
 )
-PURE = frozenset({"layout", "planner"})  # later: moe's algorithms
+PURE = frozenset({"layout", "planner", "moe"})
 NO_SGLANG = PURE | {"executor", "kernels", "memory", "daemon"}
 MAY_IMPORT_TESTING = frozenset({"testing", "demo"})
 

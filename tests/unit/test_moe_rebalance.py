@@ -1,0 +1,214 @@
+"""The capacity-weighted rebalancer: invariants, errors, an exhaustive optimum on tiny cases, and
+SGLang's copy of DeepSeek's EPLB (imported) as the baseline it must never lose to."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sgl_elastic.moe import rank_load_ratio, rebalance_experts
+
+deepseek = pytest.importorskip("sglang.srt.eplb.eplb_algorithms.deepseek")
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _live(slots, cap):
+    cap = [1.0] * len(slots) if cap is None else cap
+    return [s > 0 and c > 0 for s, c in zip(slots, cap)]
+
+
+def check_invariants(weight, slots, cap, phy2log, log2phy, logcnt):
+    """Shapes, dead slots empty, every expert >= 1 live replica, log2phy the inverse of phy2log."""
+    num_layers, num_logical = weight.shape
+    live = _live(slots, cap)
+    alive = torch.tensor([a for a, s in zip(live, slots) for _ in range(s)], dtype=torch.bool)
+    assert phy2log.shape == (num_layers, sum(slots)) and phy2log.dtype == torch.int64
+    assert logcnt.shape == (num_layers, num_logical) and logcnt.dtype == torch.int64
+    assert log2phy.shape == (num_layers, num_logical, int(logcnt.max())) and log2phy.dtype == torch.int64
+    assert (phy2log[:, ~alive] == -1).all(), "dead slots must hold nothing"
+    assert ((phy2log[:, alive] >= 0) & (phy2log[:, alive] < num_logical)).all(), "every live slot is filled"
+    assert (logcnt >= 1).all()
+    assert (logcnt.sum(-1) == int(alive.sum())).all()
+    for layer in range(num_layers):
+        assert torch.equal(torch.bincount(phy2log[layer, alive], minlength=num_logical), logcnt[layer])
+        for e in range(num_logical):
+            n = int(logcnt[layer, e])
+            phys = log2phy[layer, e, :n]
+            assert (log2phy[layer, e, n:] == -1).all()
+            assert torch.equal(phys, torch.sort(phys).values) and len(set(phys.tolist())) == n
+            assert alive[phys].all() and (phy2log[layer, phys] == e).all()
+
+
+def deepseek_ratio(weight, num_ranks, slots_each, cap=None):
+    phy2log, _, _ = deepseek.rebalance_experts(weight, num_ranks * slots_each, 1, 1, num_ranks, False)
+    return rank_load_ratio(weight, phy2log, [slots_each] * num_ranks, cap).max(-1).values
+
+
+def ours_ratio(weight, slots, cap=None):
+    phy2log, log2phy, logcnt = rebalance_experts(weight, slots, cap)
+    check_invariants(weight, slots, cap, phy2log, log2phy, logcnt)
+    return rank_load_ratio(weight, phy2log, slots, cap).max(-1).values
+
+
+@st.composite
+def skewed_weight(draw, max_logical=24, max_layers=3):
+    """[layers, logical] integer loads, skewed: a few hot experts, many cold (some at 0)."""
+    num_layers = draw(st.integers(1, max_layers))
+    num_logical = draw(st.integers(1, max_logical))
+    power = draw(st.sampled_from([1.0, 2.0, 4.0]))
+    base = draw(st.lists(st.lists(st.integers(0, 100), min_size=num_logical, max_size=num_logical),
+                         min_size=num_layers, max_size=num_layers))
+    return torch.tensor(base, dtype=torch.float64).pow(power).div(100 ** (power - 1)).round()
+
+
+# ---- never worse than DeepSeek's EPLB ----------------------------------------------------------
+@SETTINGS
+@given(weight=skewed_weight(), num_ranks=st.integers(1, 8), extra=st.integers(0, 3))
+def test_never_worse_than_deepseek_with_equal_slots(weight, num_ranks, extra):
+    num_logical = weight.shape[1]
+    slots_each = -(-num_logical // num_ranks) + extra
+    ours = ours_ratio(weight, [slots_each] * num_ranks)
+    ref = deepseek_ratio(weight, num_ranks, slots_each)
+    assert (ours <= ref * (1 + 1e-9) + 1e-9).all(), (ours, ref)
+
+
+@SETTINGS
+@given(weight=skewed_weight(), num_ranks=st.integers(2, 8), dead=st.data())
+def test_dead_ranks_never_worse_than_deepseek_on_the_survivors(weight, num_ranks, dead):
+    num_logical = weight.shape[1]
+    dead_rank = dead.draw(st.integers(0, num_ranks - 1))
+    slots_each = -(-num_logical // (num_ranks - 1))
+    slots = [slots_each] * num_ranks
+    cap = [0.0 if r == dead_rank else 1.0 for r in range(num_ranks)]  # dead: capacity 0, slots kept
+    ours = ours_ratio(weight, slots, cap)
+    ref = deepseek_ratio(weight, num_ranks - 1, slots_each)
+    assert (ours <= ref * (1 + 1e-9) + 1e-9).all(), (ours, ref)
+
+
+def test_clearly_better_than_deepseek_when_capacities_differ():
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.rand(4, 64, generator=g, dtype=torch.float64) ** 4 * 1000).round()
+    cap = [0.5, 1, 1, 1, 1, 1, 1, 1]
+    ours, ref = ours_ratio(weight, [10] * 8, cap), deepseek_ratio(weight, 8, 10, cap)
+    lower = weight.sum(-1) / sum(cap)
+    assert (ours <= 0.7 * ref).all(), (ours, ref)
+    assert (ours <= 1.05 * lower).all(), (ours / lower)
+
+
+# ---- against the exhaustive optimum on tiny cases ----------------------------------------------
+def _optimum(w, slots, cap):
+    live = [r for r in range(len(slots)) if slots[r] > 0 and cap[r] > 0]
+    n = sum(slots[r] for r in live)
+    best = np.inf
+    for fill in itertools.product(range(len(w)), repeat=n):
+        cnt = np.bincount(fill, minlength=len(w))
+        if (cnt == 0).any():
+            continue
+        share, worst, i = np.asarray(w) / np.maximum(cnt, 1), 0.0, 0
+        for r in live:
+            worst = max(worst, share[list(fill[i:i + slots[r]])].sum() / cap[r])
+            i += slots[r]
+        best = min(best, worst)
+    return best
+
+
+def test_within_20_percent_of_the_exhaustive_optimum_on_tiny_cases():
+    rng = np.random.default_rng(0)
+    cases = exact = 0
+    while cases < 60:
+        num_logical, num_ranks = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        slots = rng.integers(0, 4, num_ranks).tolist()
+        cap = rng.choice([0.0, 0.5, 1.0, 2.0], num_ranks).tolist()
+        n = sum(s for s, c in zip(slots, cap) if c > 0)
+        if not num_logical <= n <= 6:
+            continue
+        w = rng.choice([0, 1, 5, 20, 100], num_logical).astype(float)
+        ours = float(ours_ratio(torch.from_numpy(w[None]), slots, cap)[0])
+        opt = _optimum(w, slots, cap)
+        assert ours <= 1.2 * opt + 1e-9, (w, slots, cap, ours, opt)
+        cases += 1
+        exact += ours <= opt * (1 + 1e-9) + 1e-12
+    assert exact >= 0.9 * cases, f"optimal on only {exact} of {cases} tiny cases"
+
+
+# ---- shapes, odd rank counts, unequal slots, dead ranks ----------------------------------------
+@SETTINGS
+@given(weight=skewed_weight(), data=st.data())
+def test_invariants_any_slots_and_capacities(weight, data):
+    num_logical = weight.shape[1]
+    num_ranks = data.draw(st.integers(1, 8))
+    slots = data.draw(st.lists(st.integers(0, 8), min_size=num_ranks, max_size=num_ranks))
+    cap = data.draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 1.5, 3.0]), min_size=num_ranks, max_size=num_ranks))
+    live_slots = sum(s for s, c in zip(slots, cap) if c > 0)
+    if live_slots < num_logical:
+        with pytest.raises(ValueError):
+            rebalance_experts(weight, slots, cap)
+        return
+    before = weight.clone()
+    ours = ours_ratio(weight, slots, cap)
+    assert torch.equal(weight, before), "input changed"
+    lower = weight.sum(-1) / sum(c for s, c in zip(slots, cap) if s > 0)
+    assert (ours >= lower * (1 - 1e-9)).all()
+
+
+def test_eight_experts_on_seven_ranks():
+    weight = torch.tensor([[80.0, 10, 10, 10, 10, 10, 10, 10]])
+    phy2log, log2phy, logcnt = rebalance_experts(weight, [2] * 7)
+    check_invariants(weight, [2] * 7, None, phy2log, log2phy, logcnt)
+    assert int(logcnt[0, 0]) >= 5  # the hot expert is spread
+    ratio = rank_load_ratio(weight, phy2log, [2] * 7)
+    assert float(ratio.max()) <= 1.2 * 150 / 7
+
+
+def test_unequal_slots_and_a_dead_rank_in_the_middle():
+    weight = torch.arange(1.0, 17).pow(2).reshape(1, 16)
+    slots, cap = [6, 4, 5, 6], [1.0, 0.5, 0.0, 1.0]
+    phy2log, log2phy, logcnt = rebalance_experts(weight, slots, cap)
+    check_invariants(weight, slots, cap, phy2log, log2phy, logcnt)
+    assert (phy2log[0, 10:15] == -1).all()
+    assert ((log2phy < 10) | (log2phy >= 15)).all()
+
+
+def test_tensor_slots_and_integer_weight_accepted():
+    weight = torch.tensor([[5, 1, 0, 3]], dtype=torch.int32)
+    a = rebalance_experts(weight, torch.tensor([3, 3]), torch.tensor([1.0, 2.0]))
+    b = rebalance_experts(weight.double(), [3, 3], [1.0, 2.0])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "weight, slots, cap, match",
+    [
+        (torch.ones(2, 8), [3, 3], None, "6 slots .* 8 logical experts"),
+        (torch.ones(2, 4), [3, 3], [1.0, -1.0], "must be finite and >= 0"),
+        (torch.ones(2, 4), [3, 3], [1.0], "capacity has 1 entries but slots_per_rank has 2"),
+        (torch.ones(2, 4), [3, 3], [0.0, 0.0], "all ranks are dead"),
+        (torch.ones(2, 4), [0, 0], None, "all ranks are dead"),
+        (torch.ones(2, 4), [3, -1, 3], None, "negative"),
+        (torch.ones(2, 4), [2.5, 3], None, "ints"),
+        (torch.ones(2, 4), [], None, "non-empty"),
+        (-torch.ones(2, 4), [3, 3], None, ">= 0"),
+        (torch.full((1, 4), float("nan")), [3, 3], None, "finite"),
+        (torch.ones(4), [3, 3], None, r"\[num_layers, num_logical\]"),
+    ],
+)
+def test_bad_input_raises_value_error(weight, slots, cap, match):
+    with pytest.raises(ValueError, match=match):
+        rebalance_experts(weight, slots, cap)
+
+
+def test_exactly_enough_live_slots_fits():
+    phy2log, _, logcnt = rebalance_experts(torch.ones(2, 8), [4, 4, 4], [1.0, 1.0, 0.0])
+    assert (logcnt == 1).all() and (phy2log[:, 8:] == -1).all()
+
+
+def test_rank_load_ratio_rejects_an_expert_without_live_replica():
+    with pytest.raises(ValueError, match="no live replica"):
+        rank_load_ratio(torch.ones(1, 3), torch.tensor([[0, 1, 2, 2]]), [2, 2], [1.0, 0.0])
