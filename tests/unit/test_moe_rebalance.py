@@ -11,7 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgl_elastic.moe import rank_load_ratio, rebalance_experts
+from types import SimpleNamespace
+
+from sgl_elastic.layout import ElasticLayout
+from sgl_elastic.moe import ExpertBudget, expert_budget, rank_load_ratio, rebalance_experts
 
 deepseek = pytest.importorskip("sglang.srt.eplb.eplb_algorithms.deepseek")
 
@@ -212,3 +215,44 @@ def test_exactly_enough_live_slots_fits():
 def test_rank_load_ratio_rejects_an_expert_without_live_replica():
     with pytest.raises(ValueError, match="no live replica"):
         rank_load_ratio(torch.ones(1, 3), torch.tensor([[0, 1, 2, 2]]), [2, 2], [1.0, 0.0])
+
+
+# ---- expert_budget: slots and capacity from the layout -----------------------------------------
+def moe_config(num_kv_heads=8, num_q_heads=64, num_experts=256):
+    return SimpleNamespace(model_type="qwen3_moe", hidden_size=1024, num_attention_heads=num_q_heads,
+                           num_key_value_heads=num_kv_heads, head_dim=64, intermediate_size=2048,
+                           moe_intermediate_size=256, num_experts=num_experts, num_experts_per_tok=8,
+                           decoder_sparse_step=1, mlp_only_layers=[], vocab_size=4096, num_hidden_layers=4,
+                           tie_word_embeddings=False, dtype="bfloat16")
+
+
+def test_budget_even_layout_gives_equal_capacity_and_slots():
+    layout = ElasticLayout.from_hf_config(moe_config(), 8)
+    b = expert_budget(layout, [40 * 100] * 8, 100)
+    assert b == ExpertBudget(slots=(40,) * 8, capacity=(1.0,) * 8)
+
+
+def test_budget_rank_with_more_attention_and_kv_gets_less():
+    layout = ElasticLayout.from_hf_config(moe_config(), 7)  # 8 KV heads on 7 ranks: (2, 1, 1, 1, 1, 1, 1)
+    assert layout.family("attn").widths == (2, 1, 1, 1, 1, 1, 1)
+    b = expert_budget(layout, [44] * 7, 1, kv_bytes_per_head=4, attn_fraction=0.5)
+    assert b.slots == (36,) + (40,) * 6
+    # A_0 = 0.5 * 7 * 16/64 = 0.875, A_r = 0.4375; T = 1.375; left 0.5 vs 0.9375
+    assert b.capacity[0] == pytest.approx(0.5 / 0.9375) and b.capacity[1:] == (1.0,) * 6
+    assert expert_budget(layout, [44] * 7, 1, kv_bytes_per_head=4, attn_fraction=0.0).capacity == (1.0,) * 7
+
+
+def test_budget_dead_rank_and_limits():
+    layout = ElasticLayout.from_hf_config(moe_config(), 4)
+    b = expert_budget(layout, [1000, 1000, 50, 1000], 10, alive=[True, False, True, True], max_slots=64)
+    assert b.slots == (64, 0, 5, 64) and b.capacity[1] == 0.0 and max(b.capacity) == 1.0
+    phy2log, log2phy, logcnt = rebalance_experts(torch.ones(1, 100), b.slots, b.capacity)
+    check_invariants(torch.ones(1, 100), list(b.slots), list(b.capacity), phy2log, log2phy, logcnt)
+    for kwargs, match in [
+        (dict(free_bytes=[1] * 3, expert_bytes=1), "one entry per rank"),
+        (dict(free_bytes=[1] * 4, expert_bytes=0), "expert_bytes=0 must be > 0"),
+        (dict(free_bytes=[1] * 4, expert_bytes=1, attn_fraction=1.0), "attn_fraction"),
+        (dict(free_bytes=[1] * 4, expert_bytes=1, alive=[False] * 4), "no rank is alive"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            expert_budget(layout, **kwargs)
