@@ -42,10 +42,13 @@ class ElasticArgs:
     daemon: bool | None = False
     failover: bool = True
     checkin_timeout_s: float = 10.0
+    hung_timeout_s: float = 5.0
 
     def __post_init__(self):
         if not self.checkin_timeout_s > 0:
             raise ValueError(f"--elastic-checkin-timeout {self.checkin_timeout_s}: give a positive number of seconds")
+        if not self.hung_timeout_s >= 0:
+            raise ValueError(f"--elastic-hung-timeout {self.hung_timeout_s}: give a number of seconds >= 0 (0: off)")
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(
                 f"--elastic-width-policy {self.width_policy!r}: choose one of {', '.join(WIDTH_POLICIES)}"
@@ -92,6 +95,12 @@ class ElasticArgs:
                  " within this time (hung, or stuck in a collective) is fenced (SIGKILL) and the recovery goes"
                  " on without it (default 10)",
         )
+        group.add_argument(
+            "--elastic-hung-timeout", type=float, default=5.0, metavar="SECONDS",
+            help="a rank whose process has been silent this long (its heartbeat thread stopped: the process is"
+                 " stopped or frozen, not merely slow) is fenced (SIGKILL) and recovered from like a dead one"
+                 " (default 5; 0: off)",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
@@ -103,4 +112,5 @@ class ElasticArgs:
             daemon=args.elastic_daemon,
             failover=args.elastic_failover,
             checkin_timeout_s=args.elastic_checkin_timeout,
+            hung_timeout_s=args.elastic_hung_timeout,
         )

@@ -230,7 +230,7 @@ def _arm_failover(elastic_args, daemon):
     fc = controller()
     fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
            omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp),
-           checkin_timeout_s=elastic_args.checkin_timeout_s)
+           checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s)
     token = AdminToken(elastic_args.admin_token)
     install_routes(app, token, fc)
     return fc, token

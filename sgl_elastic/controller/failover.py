@@ -7,7 +7,14 @@ time spent in the phase it leaves)::
                  any phase but SERVING -> FAILED (fallback: restart every scheduler from the daemon)
 
 - detect: a thread waits on the scheduler processes' sentinels (``multiprocessing.connection.wait``):
-  a SIGKILL is seen within milliseconds, not at SGLang's 1 s watchdog poll;
+  a SIGKILL is seen within milliseconds, not at SGLang's 1 s watchdog poll. A hung rank (alive but
+  not running: SIGSTOP, a frozen process) is found by its heartbeat: a thread in every scheduler
+  process touches a file every ``hung_timeout_s / 5`` s (``patches.reconfigure.start_heartbeat``);
+  one that is ``hung_timeout_s`` old gets the rank fenced (SIGKILL), then recovered from like a
+  dead one. The rule, slow vs hung: only silence counts. A slow rank (long forwards, starved of
+  CPU, waiting on a slow peer) keeps beating, because the thread does not wait on the event loop,
+  and is never fenced; its peers wait for it. (Not covered: a process whose threads run while its
+  device is stuck in a kernel; on GPU that needs a progress check, not written.);
 - frozen: the survivors' collectives fail and their event loops stop; they tear down and say
   ``RankHello``. Requests keep arriving in rank 0's ZMQ socket (the HTTP server stays up, /health
   waits, nothing fails);
@@ -43,7 +50,9 @@ __all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "Failove
 logger = logging.getLogger("sgl_elastic.controller.failover")
 
 HELLO_TIMEOUT_S = 10.0  # default: survivors must check in within this (else: fenced, recovery goes on)
+HUNG_TIMEOUT_S = 5.0  # default: a rank whose heartbeat is this old is fenced (its process does not run)
 READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
+REBUILD_RETRY_S = 25.0  # extra check-in time after a death during the rebuild (> the ranks' bounded rendezvous, 20 s)
 
 
 def _log(msg: str) -> None:
@@ -137,19 +146,25 @@ class FailoverController:
         self.checkin_timeout_s = HELLO_TIMEOUT_S
         self.metrics = FailoverMetrics()
         self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
+        self.tokenizer = None  # SGLang's TokenizerManager (main process), set by its dispatch hook
+        self.intake_pid = 0  # the process serving rank 0 (request intake, output streaming)
+        self.hung_timeout_s = HUNG_TIMEOUT_S
+        self.hung_fenced: list[int] = []  # pids fenced because their heartbeat stopped
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
-    def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S) -> str:
+    def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
+            hung_timeout_s: float = HUNG_TIMEOUT_S) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
         this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
-        ("" on GPU).
+        ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat).
         """
         import zmq
 
         self.layout, self.daemon = layout, daemon
         self.checkin_timeout_s = checkin_timeout_s
+        self.hung_timeout_s = hung_timeout_s
         self._on_new_layout = on_new_layout or (lambda layout: None)
         self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
@@ -159,6 +174,7 @@ class FailoverController:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(addr)
         os.environ[wire.ENV_CONTROL] = addr
+        os.environ[wire.ENV_HEARTBEAT] = str(hung_timeout_s / 5) if hung_timeout_s > 0 else ""
         self.enabled = True
         return addr
 
@@ -166,6 +182,7 @@ class FailoverController:
         """The scheduler processes, in TP rank order (from the engine hook); starts the detector."""
         with self.lock:
             self.ranks = list(procs)
+            self.intake_pid = self.ranks[0].pid if self.ranks else 0
         self.metrics.serving(len(self.ranks), self.epoch)
         if self._thread is None:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
@@ -173,12 +190,28 @@ class FailoverController:
             self._thread.start()
 
     def close(self) -> None:
+        import shutil
+
         self.enabled = False
         if self._wake_w is not None:
             try:
                 self._wake_w.send(b"stop")
             except OSError:
                 pass
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def silent_s(self, pid: int) -> float:
+        """Seconds since ``pid``'s last heartbeat (0.0: no heartbeat yet, or heartbeats off)."""
+        if self.hung_timeout_s <= 0 or self._dir is None:
+            return 0.0
+        try:
+            return max(0.0, time.time() - os.stat(os.path.join(self._dir, f"heartbeat-{pid}")).st_mtime)
+        except OSError:
+            return 0.0
+
+    def _hung(self, pids) -> list[int]:
+        return [pid for pid in pids if self.hung_timeout_s > 0 and self.silent_s(pid) > self.hung_timeout_s]
 
     # ---- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -203,16 +236,42 @@ class FailoverController:
                 return f"rank {rank} does not exist: the server has ranks 0..{n - 1}", 400, 0
             if n == 1:
                 return "rank 0 is the last rank: killing it would leave nothing to serve", 409, 0
-            if rank == 0:
-                return "failover of rank 0 is not supported yet (it owns the request intake); kill another rank", 409, 0
             return None, 200, self.ranks[rank].pid
 
-    def record_dispatch(self, obj) -> None:
+    def record_dispatch(self, tokenizer, obj) -> None:
         """The tokenizer manager sent ``obj`` to rank 0: keep generate inputs until they finish
-        (what a new rank 0 would re-submit if the old one died with them queued)."""
-        rid = getattr(obj, "rid", None)
-        if isinstance(rid, str) and hasattr(obj, "input_ids"):
-            self.dispatched[rid] = obj
+        (what a new rank 0 re-submits if the old one died with them queued or half-broadcast)."""
+        self.tokenizer = tokenizer
+        for o in getattr(obj, "batch", None) or [obj]:
+            rid = getattr(o, "rid", None)
+            if isinstance(rid, str) and hasattr(o, "input_ids"):
+                self.dispatched[rid] = o
+
+    def _takeover(self) -> bytes:
+        """What the new rank 0 needs when the process serving rank 0 died: every request the
+        tokenizer manager still waits for, with the output ids it received (read once the pipes
+        from the dead rank drained: two equal snapshots 50 ms apart, at most 1 s) and its input."""
+        import pickle
+
+        def snap():
+            tm = self.tokenizer
+            for _ in range(5):
+                try:
+                    items = list(tm.rid_to_state.items()) if tm is not None else []
+                    return {rid: tuple(st.output_ids) for rid, st in items
+                            if not st.finished and getattr(st, "dispatched", True)}
+                except RuntimeError:  # resized while copied (another thread): again
+                    time.sleep(0.005)
+            raise RuntimeError("could not read the tokenizer manager's request states")
+
+        view, deadline = snap(), time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            again = snap()
+            if again == view:
+                break
+            view = again
+        return pickle.dumps({rid: (list(ids), self.dispatched.get(rid)) for rid, ids in view.items()})
 
     def forget_finished(self, live_rids) -> None:
         """Drop the record of every request the tokenizer manager no longer tracks."""
@@ -233,7 +292,8 @@ class FailoverController:
             with self.lock:
                 live = [p for p in self.ranks if p.pid not in self.departed]
             sentinels = {p.sentinel: p for p in live}
-            ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r], timeout=5.0)
+            poll = min(1.0, self.hung_timeout_s / 5) if self.hung_timeout_s > 0 else 5.0
+            ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r], timeout=poll)
             if self._wake_r in ready:
                 try:
                     if self._wake_r.recv() == b"stop":
@@ -241,6 +301,9 @@ class FailoverController:
                 except EOFError:
                     return
             dead = [sentinels[s] for s in ready if s in sentinels]
+            if not dead and self.enabled and self.phase is Phase.SERVING:
+                self._fence_silent(live)
+                continue
             if dead and self.enabled:
                 time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
                 if not self.enabled or not any(p.is_alive() for p in live if p not in dead):
@@ -251,6 +314,19 @@ class FailoverController:
                     self._recover(dead)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
                     _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
+
+    def _fence_silent(self, live: list) -> None:
+        """SIGKILL every rank whose heartbeat is older than the hung timeout (the sentinel then fires)."""
+        import signal
+
+        for pid in self._hung(p.pid for p in live):
+            _log(f"rank pid {pid} silent for {self.silent_s(pid):.1f} s (> --elastic-hung-timeout"
+                 f" {self.hung_timeout_s:g} s): hung; fencing it (SIGKILL)")
+            self.hung_fenced.append(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _to(self, rec: Recovery | None, new: Phase, why: str) -> None:
         now = time.monotonic()
@@ -263,7 +339,7 @@ class FailoverController:
             self._phase_t0 = now
 
     # ---- recovery -------------------------------------------------------------------------------------
-    def _recover(self, dead: list, hellos: dict[int, bytes] | None = None) -> None:
+    def _recover(self, dead: list, hellos: dict[int, bytes] | None = None, checkin_s: float | None = None) -> None:
         from sgl_elastic.planner.cmm import plan_migration
         from sgl_elastic.planner.plan import ClusterChange
 
@@ -274,7 +350,9 @@ class FailoverController:
             self.departed |= {p.pid for p in dead}
             self.epoch += 1
             epoch = self.epoch
-        rec = Recovery(epoch=epoch, reason=f"rank(s) {failed} died (pids {[p.pid for p in dead]})",
+        hung = [p.pid for p in dead if p.pid in self.hung_fenced]
+        why = f"rank(s) {failed} died (pids {[p.pid for p in dead]})" + (f"; hung (fenced): {hung}" if hung else "")
+        rec = Recovery(epoch=epoch, reason=why,
                        failed_ranks=failed, tp_before=len(ranks), t_fault=t_fault)
         self.recoveries.append(rec)
         survivors = [p for i, p in enumerate(ranks) if i not in failed]
@@ -307,27 +385,39 @@ class FailoverController:
                 if plan.old2new_rank[old_rank] >= 0:
                     new_ranks[plan.old2new_rank[old_rank]] = p
             try:
-                self._collect(hellos, {p.pid for p in survivors}, epoch, self.checkin_timeout_s, "hello")
+                self._collect(hellos, {p.pid for p in survivors}, epoch, checkin_s or self.checkin_timeout_s, "hello")
             except _Stragglers as s:
                 s = self._fence_hung_first(s, hellos, {p.pid for p in survivors}, epoch)
-                straggle = (s, plan.new_layout, new_ranks, hellos)
+                straggle = (s, plan.new_layout, new_ranks, hellos, self.checkin_timeout_s)
                 raise _Retry() from None
             port = free_port()
             bind = self._omp_bind(new_tp)
             layout_bytes = plan.new_layout.to_bytes()
+            takeover = b""
+            if self.intake_pid not in {p.pid for p in survivors}:  # rank 0 died: a survivor takes over
+                takeover = self._takeover()
+                _log(f"rank 0's process is gone: rank 0 of epoch {epoch} (pid {new_ranks[0].pid}) takes over"
+                     f" its intake ({len(takeover)} bytes of request state)")
             for p in survivors:
                 new_rank = new_ranks.index(p)
                 self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
                     epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
-                    omp_bind=bind))])
+                    omp_bind=bind, takeover=takeover if new_rank == 0 else b""))])
             readies: dict[int, wire.RankReady] = {}
+            failed_builds: dict[int, str] = {}
             try:
-                self._collect(readies, {p.pid for p in survivors}, epoch, READY_TIMEOUT_S, "ready")
-            except _Stragglers as s:  # the others are in a rendezvous that includes it: cannot go on
-                raise RuntimeError(f"{s} while the survivors were rebuilding") from None
+                self._collect(readies, {p.pid for p in survivors}, epoch, READY_TIMEOUT_S, "ready", failed_builds)
+            except _Stragglers as s:  # died or hung while rebuilding: the others' rebuild fails (their
+                # rendezvous is bounded), they check in again, and a new recovery goes on without it
+                self._hello_ids = {}
+                straggle = (s, plan.new_layout, new_ranks, {}, self.checkin_timeout_s + REBUILD_RETRY_S)
+                raise _Retry() from None
+            if failed_builds:
+                raise RuntimeError(f"survivors could not rebuild: {failed_builds}")
             with self.lock:
                 self.ranks = new_ranks
                 self.layout = plan.new_layout
+                self.intake_pid = new_ranks[0].pid
             self._on_new_layout(plan.new_layout)
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
@@ -363,6 +453,8 @@ class FailoverController:
         import psutil
 
         def stopped(pid: int) -> bool:
+            if self._hung([pid]):
+                return True
             try:
                 return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
             except psutil.Error:
@@ -383,7 +475,8 @@ class FailoverController:
         except _Stragglers as s2:
             return _Stragglers(sorted(set(hung) | set(s2.pids)), f"{s}; then {s2}")
 
-    def _without(self, rec: Recovery, s: _Stragglers, layout, ranks: list, hellos: dict[int, bytes]) -> None:
+    def _without(self, rec: Recovery, s: _Stragglers, layout, ranks: list, hellos: dict[int, bytes],
+                 checkin_s: float | None = None) -> None:
         """Abandon ``rec``: fence the stragglers (SIGKILL) and recover again, from ``layout`` (what the
         daemon holds now), without them. The survivors that checked in keep waiting for orders."""
         import signal
@@ -400,7 +493,7 @@ class FailoverController:
             self.layout, self.ranks = layout, ranks
         self._on_new_layout(layout)
         dead = [p for p in ranks if p.pid in s.pids]  # the next recovery moves RECONFIGURING -> FROZEN
-        self._recover(dead, hellos)
+        self._recover(dead, hellos, checkin_s)
 
     def _fallback(self, rec: Recovery, migrated: bool) -> None:
         """The in-place path failed: restart every scheduler from the daemon (today's restart path).
@@ -423,21 +516,41 @@ class FailoverController:
             self.departed = set()
         self._to(rec, Phase.SERVING, "fallback restart done")
 
-    def _collect(self, into: dict, pids: set[int], epoch: int, timeout: float, kind: str) -> None:
-        """Receive messages until every pid in ``pids`` sent ``kind`` for ``epoch`` (bounded)."""
+    def _collect(self, into: dict, pids: set[int], epoch: int, timeout: float, kind: str,
+                 failed: dict[int, str] | None = None) -> None:
+        """Receive messages until every pid in ``pids`` sent ``kind`` for ``epoch`` (bounded).
+
+        Raises ``_Stragglers`` for ranks that die, go silent (hung) or miss the deadline. A
+        ``RankFailed`` raises too, unless ``failed`` collects them: then, once everyone answered,
+        a short settle tells a rebuild failed by a peer's death (the dead are raised) from a real one."""
         import zmq
 
+        def check_dead() -> None:
+            with self.lock:
+                dead = [p for p in self.ranks if p.pid in pids and not p.is_alive()]
+            if dead:
+                raise _Stragglers([p.pid for p in dead], f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
+
         deadline = time.monotonic() + timeout
-        while not pids <= set(into):
+        settle = None
+        while True:
+            done = set(into) | set(failed or {})
+            if pids <= done:
+                if not failed:
+                    return
+                settle = settle or time.monotonic() + 0.5
+                if time.monotonic() >= settle:
+                    check_dead()
+                    return
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = sorted(pids - set(into))
+                missing = sorted(pids - done)
                 raise _Stragglers(missing, f"ranks with pids {missing} did not say {kind} within {timeout:.0f} s")
-            if not self._sock.poll(int(min(left, 0.5) * 1000), zmq.POLLIN):
-                with self.lock:
-                    dead = [p for p in self.ranks if p.pid in pids and not p.is_alive()]
-                if dead:
-                    raise _Stragglers([p.pid for p in dead], f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
+            if not self._sock.poll(int(min(left, 0.1 if settle else 0.5) * 1000), zmq.POLLIN):
+                check_dead()
+                hung = self._hung(sorted(pids - done))
+                if hung:
+                    raise _Stragglers(hung, f"rank pid(s) {hung} silent for more than {self.hung_timeout_s:g} s (hung)")
                 continue
             ident, data = self._sock.recv_multipart()
             try:
@@ -453,7 +566,11 @@ class FailoverController:
             elif isinstance(msg, wire.RankReady) and msg.epoch == epoch and kind == "ready":
                 into[msg.pid] = msg
             elif isinstance(msg, wire.RankFailed) and msg.epoch == epoch:
-                raise _Stragglers([msg.pid], f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
+                if failed is None:
+                    raise _Stragglers([msg.pid], f"rank {msg.rank} (pid {msg.pid}) failed to rebuild: {msg.reason}")
+                failed[msg.pid] = msg.reason
+                _log(f"rank {msg.rank} (pid {msg.pid}) could not rebuild: {msg.reason}")
+                check_dead()
 
 
 _controller = FailoverController()

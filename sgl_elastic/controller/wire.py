@@ -14,9 +14,19 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL"]
+__all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
+           "ENV_HEARTBEAT", "heartbeat_path"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
+ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
+
+
+def heartbeat_path(control_addr: str, pid: int) -> str:
+    """The file a scheduler process touches every heartbeat period (next to the control socket, in
+    the controller's 0700 run dir); its mtime is the process's last sign of life."""
+    import os
+
+    return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), f"heartbeat-{pid}")
 
 
 class RankHello(msgspec.Struct, tag="hello", frozen=True, kw_only=True):
@@ -37,6 +47,10 @@ class Reconfigure(msgspec.Struct, tag="reconfigure", frozen=True, kw_only=True):
     layout: bytes
     dist_port: int  # fresh torch.distributed rendezvous port (the old store died with its group)
     omp_bind: str  # SGLANG_CPU_OMP_THREADS_BIND for the new tp size ("" on GPU)
+    # Only to the new rank 0 when the process that served rank 0 is gone: pickled
+    # {rid: (output ids the tokenizer manager received, tokenized input or None)} of every request
+    # it still waits for (what to re-submit, and where each stream stands). Empty otherwise.
+    takeover: bytes = b""
 
 
 class Retire(msgspec.Struct, tag="retire", frozen=True, kw_only=True):

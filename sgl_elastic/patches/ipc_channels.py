@@ -15,4 +15,7 @@ def ipc_channels_create(original, cls, *args, **kwargs):
         ch = rc.take_channels()
         if ch is not None:
             return ch
-    return original(cls, *args, **kwargs)
+    ch = original(cls, *args, **kwargs)
+    if rc.enabled():
+        rc.note_channels(ch)
+    return ch

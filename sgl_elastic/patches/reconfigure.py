@@ -31,18 +31,23 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
 import time
 
 from sgl_elastic.controller import wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
-           "take_channels", "resume"]
+           "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels"]
 
 _control_addr: str | None = None  # read once at plugin load
+_heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
+_heartbeat: "threading.Thread | None" = None
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
 _reuse_channels = None  # rank 0 -> rank 0: the old scheduler's ZMQ channels, for the new one
+_built_channels: list = []  # channels made by a rebuild that then failed (closed before the next attempt)
+_resubmitted: set[str] = set()  # new rank 0 after rank 0 died: rids re-submitted (a copy from the socket is dropped)
 
 HELLO_TIMEOUT_S = 60.0  # how long a torn-down rank waits for its orders before giving up
 # Req attributes carried over to the re-created request (everything a client or the detokenizer saw).
@@ -53,9 +58,34 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
           "cur_decode_ids_len")
 
 
-def set_control_addr(addr: str | None) -> None:
-    global _control_addr
+def set_control_addr(addr: str | None, heartbeat_s: float = 0.0) -> None:
+    global _control_addr, _heartbeat_s
     _control_addr = addr or None
+    _heartbeat_s = heartbeat_s
+
+
+def start_heartbeat() -> None:
+    """Touch this process's heartbeat file every period from a thread of its own (once per process).
+
+    The thread does not depend on the event loop: a rank that is slow (long forwards, starved of
+    CPU, blocked in a collective on a slow peer) keeps beating; only a process that does not run at
+    all (stopped, frozen) goes silent, and the controller fences it after ``--elastic-hung-timeout``."""
+    global _heartbeat
+    if _heartbeat is not None or not _control_addr or _heartbeat_s <= 0:
+        return
+    path = wire.heartbeat_path(_control_addr, os.getpid())
+
+    def beat() -> None:
+        while True:
+            try:
+                with open(path, "a"):
+                    os.utime(path, None)
+            except OSError:  # the controller's dir is gone: the server is shutting down
+                return
+            time.sleep(_heartbeat_s)
+
+    _heartbeat = threading.Thread(target=beat, name="sgle-heartbeat", daemon=True)
+    _heartbeat.start()
 
 
 def enabled() -> bool:
@@ -67,18 +97,15 @@ def log(msg: str) -> None:
 
 
 class ResumeReq:
-    """An unfinished request carried into a new epoch (picklable: it rides SGLang's broadcast)."""
+    """An unfinished request carried into a new epoch (picklable: it rides SGLang's broadcast).
 
-    __slots__ = ("tokenized", "output_ids", "carry")
+    ``delivered``: set when rank 0 died, the output ids the tokenizer manager received; the
+    re-created request's stream offsets are aligned to them (see :func:`_align`)."""
 
-    def __init__(self, tokenized, output_ids: list[int], carry: dict) -> None:
-        self.tokenized, self.output_ids, self.carry = tokenized, output_ids, carry
+    __slots__ = ("tokenized", "output_ids", "carry", "delivered")
 
-    def __getstate__(self):
-        return (self.tokenized, self.output_ids, self.carry)
-
-    def __setstate__(self, s):
-        self.tokenized, self.output_ids, self.carry = s
+    def __init__(self, tokenized, output_ids: list[int], carry: dict, delivered: list[int] | None = None) -> None:
+        self.tokenized, self.output_ids, self.carry, self.delivered = tokenized, output_ids, carry, delivered
 
 
 # ---- what the hooks (patches/scheduler.py, request_receiver.py, ipc_channels.py) call ----------------
@@ -91,6 +118,33 @@ def take_injected() -> list:
     global _inject
     out, _inject = _inject, []
     return out
+
+
+def drop_resubmitted(reqs: list) -> list:
+    """Rank 0's pull from the tokenizer: drop the copy of a request that was already re-submitted
+    after rank 0 died (it sat in the tokenizer's socket queue and is delivered to the new rank 0)."""
+    if not _resubmitted or not reqs:
+        return reqs
+    out = []
+    for r in reqs:
+        batch = getattr(r, "batch", None)
+        if isinstance(batch, list):
+            keep = [b for b in batch if getattr(b, "rid", None) not in _resubmitted]
+            if len(keep) != len(batch):
+                log(f"dropped {len(batch) - len(keep)} re-submitted request(s) delivered again by the socket")
+                if not keep:
+                    continue
+                r.batch = keep
+        elif getattr(r, "rid", None) in _resubmitted and hasattr(r, "input_ids"):
+            log(f"dropped request {r.rid}: already re-submitted, delivered again by the socket")
+            continue
+        out.append(r)
+    return out
+
+
+def note_channels(ch) -> None:
+    """A scheduler made new channels (kept until the next one: a rebuild that fails closes them)."""
+    _built_channels[:] = [ch]
 
 
 def take_channels():
@@ -109,7 +163,35 @@ def resume(sched, r: ResumeReq) -> None:
     req.output_ids.extend(r.output_ids)
     for k, v in r.carry.items():
         setattr(req, k, v)
+    if r.delivered is not None:
+        _align(req, r.delivered)
     req.is_retracted = True
+
+
+def _align(req, delivered: list[int]) -> None:
+    """Rank 0 died: make ``req``'s stream state match what the tokenizer manager received.
+
+    The dead rank 0 may have been one step ahead of the survivors (it streamed a token they never
+    processed) or behind (it died before streaming a step they processed). The client's view wins:
+    output ids it saw are kept (a divergent continuation of the survivors is dropped), and every
+    offset is set so the next output starts right after the last token delivered: no token twice,
+    none missing. Runs the same on every rank (deterministic)."""
+    d = len(delivered)
+    if list(req.output_ids[:d]) != list(delivered):
+        req.output_ids[:] = list(delivered)
+    if req.send_token_offset == d and len(req.output_ids) >= d and d > 0:
+        return
+    req.send_token_offset = d
+    req.surr_offset = req.read_offset = None  # incremental detokenization recomputed from scratch
+    req.send_decode_id_offset = 0
+    if d:
+        ids, _ = req.init_incremental_detokenize()
+        req.send_decode_id_offset = len(ids) - (len(req.output_ids) - d)
+    if getattr(req, "return_logprob", False):
+        n = len(getattr(req, "output_token_logprobs_val", None) or [])
+        if n < d:
+            log(f"request {req.rid}: logprobs of {d - n} delivered token(s) were lost with rank 0")
+        req.send_output_token_logprobs_offset = min(n, d)
 
 
 # ---- the failover -----------------------------------------------------------------------------------
@@ -266,24 +348,70 @@ def _forget_metrics() -> None:
             pass
 
 
-def _new_server_args(old, tp_size: int):
+def _new_server_args(old, tp_size: int, **overrides):
     """A fresh, unresolved ServerArgs equal to ``old`` but for tp_size (resolved records are read-only)."""
     from sglang.srt.server_args import ServerArgs, record_fields
 
     kw = {f.name: getattr(old, f.name) for f in record_fields(ServerArgs) if hasattr(old, f.name)}
     kw["tp_size"] = tp_size
+    kw.update(overrides)
     return ServerArgs(**kw)
 
 
+def _take_over(records: list, takeover: bytes) -> tuple[list, int, int]:
+    """New rank 0 after rank 0 died: align the survivors' requests with what the tokenizer manager
+    received, and re-submit the ones no survivor holds (queued in, or half-broadcast by, the dead
+    rank 0). Returns (requests to inject, resubmitted, dropped)."""
+    import pickle
+
+    global _resubmitted
+    live: dict = pickle.loads(takeover)
+    out, dropped = [], 0
+    for r in records:
+        if r.tokenized.rid not in live:
+            dropped += 1  # finished (or aborted) as far as the client is concerned
+            continue
+        r.delivered = list(live[r.tokenized.rid][0])
+        out.append(r)
+    held = {r.tokenized.rid for r in out}
+    resub = 0
+    for rid, (delivered, tokenized) in live.items():
+        if rid in held:
+            continue
+        if tokenized is None:
+            log(f"ERROR: request {rid} was lost with rank 0 and has no recorded input; its client will wait")
+            continue
+        out.append(ResumeReq(tokenized, list(delivered), {}, list(delivered)) if delivered else tokenized)
+        resub += 1
+    _resubmitted = {rid for rid in live if rid not in held}
+    return out, resub, dropped
+
+
+REBUILDS = 3  # attempts at rebuilding (a peer that dies during the rebuild makes it fail: ask again)
+REBUILD_INIT_TIMEOUT_S = 20.0  # bound on the new group's rendezvous and init collectives (then restored)
+
+
+def _restore_timeouts() -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    if not dist.is_initialized():
+        return
+    for pg in list(dist.distributed_c10d._world.pg_map.keys()):
+        try:
+            _set_pg_timeout(timedelta(minutes=30), pg)
+        except Exception as e:  # noqa: BLE001 - a backend without settable timeouts keeps the bounded one
+            log(f"cannot restore a process group's timeout: {type(e).__name__}: {e}")
+
+
 def failover(old, reason: str):
-    global _epoch, _inject, _stash, _reuse_channels
+    """Tear ``old`` down, then (up to ``REBUILDS`` times) get orders and build the new scheduler."""
+    global _stash
     import copy
 
-    from sglang.srt.managers.scheduler import Scheduler
-    from sglang.srt.runtime_context import SpawnRanks, get_device, get_parallel, publish, reset_context
-
-    from sgl_elastic.layout import ElasticLayout
-    from sgl_elastic.patches import daemon_link, state
+    from sglang.srt.runtime_context import get_device, get_parallel
 
     t0 = time.perf_counter()
     old_rank = get_parallel().tp_rank
@@ -295,12 +423,47 @@ def failover(old, reason: str):
     _stash = None
     _disarm(old)
     channels = getattr(old, "ipc_channels", None)
+    _built_channels.clear()  # the old scheduler's own channels are ``channels``
     server_args, port_args = old.server_args, copy.copy(getattr(old, "_sgle_port_args", None))
     _teardown_groups()
+    del old, reqs
+    gc.collect()
+    for attempt in range(1, REBUILDS + 1):
+        try:
+            return _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0)
+        except _RebuildFailed as e:
+            if attempt == REBUILDS:
+                raise e.__cause__ from None
+            reason = f"rebuild {attempt} failed: {e}"
+            log(f"{reason}; tearing down and asking the controller again")
+            _close_channels(_built_channels.pop() if _built_channels else None)
+            _teardown_groups()
+            channels = None if old_rank != 0 else channels
+            t0 = time.perf_counter()
+
+
+class _RebuildFailed(Exception):
+    pass
+
+
+
+
+def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0):
+    global _epoch, _inject, _reuse_channels
+    import copy
+
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+
+    from sgl_elastic.layout import ElasticLayout
+    from sgl_elastic.patches import daemon_link, state
+
     t_down = time.perf_counter()
     # Step 2: orders.
     order, sock = _ask_controller(old_rank, reason)
     t_order = time.perf_counter()
+    records = list(records)
+    port_args = copy.copy(port_args)
     try:
         # Step 3: rebuild.
         layout = ElasticLayout.from_bytes(order.layout)
@@ -314,10 +477,10 @@ def failover(old, reason: str):
         elif channels is not None:
             _close_channels(channels)
         _forget_metrics()
-        new_args = _new_server_args(server_args, order.tp_size)
+        # The new group's rendezvous must not wait for a peer that died before joining (torch's
+        # default: 30 min): bounded here, and _restore_timeouts gives the built groups the usual one.
+        new_args = _new_server_args(server_args, order.tp_size, dist_timeout=int(REBUILD_INIT_TIMEOUT_S))
         port_args.nccl_port = order.dist_port
-        del old
-        gc.collect()
         if getattr(server_args, "device", None) == "cpu":
             gpu_id = order.rank  # on CPU the "gpu id" is the index into SGLANG_CPU_OMP_THREADS_BIND
         reset_context()  # SGLang's "runtime lifecycle reset": flags, resources (EPLB metadata), overrides
@@ -329,26 +492,32 @@ def failover(old, reason: str):
         except ImportError:
             pass
         sched = Scheduler(new_args, port_args)
+        _restore_timeouts()
         _reuse_channels = None
         t_built = time.perf_counter()
         # Step 4: resume (rank 0 is authoritative: the others re-create what it broadcasts).
         _epoch = order.epoch
+        took = ""
+        if order.rank == 0 and order.takeover:
+            records, resub, dropped = _take_over(records, order.takeover)
+            took = f"; took over rank 0's intake: {resub} requests re-submitted, {dropped} finished ones dropped"
         if order.rank == 0:
             _inject = list(records) + pending
         log(f"epoch {order.epoch}: rank {old_rank} -> {order.rank} of {order.tp_size}; teardown {t_down - t0:.3f} s,"
             f" waited {t_order - t_down:.3f} s, rebuilt {t_built - t_order:.3f} s;"
-            f" {len(records) if order.rank == 0 else 0} requests resumed, {len(pending)} inputs re-sent")
+            f" {len(records) if order.rank == 0 else 0} requests resumed, {len(pending)} inputs re-sent{took}")
         sock.send(wire.encode(wire.RankReady(
             epoch=order.epoch, rank=order.rank, pid=os.getpid(),
             resumed=len(records) if order.rank == 0 else 0,
             phases_s={"teardown": t_down - t0, "wait": t_order - t_down, "rebuild": t_built - t_order})))
         return sched
-    except BaseException as e:
+    except Exception as e:
+        _reuse_channels = None
         try:
             sock.send(wire.encode(wire.RankFailed(epoch=order.epoch, rank=order.rank, pid=os.getpid(),
                                                   reason=f"{type(e).__name__}: {e}"[:500])))
         except Exception:  # noqa: BLE001
             pass
-        raise
+        raise _RebuildFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]) from e
     finally:
         sock.close(linger=500)

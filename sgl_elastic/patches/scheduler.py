@@ -35,6 +35,7 @@ def scheduler_init(original, self, server_args, port_args, *args, **kwargs):
     """Scheduler.__init__: keep port_args (a rebuilt scheduler needs them, with a new rendezvous port)."""
     original(self, server_args, port_args, *args, **kwargs)
     self._sgle_port_args = port_args
+    rc.start_heartbeat()
 
 
 def handle_generate_request(original, self, recv_req, *args, **kwargs):

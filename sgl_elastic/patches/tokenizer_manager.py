@@ -36,7 +36,7 @@ def dispatch_to_scheduler(original, self, obj):
 
     fc = controller()
     if fc.enabled:
-        fc.record_dispatch(obj)
+        fc.record_dispatch(self, obj)
     return original(self, obj)
 
 
@@ -46,7 +46,7 @@ async def async_dispatch_to_scheduler(original, self, obj):
 
     fc = controller()
     if fc.enabled:
-        fc.record_dispatch(obj)
+        fc.record_dispatch(self, obj)
     return await original(self, obj)
 
 

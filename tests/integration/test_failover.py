@@ -2,10 +2,12 @@
 
 One server per model family (tiny, float32, ``launch_server --tp 3`` with no extra flag: daemon
 and failover are on by default), in order:
-1. kill -9 of rank 1's process while requests run (native /generate, the official ``openai``
-   client streaming, an SGLang frontend program): every request completes with the greedy tokens
-   of the run before the failure (HF's for /generate), /health never fails, /elastic/status shows
-   the new widths and the recovery's phases;
+1. kill -9 of one rank's process (rank 0 for Qwen3-MoE and Qwen3: a survivor takes over the request
+   intake and the output stream; rank 1 for Mixtral) while requests run (native /generate, streaming
+   /generate, the official ``openai`` client streaming, an SGLang frontend program) and while more
+   arrive right after the kill (they sit in the dead rank's socket): every request completes with
+   the greedy tokens of the run before the failure (HF's for /generate), each streamed once, /health
+   never fails, /elastic/status shows the new widths and the recovery's phases;
 2. the admin API refuses a missing or wrong token (401) and bad bodies (400 / 409) and changes
    nothing; ``inject_failure`` of rank 1, again and again, takes the server down to tp 1 (no
    collective at all), answering with the same tokens at every step;
@@ -34,10 +36,10 @@ PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW = 24
 
 
-@pytest.fixture(scope="module", params=[
-    ("qwen3-moe", 3), ("mixtral", 3), ("qwen3", 3),
-    pytest.param(("qwen3-moe", 4), marks=pytest.mark.slow), pytest.param(("mixtral", 4), marks=pytest.mark.slow),
-], ids=lambda p: f"{p[0]}-tp{p[1]}")
+@pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream)
+    ("qwen3-moe", 3, 0), ("mixtral", 3, 1), ("qwen3", 3, 0),
+    pytest.param(("qwen3-moe", 4, 1), marks=pytest.mark.slow), pytest.param(("mixtral", 4, 0), marks=pytest.mark.slow),
+], ids=lambda p: f"{p[0]}-tp{p[1]}-kill{p[2]}")
 def case(request):
     return request.param
 
@@ -49,7 +51,7 @@ def want(tiny_models, case):
 
 @pytest.fixture(scope="module")
 def server(tiny_models, case):
-    family, tp = case
+    family, tp, _ = case
     srv = ServerProcess(tiny_models[family], tp_size=tp, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics"])
     srv.start()
@@ -70,6 +72,23 @@ def _generate(url, ids, n=MAX_NEW):
         "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=300)
     r.raise_for_status()
     return r.json()["output_ids"]
+
+
+def _generate_stream(url, ids, n=MAX_NEW):
+    """Streaming /generate: the output ids of the last chunk (each chunk carries all so far), after
+    checking that every chunk extends the one before by what it adds (no token twice or lost)."""
+    import json
+
+    r = requests.post(url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=300, stream=True)
+    r.raise_for_status()
+    out = []
+    for line in r.iter_lines():
+        if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+            ids_now = json.loads(line[5:])["output_ids"]
+            assert ids_now[:len(out)] == out, f"stream went back: {out} then {ids_now}"
+            out = ids_now
+    return out
 
 
 def _status(url):
@@ -130,8 +149,8 @@ def _openai_stream(url, prompt):
     return "".join(c.choices[0].text for c in chunks if c.choices)
 
 
-def test_kill_rank_mid_stream(server, want):
-    url = server.url
+def test_kill_rank_mid_stream(server, want, case):
+    url, victim = server.url, case[2]
     assert _generate(url, PROMPTS[0]) == want[0]  # tp 3 before any failure
     text_before = _openai_stream(url, "hello world")
     sgl_before = _frontend_program(url)
@@ -150,19 +169,25 @@ def test_kill_rank_mid_stream(server, want):
             errors.append(f"{key}: {type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=run, args=(i, _generate, url, p)) for i, p in enumerate(PROMPTS)]
+    threads += [threading.Thread(target=run, args=(f"s{i}", _generate_stream, url, p)) for i, p in enumerate(PROMPTS)]
     threads.append(threading.Thread(target=run, args=("openai", _openai_stream, url, "hello world")))
     threads.append(threading.Thread(target=run, args=("sgl", _frontend_program, url)))
     for t in threads:
         t.start()
     time.sleep(1.0)  # the requests are being decoded
-    os.kill(_rank_pid(url, 1), signal.SIGKILL)
-    for t in threads:
+    os.kill(_rank_pid(url, victim), signal.SIGKILL)
+    late = [threading.Thread(target=run, args=(f"late{i}", _generate, url, p)) for i, p in enumerate(PROMPTS)]
+    for t in late:  # sent while the rank's death is being handled
+        t.start()
+    for t in threads + late:
         t.join(300)
-    assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
+    assert not any(t.is_alive() for t in threads + late), "a request did not finish within 300 s"
     bad_health = probe.finish()
 
     assert not errors, errors
     assert [results[i] for i in range(len(PROMPTS))] == want
+    assert [results[f"s{i}"] for i in range(len(PROMPTS))] == want
+    assert [results[f"late{i}"] for i in range(len(PROMPTS))] == want
     assert results["openai"] == text_before
     assert results["sgl"] == sgl_before
     assert not bad_health, f"/health failed during the failover: {bad_health} ({probe.count} probes)"
@@ -170,7 +195,7 @@ def test_kill_rank_mid_stream(server, want):
     assert after["state"] == "serving" and after["tp_size"] == tp - 1 and after["epoch"] == before["epoch"] + 1
     assert len(after["widths"]) == tp - 1 and sum(after["widths"]) == sum(before["widths"])
     rec = after["recoveries"][-1]
-    assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1] and rec["tp_after"] == tp - 1
+    assert rec["outcome"] == "ok" and rec["failed_ranks"] == [victim] and rec["tp_after"] == tp - 1
     assert {"frozen", "planning", "migrating", "reconfiguring", "resuming"} <= set(rec["phases_s"])
     assert rec["migration"]["reload_bytes"] > 0 and rec["migration"]["file_bytes_read"] > 0
     assert rec["tfs_s"] is not None and rec["tfs_s"] >= rec["recovery_s"]
@@ -185,7 +210,7 @@ def test_admin_api_then_down_to_one_rank(server, want):
     assert requests.get(url + "/elastic/status", timeout=30).status_code == 401
     assert requests.get(url + "/elastic/status", headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
     assert requests.post(url + "/elastic/inject_failure", json={"rank": 1}, timeout=30).status_code == 401
-    for body, code in (({"rank": 7}, 400), ({"rank": "1"}, 400), ({}, 400), ([1], 400), ({"rank": 0}, 409)):
+    for body, code in (({"rank": 7}, 400), ({"rank": "1"}, 400), ({}, 400), ([1], 400), ({"rank": -1}, 400)):
         r = requests.post(url + "/elastic/inject_failure", json=body, headers=AUTH, timeout=30)
         assert r.status_code == code, (body, r.status_code, r.text)
         assert "error" in r.json()
@@ -195,7 +220,8 @@ def test_admin_api_then_down_to_one_rank(server, want):
 
     while _status(url)["tp_size"] > 1:  # failures in a row, each planned from the layout the last one left
         tp = _status(url)["tp_size"]
-        r = requests.post(url + "/elastic/inject_failure", json={"rank": 1}, headers=AUTH, timeout=30)
+        victim = tp % 2  # rank 0 and another rank in turn
+        r = requests.post(url + "/elastic/inject_failure", json={"rank": victim}, headers=AUTH, timeout=30)
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
