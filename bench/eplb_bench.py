@@ -163,7 +163,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['scenario']:<12} {r['algorithm']:<17} n/a: {r['note']}")
             continue
         print(f"{r['scenario']:<12} {r['algorithm']:<17} {r['slots']:>5} {r['max_load_per_capacity']:>12.0f}"
-              f" {r['imbalance_mean']:>11.3f} {r['imbalance_worst']:>7.3f} {r['time_ms']:>9.1f}")
+              f" {r['imbalance_mean']:>11.4f} {r['imbalance_worst']:>7.4f} {r['time_ms']:>9.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,14 +41,17 @@ def rebalance_experts(
         phy2log: ``[num_layers, num_physical]`` logical expert of each slot, -1 on dead slots.
         log2phy: ``[num_layers, num_logical, max_replicas]`` physical ids of each expert's replicas,
             ascending, -1 padded; ``max_replicas = logcnt.max()``.
-        logcnt: ``[num_layers, num_logical]`` live replicas of each expert (sums to the live slots).
+        logcnt: ``[num_layers, num_logical]`` live replicas of each expert, >= 1 (sums to the live slots).
 
     Algorithm, per layer: (1) replica counts by the greedy "next replica to the largest
-    weight/replicas" rule (DeepSeek's); (2) two packings of the replicas onto the live slots:
-    DeepSeek's (heaviest first to the least loaded rank with a free slot, capacity ignored) and a
-    capacity-aware one (heaviest first to the rank with the lowest (load + replica) / capacity);
-    (3) each improved by pairwise swaps that lower the worst rank's load / capacity; the better one
-    wins. With equal capacities and slots the result is never worse than DeepSeek's EPLB.
+    weight / replicas" rule (DeepSeek's); (2) two packings of the replicas onto the live slots,
+    heaviest first: DeepSeek's (to the least loaded rank with a free slot, capacity ignored) and a
+    capacity-aware one (to the rank with the lowest (load + replica) / capacity), each improved by
+    swaps between the worst rank and another; the better one is kept; (3) a local search that
+    swaps replicas or hands a slot of a replicated expert to another expert, while that lowers the
+    largest load / capacity. Every step keeps or lowers the objective of DeepSeek's packing, so
+    with equal slots the result is never worse than DeepSeek's EPLB. Each rank's slots hold their
+    experts in ascending logical id.
     """
     w, slots, cap = _validate(weight, slots_per_rank, capacity)
     num_layers, num_logical = w.shape

@@ -256,3 +256,20 @@ def test_budget_dead_rank_and_limits():
     ]:
         with pytest.raises(ValueError, match=match):
             expert_budget(layout, **kwargs)
+
+
+def test_eplb_bench_pure_section_runs_and_ours_is_never_worse(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "eplb_bench.py"
+    spec = importlib.util.spec_from_file_location("eplb_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--layers", "2", "--json", str(tmp_path / "out.json")]) == 0
+    assert bench.main(["--server"]) == 2
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    for scenario in {r["scenario"] for r in rows}:
+        got = {r["algorithm"]: r for r in rows if r["scenario"] == scenario and "note" not in r}
+        assert all(got["ours"]["imbalance_worst"] <= r["imbalance_worst"] * (1 + 1e-9) for r in got.values())
