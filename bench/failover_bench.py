@@ -6,7 +6,8 @@ Qwen3-MoE) at ``--tp`` (default 3), each mode ``--repeats`` times on a fresh ser
 1. start the server, warm it up, start a steady client load: ``--clients`` threads sending
    streaming ``/generate`` requests back to back (random prompts of ``--prompt-len`` tokens,
    ``--max-new`` tokens each; a failed request is counted and retried after 0.2 s, as a user would);
-2. after ``--warm-s`` seconds, SIGKILL rank 1's process (a device loss);
+2. after ``--warm-s`` seconds, SIGKILL rank ``--kill-rank``'s process (default 1; a device loss;
+   rank 0 too: a survivor takes over the intake and the requests lost with it are re-submitted);
 3. TFS = from the kill to the first streamed token of a request that succeeds, received by a client
    more than 50 ms after the kill (earlier chunks were produced before the fault and were in the
    pipes; a request that ends in an error does not count), on the client's clock;
@@ -20,14 +21,24 @@ Modes:
   the survivors (tp-1) loading the checkpoint from disk (page cache warm); the clients keep retrying
   against it.
 
+``--steps N`` (default 1): in ``elastic`` mode, N failures in a row on the same server (``--tp 4
+--steps 3``: 4 -> 3 -> 2 -> 1), the client load running throughout; each step waits until
+``/elastic/status`` serves at the new tp, then ``--warm-s`` seconds of steady load, then the next
+kill. The ``reload`` baseline of step k (tp t -> t-1) is its own fresh vanilla server at t, killed,
+then a vanilla server at t-1; one per step, in the same run. ``restart`` runs the first step only
+(it restarts at the same tp). Per step: TFS, recovery_s and phases (``/elastic/status``), failed
+requests (attempts from that step's kill to the next one, or to the end).
+
 Also measured: the elastic recovery's phases and migration (``/elastic/status``); the daemon's
 shared memory at rest before, at rest after, and at its peak during the failover (sampled every
-20 ms); decode throughput at tp-1 after the elastic failover against the fresh vanilla tp-1 server of
-the ``reload`` mode (same ``--clients`` concurrent non-streaming requests of ``--max-new`` tokens).
+20 ms); decode throughput at tp-N after the elastic failovers against the fresh vanilla tp-N server of
+the ``reload`` mode's last step (same ``--clients`` concurrent non-streaming requests of ``--max-new`` tokens).
 
-Medians over repeats; ``reload / elastic`` is the TFS ratio. One summary table on stdout, JSON in
-``--json``. Seeded (``--seed``). Usage:
-``python bench/failover_bench.py [--size bench|tiny] [--tp 3] [--repeats 3] [--modes elastic,restart,reload]``
+Medians over repeats; ``reload / elastic`` is the TFS ratio. A summary table (first step) and a
+per-step table on stdout, JSON in ``--json`` (each run's top-level fields are its first step's, as
+with ``--steps 1``; ``steps`` lists every step; ``summary.steps`` the per-step medians). Seeded (``--seed``). Usage:
+``python bench/failover_bench.py [--size bench|tiny] [--tp 3] [--repeats 3] [--modes elastic,restart,reload]
+[--kill-rank 1] [--steps 1]``
 """
 
 from __future__ import annotations
@@ -160,12 +171,49 @@ def _decode_tput(url: str, clients: int, max_new: int, seed: int) -> float:
     return sum(out) / (time.perf_counter() - t0)
 
 
-def run_once(mode: str, model: str, args, rep: int) -> dict:
-    extra = list(FLAGS) + {"elastic": [], "restart": ["--no-elastic-failover"], "reload": ["--no-elastic-daemon"]}[mode]
-    srv = ServerProcess(model, tp_size=args.tp, extra_args=extra, start_timeout_s=1800)
+def _status(srv: ServerProcess) -> dict:
+    return requests.get(srv.url + "/elastic/status", headers=AUTH, timeout=30).json()
+
+
+def _wait_recovered(srv: ServerProcess, tp_after: int, num_recoveries_before: int, timeout_s: float) -> dict:
+    """Poll ``/elastic/status`` until the server serves at ``tp_after`` after a new recovery; returns
+    that recovery. Raises if the recovery ended FAILED or did not end within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    s: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            s = _status(srv)
+        except requests.RequestException:
+            time.sleep(0.1)
+            continue
+        recs = s["recoveries"][num_recoveries_before:]
+        if s["state"] == "serving" and s["tp_size"] == tp_after and any(r["outcome"] == "ok" for r in recs):
+            return next(r for r in reversed(recs) if r["outcome"] == "ok")
+        if s["state"] == "failed" or (s["state"] == "serving" and recs and recs[-1]["outcome"].startswith("failed")):
+            raise RuntimeError(f"recovery to tp {tp_after} failed: state {s['state']},"
+                               f" outcome {recs[-1]['outcome'] if recs else '-'}")
+        time.sleep(0.1)
+    raise RuntimeError(f"not serving at tp {tp_after} {timeout_s:.0f} s after the kill: state {s.get('state')},"
+                       f" tp_size {s.get('tp_size')}")
+
+
+def _wait_tfs(load: Load, t_kill: float, timeout_s: float = 1800) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    while load.first_token_after(t_kill) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return load.first_token_after(t_kill)
+
+
+def run_elastic(model: str, args, rep: int) -> dict:
+    """``--steps`` failures in a row on one elastic server at ``--tp``, under one client load.
+
+    Returns the first step's fields at the top level (as with one step) and ``steps``: one dict per
+    step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
+    srv = ServerProcess(model, tp_size=args.tp, extra_args=list(FLAGS), start_timeout_s=1800)
     srv.start()
-    second: ServerProcess | None = None
-    res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s}
+    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s}
+    load: Load | None = None
+    peak: ShmPeak | None = None
     try:
         _decode_tput(srv.url, 1, 4, args.seed)  # warm-up
         shm_rest_before = _daemon_shm_bytes(srv.log_path)
@@ -173,38 +221,94 @@ def run_once(mode: str, model: str, args, rep: int) -> dict:
         time.sleep(args.warm_s)
         peak = ShmPeak(srv.log_path)
         peak.start()
-        pid = rank_pid(srv, 1, via_admin=mode == "elastic")
+        steps: list[dict] = []
+        for i in range(args.steps):
+            tp_before = args.tp - i
+            # Step 1: SIGKILL the rank (its pid from /elastic/status: ranks are renumbered after a recovery).
+            num_recoveries_before = len(_status(srv)["recoveries"])
+            pid = rank_pid(srv, args.kill_rank, via_admin=True)
+            failed_before = load.failed
+            t_kill = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            step: dict = {"step": i + 1, "tp_before": tp_before, "tp_after": tp_before - 1,
+                          "killed_rank": args.kill_rank, "killed_pid": pid}
+            steps.append(step)
+            # Step 2: first token of a successful request after the kill; serving at tp-1 again.
+            step["tfs_s"] = _wait_tfs(load, t_kill)
+            try:
+                rec = _wait_recovered(srv, tp_before - 1, num_recoveries_before, 600)
+            except RuntimeError as e:
+                step["error"] = str(e)
+                step["requests_failed"] = load.failed - failed_before
+                break
+            step.update(recovery_s=rec["recovery_s"], phases_s=rec["phases_s"], migration=rec["migration"],
+                        outcome=rec["outcome"], widths_after=rec["widths_after"], server_tfs_s=rec.get("tfs_s"),
+                        resumed_requests=rec.get("resumed_requests"))
+            # Step 3: steady load at the new tp before the next kill (or --after-s after the last one).
+            time.sleep(args.warm_s if i + 1 < args.steps else args.after_s)
+            step["requests_failed"] = load.failed - failed_before  # attempts, kill -> next kill (or end)
+            step["shm_rest_after"] = _daemon_shm_bytes(srv.log_path)
+        load.finish()
+        peak.stop_ev.set()
+        peak.join(5)
+        first = steps[0]
+        res.update(tfs_s=first["tfs_s"], requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)
+        res["killed_rank"] = args.kill_rank
+        res["steps"] = steps
+        if "error" in first:
+            res["error"] = first["error"]
+            return res
+        s = _status(srv)
+        res.update(recovery_s=first["recovery_s"], phases_s=first["phases_s"], migration=first["migration"],
+                   outcome=first["outcome"], widths_after=s["widths"] if args.steps == 1 else first["widths_after"])
+        res.update(shm_rest_before=shm_rest_before, shm_peak=peak.peak, shm_rest_after=_daemon_shm_bytes(srv.log_path))
+        if all("error" not in st for st in steps):
+            res["decode_tp"] = s["tp_size"]
+            res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed)
+        return res
+    finally:
+        if load is not None:
+            load.finish()
+        if peak is not None:
+            peak.stop_ev.set()
+        srv.stop()
+
+
+def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, measure_tput: bool = True) -> dict:
+    """One ``restart`` or ``reload`` run at ``tp`` (default ``--tp``): rank ``--kill-rank`` SIGKILLed
+    under load; for ``reload``, a vanilla server at tp-1 started after the teardown."""
+    tp = args.tp if tp is None else tp
+    extra = list(FLAGS) + {"restart": ["--no-elastic-failover"], "reload": ["--no-elastic-daemon"]}[mode]
+    srv = ServerProcess(model, tp_size=tp, extra_args=extra, start_timeout_s=1800)
+    srv.start()
+    second: ServerProcess | None = None
+    res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s, "tp_before": tp,
+                 "tp_after": tp - 1 if mode == "reload" else tp, "killed_rank": args.kill_rank}
+    try:
+        _decode_tput(srv.url, 1, 4, args.seed)  # warm-up
+        load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep).start()
+        time.sleep(args.warm_s)
+        pid = rank_pid(srv, args.kill_rank, via_admin=False)
         t_kill = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
         if mode == "reload":
-            # Step: vanilla SGLang tears the server down; the user relaunches it on the survivors.
+            # Step: vanilla SGLang tears the server down (whichever rank died); the user relaunches it on the survivors.
             deadline = time.monotonic() + 120
             while srv.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             res["teardown_s"] = time.perf_counter() - t_kill
             srv.stop()
-            second = ServerProcess(model, tp_size=args.tp - 1, extra_args=extra, start_timeout_s=1800)
+            second = ServerProcess(model, tp_size=tp - 1, extra_args=extra, start_timeout_s=1800)
             second.start()
+            res["restart_start_s"] = second.start_s
             load.url = second.url
-        deadline = time.monotonic() + 1800
-        while load.first_token_after(t_kill) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        res["tfs_s"] = load.first_token_after(t_kill)
+        res["tfs_s"] = _wait_tfs(load, t_kill)
         time.sleep(args.after_s)
         load.finish()
-        peak.stop_ev.set()
-        peak.join(5)
         res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)  # failed: attempts
-        live = second or srv
-        if mode == "elastic":
-            s = requests.get(srv.url + "/elastic/status", headers=AUTH, timeout=30).json()
-            rec = s["recoveries"][-1]
-            res.update(recovery_s=rec["recovery_s"], phases_s=rec["phases_s"], migration=rec["migration"],
-                       outcome=rec["outcome"], widths_after=s["widths"])
-            res.update(shm_rest_before=shm_rest_before, shm_peak=peak.peak, shm_rest_after=_daemon_shm_bytes(srv.log_path))
-            res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed)
-        elif mode == "reload":
-            res["decode_tok_s_after"] = _decode_tput(live.url, args.clients, args.tput_tokens, args.seed)
+        if mode == "reload" and measure_tput:
+            res["decode_tp"] = tp - 1
+            res["decode_tok_s_after"] = _decode_tput(second.url, args.clients, args.tput_tokens, args.seed)
         return res
     finally:
         if second is not None:
@@ -212,9 +316,76 @@ def run_once(mode: str, model: str, args, rep: int) -> dict:
         srv.stop()
 
 
+def run_reload_steps(model: str, args, rep: int) -> dict:
+    """The ``reload`` baseline of every step: a fresh vanilla server at tp, tp-1, ..., each killed and
+    replaced by one at one rank fewer. The first step's fields at the top level, ``steps`` all of them;
+    decode throughput after the last step only (the tp the elastic server ends at)."""
+    steps = []
+    for i in range(args.steps):
+        tp = args.tp - i
+        print(f"[bench]   reload step {i + 1}/{args.steps}: tp {tp} -> {tp - 1}", file=sys.stderr, flush=True)
+        try:
+            st = run_once("reload", model, args, rep, tp, measure_tput=i + 1 == args.steps)
+        except Exception as e:  # noqa: BLE001 - kept in the results, the other steps go on
+            st = {"mode": "reload", "repeat": rep, "tp_before": tp, "tp_after": tp - 1,
+                  "killed_rank": args.kill_rank, "error": f"{type(e).__name__}: {e}"}
+        st["step"] = i + 1
+        steps.append(st)
+    res = {k: v for k, v in steps[0].items() if k not in ("step", "decode_tp", "decode_tok_s_after")}
+    for k in ("decode_tp", "decode_tok_s_after"):
+        if k in steps[-1]:
+            res[k] = steps[-1][k]
+    res["steps"] = [{k: v for k, v in st.items() if k not in ("mode", "repeat")} for st in steps]
+    return res  # with the first step's "error", if it had one
+
+
 def _med(rows: list[dict], key: str):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(vals) if vals else None
+
+
+def _step_summary(rows: list[dict], args) -> list[dict]:
+    """Per step, over repeats: medians of elastic TFS, recovery_s and phases; reload TFS; their ratio;
+    failed request attempts (sums); steps that ended in an error are left out of the medians."""
+    out = []
+    for i in range(args.steps):
+        def at(mode: str) -> list[dict]:
+            return [r["steps"][i] for r in rows if r["mode"] == mode and len(r.get("steps", [])) > i]
+        el, rl = [s for s in at("elastic") if "error" not in s], [s for s in at("reload") if "error" not in s]
+        phases = list(dict.fromkeys(p for s in el for p in s.get("phases_s", {})))  # in phase order
+        m = {"step": i + 1, "tp_before": args.tp - i, "tp_after": args.tp - i - 1, "killed_rank": args.kill_rank,
+             "elastic_tfs_s": _med(el, "tfs_s"), "elastic_recovery_s": _med(el, "recovery_s"),
+             "elastic_phases_s": {p: statistics.median([s["phases_s"][p] for s in el if p in s["phases_s"]])
+                                  for p in phases},
+             "elastic_requests_failed": sum(s.get("requests_failed", 0) for s in at("elastic")),
+             "elastic_runs": len(el), "elastic_errors": [s["error"] for s in at("elastic") if "error" in s],
+             "reload_tfs_s": _med(rl, "tfs_s"),
+             "reload_requests_failed": sum(s.get("requests_failed", 0) for s in at("reload")),
+             "reload_runs": len(rl), "reload_errors": [s["error"] for s in at("reload") if "error" in s]}
+        if m["elastic_tfs_s"] and m["reload_tfs_s"]:
+            m["tfs_ratio_reload_over_elastic"] = m["reload_tfs_s"] / m["elastic_tfs_s"]
+        out.append(m)
+    return out
+
+
+def _print_steps(steps: list[dict], args) -> None:
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print(f"\nper step (elastic: {args.steps} kill(s) in a row on one server; reload: a fresh vanilla server per"
+          f" step; failed: request attempts, sums)")
+    print(f"{'step':<5} {'tp':>7} {'rank':>5} {'elastic TFS s':>14} {'recovery s':>11} {'reload TFS s':>13}"
+          f" {'reload/elastic':>15} {'failed el':>10} {'failed rl':>10}")
+    for m in steps:
+        print(f"{m['step']:<5} {str(m['tp_before']) + ' -> ' + str(m['tp_after']):>7} {m['killed_rank']:>5}"
+              f" {f(m['elastic_tfs_s']):>14} {f(m['elastic_recovery_s']):>11} {f(m['reload_tfs_s']):>13}"
+              f" {f(m.get('tfs_ratio_reload_over_elastic')):>15} {m['elastic_requests_failed']:>10}"
+              f" {m['reload_requests_failed']:>10}")
+    for m in steps:
+        if m["elastic_phases_s"]:
+            print(f"step {m['step']} elastic phases (s): "
+                  + ", ".join(f"{p} {v:.3f}" for p, v in m["elastic_phases_s"].items()))
+        for mode in ("elastic", "reload"):
+            for err in m[f"{mode}_errors"]:
+                print(f"step {m['step']} {mode} error: {err[:200]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,17 +402,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-s", type=float, default=8.0)
     ap.add_argument("--after-s", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kill-rank", type=int, default=1, help="TP rank SIGKILLed at each step (0: the intake rank)")
+    ap.add_argument("--steps", type=int, default=1, help="failures in a row on one elastic server (tp -> tp-N)")
     ap.add_argument("--json", default="results/failover_bench.json")
     args = ap.parse_args(argv)
     if args.tp < 2:
         ap.error("--tp must be >= 2 (a rank is killed)")
+    if not 1 <= args.steps <= args.tp - 1:
+        ap.error(f"--steps {args.steps}: must be 1..{args.tp - 1} (tp {args.tp} ends at tp {args.tp} - steps >= 1)")
+    if not 0 <= args.kill_rank <= args.tp - args.steps:
+        ap.error(f"--kill-rank {args.kill_rank}: the last step runs at tp {args.tp - args.steps + 1}, so ranks"
+                 f" 0..{args.tp - args.steps} exist at every step")
     model = str(build_model(args.family, args.size))
     rows: list[dict] = []
     for rep in range(args.repeats):
         for mode in args.modes.split(","):
             print(f"[bench] {mode} repeat {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_once(mode, model, args, rep))
+                run = {"elastic": run_elastic, "reload": run_reload_steps}.get(mode)
+                rows.append(run(model, args, rep) if run else run_once(mode, model, args, rep))
             except Exception as e:  # noqa: BLE001 - kept in the results, the run goes on
                 rows.append({"mode": mode, "repeat": rep, "error": f"{type(e).__name__}: {e}"})
             print(f"[bench]   {json.dumps(rows[-1])[:400]}", file=sys.stderr, flush=True)
@@ -258,11 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["tfs_ratio_reload_over_elastic"] = rl["tfs_s"] / e["tfs_s"]
     if e.get("decode_tok_s_after") and rl.get("decode_tok_s_after"):
         summary["decode_after_elastic_over_vanilla"] = e["decode_tok_s_after"] / rl["decode_tok_s_after"]
+    summary["steps"] = _step_summary(rows, args)
     out = {"args": vars(args), "model": model, "runs": rows, "summary": summary}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"\n{args.family}/{args.size}, tp {args.tp} -> {args.tp - 1}, {args.clients} streaming clients,"
           f" medians of {args.repeats} (JSON: {args.json})")
+    if args.steps > 1:
+        print(f"(first of {args.steps} steps; failed/ok: whole runs; decode after: tp {args.tp - args.steps})")
     print(f"{'mode':<9} {'TFS s':>8} {'recovery s':>11} {'failed':>7} {'ok':>5} {'decode tok/s after':>19}")
     for mode in args.modes.split(","):
         m = summary[mode]
@@ -275,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if e.get("shm_rest_before") is not None:
         print(f"daemon shm: rest {e['shm_rest_before'] / 1e6:.0f} MB before, peak {e['shm_peak'] / 1e6:.0f} MB during,"
               f" rest {e['shm_rest_after'] / 1e6:.0f} MB after")
+    _print_steps(summary["steps"], args)
     return 0
 
 
