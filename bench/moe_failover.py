@@ -20,7 +20,8 @@ For a checkpoint (``--family qwen3-moe|mixtral|qwen3`` with ``--size bench|tiny`
    - ``restart``: what users do today: vanilla SGLang sharding (``--no-elastic-daemon``); on the
      fault the server tears itself down, it is stopped, vanilla SGLang is relaunched on the
      survivors (tp-1) and reloads the checkpoint (page cache warm), and every unfinished request
-     is re-sent to it (as ``failover_bench.py --modes reload``);
+     is re-sent to it (as ``failover_bench.py --modes reload``); requests that arrive meanwhile wait
+     for it (a client-side queue);
    - ``no-failure``: the elastic server, no fault (reference; its rows split the run at the
      would-be fault time);
    - ``elastic-noeplb``: accepted, reported as "not available yet" (the MoE expert rebalancer is
@@ -86,11 +87,11 @@ from _common import AUTH, FLAGS, IN_TRANSIT_S, rank_pid
 MODES = ("elastic", "restart", "no-failure", "elastic-noeplb")
 NOT_AVAILABLE = {"elastic-noeplb": "not available yet (the MoE expert rebalancer is being built)"}
 PRESETS = {
-    # Bench-size Qwen3-MoE, tp 3 -> 2 on 2 shared CPU cores: ~20 prompt tok/s at tp 3, a server
-    # start of ~1 min and a restart-and-reload outage of ~1.5 min; 7 server starts and 5 streams of
-    # ~2 min fit in 20 minutes. The restart runs' peak is then the drain of their backlog.
-    "cpu": dict(family="qwen3-moe", size="bench", tp=3, num_requests=30, request_rate=0.25, output_len=8,
-                context_len=128, window_s=6.0),
+    # Bench-size Qwen3-MoE, tp 3 -> 2 on 2 shared CPU cores: ~15-20 prompt tok/s at tp 3, a server
+    # start of ~1 min, a restart-and-reload outage of ~1 min; 7 server starts and 5 streams of ~2 min
+    # fit in 20 minutes. Fixed-rate arrivals give the stream a known length (115 s).
+    "cpu": dict(family="qwen3-moe", size="bench", tp=3, num_requests=24, request_rate=0.2, arrival="fixed",
+                output_len=8, context_len=128, window_s=6.0),
 }
 RETRY_BACKOFF_S = 0.5
 
@@ -696,8 +697,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = ap.add_argument_group("workload")
     g.add_argument("--num-requests", type=int, help="ShareGPT requests replayed per run (default 1000)")
     g.add_argument("--request-rate", type=float, help="requests/s (default 8; inf: all at once)")
-    g.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson", help="arrival process"
-                   " (default poisson)")
+    g.add_argument("--arrival", choices=("poisson", "fixed"), help="arrival process (default poisson)")
     g.add_argument("--output-len", type=int, help="fixed output length (bench_serving --sharegpt-output-len);"
                    " default: the ShareGPT answer's token length")
     g.add_argument("--context-len", type=int, help="drop requests with prompt + output longer than this"
@@ -717,7 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    " peak (default 0.9)")
     g.add_argument("--out", default="results/moe_failover", help="output folder (default results/moe_failover)")
     args = ap.parse_args(argv)
-    defaults = dict(family="qwen3-moe", size="bench", tp=3, num_requests=1000, request_rate=8.0,
+    defaults = dict(family="qwen3-moe", size="bench", tp=3, num_requests=1000, request_rate=8.0, arrival="poisson",
                     output_len=None, context_len=None, window_s=2.0)
     preset = PRESETS.get(args.preset, {})
     for k, v in defaults.items():
