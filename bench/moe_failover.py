@@ -41,7 +41,9 @@ Definitions (every number below uses them; times on the client's clock):
   chunks were produced before the fault);
 - post-failure peak: the median windowed throughput once it is stable after recovery: the windows
   that start after the first success and end before the last arrival (load still offered), of
-  which the later half is taken as stable;
+  which the later half is taken as stable (if the load ended before the first success: every
+  window from the one holding the first success on, i.e. the drain of the backlog; flagged
+  ``peak_on_drain``, ``*`` in the table);
 - TTP (time to peak): from the first success to the end of the first window whose throughput is
   >= ``--peak-frac`` (90 %) of that peak;
 - ``throughput_before``: median windowed throughput from the end of the first window with a token
