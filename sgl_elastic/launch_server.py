@@ -215,6 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _spawn_rank(slot: int, standby: bool):
+    """A new rank process (scale-up, or a warm standby), started like SGLang's schedulers (spawn)
+    with the arguments the engine launched them with; it waits for the controller's orders."""
+    import multiprocessing as mp
+
+    from sgl_elastic.controller.supervisor import supervisor
+    from sgl_elastic.patches import join
+
+    launch = supervisor()._launch
+    if launch is None:
+        raise RuntimeError("the schedulers' launch was not recorded: cannot start a new rank")
+    _, _, server_args, port_args, _, _ = launch
+    proc = mp.get_context("spawn").Process(target=join.run_joiner, args=(server_args, port_args, slot, standby),
+                                           name="sgle-standby" if standby else "sgle-joiner")
+    proc.start()
+    return proc
+
+
 def _arm_failover(elastic_args, daemon):
     """In-place failover: the controller's socket (inherited by the schedulers) and the admin API."""
     from sglang.srt.entrypoints.http_server import app
@@ -228,9 +246,15 @@ def _arm_failover(elastic_args, daemon):
         os.environ[state.ENV_VAR] = state.encode(layout)
 
     fc = controller()
+    standby = elastic_args.standby
+    if standby is None:
+        import psutil
+
+        standby = int((os.cpu_count() or 1) >= 8 and psutil.virtual_memory().available >= 32 << 30)
     fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
            omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp),
-           checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s)
+           checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s,
+           spawn=_spawn_rank, standby=standby)
     token = AdminToken(elastic_args.admin_token)
     install_routes(app, token, fc)
     return fc, token

@@ -2,7 +2,9 @@
 
 - ``GET /elastic/status``: the failover controller's state, epoch, ranks, widths, recoveries;
 - ``POST /elastic/inject_failure {"rank": r}``: a device loss: SIGKILL rank r's process (its
-  daemon-held memory is dropped by the migration that follows).
+  daemon-held memory is dropped by the migration that follows);
+- ``POST /elastic/add_rank``: scale-up by one rank (202: accepted; it runs as a recovery whose
+  phases show in the status; 409 while a recovery runs or when no wider layout exists).
 
 Every call needs the admin token (``Authorization: Bearer <token>`` or ``X-Elastic-Token``):
 ``--elastic-admin-token``, or one generated at start and written to a 0600 file whose path is
@@ -83,5 +85,15 @@ def install_routes(app, token: AdminToken, controller) -> None:
         os.kill(pid, signal.SIGKILL)
         return JSONResponse({"killed": {"rank": rank, "pid": pid}, "epoch": controller.epoch})
 
+    async def add_rank(request: Request):
+        if not token.check(_presented(request)):
+            return _deny()
+        err, code = controller.request_add_rank()
+        if err:
+            return JSONResponse({"error": err}, status_code=code)
+        return JSONResponse({"accepted": True, "epoch": controller.epoch,
+                             "detail": "a new rank is starting; the scale-up shows in /elastic/status"}, status_code=202)
+
     app.add_api_route("/elastic/status", status, methods=["GET"])
+    app.add_api_route("/elastic/add_rank", add_rank, methods=["POST"])
     app.add_api_route("/elastic/inject_failure", inject_failure, methods=["POST"])

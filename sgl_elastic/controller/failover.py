@@ -52,7 +52,10 @@ logger = logging.getLogger("sgl_elastic.controller.failover")
 HELLO_TIMEOUT_S = 10.0  # default: survivors must check in within this (else: fenced, recovery goes on)
 HUNG_TIMEOUT_S = 5.0  # default: a rank whose heartbeat is this old is fenced (its process does not run)
 READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
-REBUILD_RETRY_S = 25.0  # extra check-in time after a death during the rebuild (> the ranks' bounded rendezvous, 20 s)
+# extra check-in time after a death during the rebuild: the others' rebuild fails within ~1.7x their
+# bounded rendezvous (wire.REBUILD_INIT_TIMEOUT_S), then they check in again
+REBUILD_RETRY_S = 3 * wire.REBUILD_INIT_TIMEOUT_S
+JOIN_TIMEOUT_S = 180.0  # a new rank process must import SGLang and check in within this
 
 
 def _log(msg: str) -> None:
@@ -150,21 +153,33 @@ class FailoverController:
         self.intake_pid = 0  # the process serving rank 0 (request intake, output streaming)
         self.hung_timeout_s = HUNG_TIMEOUT_S
         self.hung_fenced: list[int] = []  # pids fenced because their heartbeat stopped
+        self._delays: dict[str, float] = {}
+        self._spare_hellos: dict[int, bytes] = {}  # hellos of processes no recovery waited for yet (a new rank)
+        self._spawn = None  # spawn(slot, standby) -> started Process of a new rank (the launcher's)
+        self.standby_target = 0  # warm standby processes to keep (--elastic-standby)
+        self.standby: list = []  # warm standby processes (imported, waiting for orders)
+        self._joiners: list = []  # new rank processes not serving yet
+        self._slot_of: dict[int, int] = {}  # pid -> device slot (GPU index offset) of every rank process
+        self._grow_requested = False
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
-            hung_timeout_s: float = HUNG_TIMEOUT_S) -> str:
+            hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
         this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
-        ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat).
+        ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat);
+        ``spawn(slot, standby) -> Process``: start a new rank process on device slot ``slot``
+        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep.
         """
         import zmq
 
         self.layout, self.daemon = layout, daemon
         self.checkin_timeout_s = checkin_timeout_s
         self.hung_timeout_s = hung_timeout_s
+        self._spawn, self.standby_target = spawn, standby
+        self._delays = wire.parse_delays(os.environ.get(wire.ENV_TEST_DELAYS))
         self._on_new_layout = on_new_layout or (lambda layout: None)
         self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
@@ -183,6 +198,7 @@ class FailoverController:
         with self.lock:
             self.ranks = list(procs)
             self.intake_pid = self.ranks[0].pid if self.ranks else 0
+            self._slot_of = {p.pid: i for i, p in enumerate(self.ranks)}
         self.metrics.serving(len(self.ranks), self.epoch)
         if self._thread is None:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
@@ -221,6 +237,7 @@ class FailoverController:
                 "state": self.phase.value, "epoch": self.epoch, "tp_size": len(self.ranks),
                 "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive()} for r, p in enumerate(self.ranks)],
                 "widths": widths,
+                "standby": [p.pid for p in self.standby if p.is_alive()],
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
             }
 
@@ -296,13 +313,23 @@ class FailoverController:
             ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r], timeout=poll)
             if self._wake_r in ready:
                 try:
-                    if self._wake_r.recv() == b"stop":
-                        return
+                    msg = self._wake_r.recv()
                 except EOFError:
                     return
+                if msg == b"stop":
+                    return
+                if msg == b"grow" and self.enabled:
+                    try:
+                        self._grow()
+                    except Exception as e:  # noqa: BLE001 - logged; the server serves at its width
+                        _log(f"ERROR: scale-up failed: {type(e).__name__}: {e}")
+                    finally:
+                        self._grow_requested = False
+                    continue
             dead = [sentinels[s] for s in ready if s in sentinels]
             if not dead and self.enabled and self.phase is Phase.SERVING:
                 self._fence_silent(live)
+                self._keep_standby(live)
                 continue
             if dead and self.enabled:
                 time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
@@ -314,6 +341,81 @@ class FailoverController:
                     self._recover(dead)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
                     _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
+
+    # ---- scale-up ---------------------------------------------------------------------------------------
+    def request_add_rank(self) -> tuple[str | None, int]:
+        """``POST /elastic/add_rank``: (error, http status); None: accepted, the scale-up runs in the
+        controller's thread (a recovery in /elastic/status)."""
+        from sgl_elastic.planner.cmm import plan_migration
+        from sgl_elastic.planner.plan import ClusterChange
+
+        with self.lock:
+            if not self.enabled or self._wake_w is None:
+                return "in-place failover is off (--no-elastic-failover, or tp 1 at start): no scale-up", 409
+            if self._spawn is None:
+                return "scale-up needs the launcher's record of how ranks start (not available)", 409
+            if self.phase is not Phase.SERVING or self._grow_requested:
+                return f"a recovery or scale-up is in progress (phase {self.phase.value}); try again when serving", 409
+            try:
+                plan_migration(self.layout, ClusterChange(added=1))
+            except ValueError as e:
+                return f"cannot add a rank to the {len(self.ranks)} serving: {e}", 409
+            self._grow_requested = True
+        self._wake_w.send(b"grow")
+        return None, 202
+
+    def _free_slot(self) -> int:
+        with self.lock:
+            used = {self._slot_of.get(p.pid, -1) for p in self.ranks if p.is_alive()}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def _keep_standby(self, live: list) -> None:
+        """Keep ``standby_target`` warm standbys, spawned once every rank serves (its heartbeat is up)."""
+        self.standby = [p for p in self.standby if p.is_alive()]
+        if self._spawn is None or len(self.standby) >= self.standby_target:
+            return
+        if self.hung_timeout_s > 0 and not all(os.path.exists(os.path.join(self._dir, f"heartbeat-{p.pid}")) for p in live):
+            return
+        p = self._spawn(-1, True)
+        self.standby.append(p)
+        _log(f"warm standby started (pid {p.pid}): a scale-up will not pay the import")
+
+    def _grow(self) -> None:
+        """Start (or take the standby's) new rank process, wait for its hello, then recover with it."""
+        import signal
+
+        t0 = time.monotonic()
+        self.standby = [p for p in self.standby if p.is_alive()]
+        slot = self._free_slot()
+        joiner = self.standby.pop(0) if self.standby else self._spawn(slot, False)
+        self._joiner_slot = slot
+        self._joiners.append(joiner)
+        _log(f"scale-up: new rank process pid {joiner.pid} (slot {slot}); waiting for it to check in")
+        got: dict[int, bytes] = {}
+        try:
+            while joiner.pid not in got:
+                if joiner.pid in self._spare_hellos:
+                    got[joiner.pid] = self._spare_hellos.pop(joiner.pid)
+                    break
+                if time.monotonic() - t0 > JOIN_TIMEOUT_S:
+                    raise RuntimeError(f"the new rank (pid {joiner.pid}) did not check in within {JOIN_TIMEOUT_S:.0f} s")
+                if not joiner.is_alive():
+                    raise RuntimeError(f"the new rank process (pid {joiner.pid}) exited ({joiner.exitcode}) before joining")
+                with self.lock:
+                    if any(not p.is_alive() for p in self.ranks):
+                        raise RuntimeError("a rank died while the new one was starting: recovering from that first;"
+                                           " ask again")
+                try:
+                    self._collect(got, {joiner.pid}, -1, 0.5, "hello")
+                except _Stragglers:
+                    pass
+        except Exception:
+            self._joiners.remove(joiner)
+            if joiner.is_alive():
+                os.kill(joiner.pid, signal.SIGKILL)
+            raise
+        _log(f"scale-up: the new rank checked in {time.monotonic() - t0:.2f} s after the request")
+        self._recover([], got, joiner=joiner)
 
     def _fence_silent(self, live: list) -> None:
         """SIGKILL every rank whose heartbeat is older than the hung timeout (the sentinel then fires)."""
@@ -337,9 +439,14 @@ class FailoverController:
                 rec.phases_s[old.value] = round(now - self._phase_t0, 4)
             self._phase_rec = rec
             self._phase_t0 = now
+        if new.value in self._delays:  # tests only (wire.ENV_TEST_DELAYS)
+            time.sleep(self._delays[new.value])
 
     # ---- recovery -------------------------------------------------------------------------------------
-    def _recover(self, dead: list, hellos: dict[int, bytes] | None = None, checkin_s: float | None = None) -> None:
+    def _recover(self, dead: list, hellos: dict[int, bytes] | None = None, checkin_s: float | None = None,
+                 joiner=None) -> None:
+        """Recover from the death of ``dead`` (processes of the current ranks), or, with ``joiner``
+        (a new rank process that said hello), grow by one rank: the ranks are asked to regroup."""
         from sgl_elastic.planner.cmm import plan_migration
         from sgl_elastic.planner.plan import ClusterChange
 
@@ -352,31 +459,30 @@ class FailoverController:
             epoch = self.epoch
         hung = [p.pid for p in dead if p.pid in self.hung_fenced]
         why = f"rank(s) {failed} died (pids {[p.pid for p in dead]})" + (f"; hung (fenced): {hung}" if hung else "")
+        if joiner is not None:
+            why = f"scale-up: a new rank (pid {joiner.pid}) joins the {len(ranks)} serving"
         rec = Recovery(epoch=epoch, reason=why,
                        failed_ranks=failed, tp_before=len(ranks), t_fault=t_fault)
         self.recoveries.append(rec)
-        survivors = [p for i, p in enumerate(ranks) if i not in failed]
+        survivors = [p for i, p in enumerate(ranks) if i not in failed] + ([joiner] if joiner is not None else [])
         self._to(rec, Phase.FROZEN, rec.reason)
+        if joiner is not None:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
+            with open(wire.regroup_path(os.environ[wire.ENV_CONTROL]), "w") as f:
+                f.write(str(epoch))
         try:
             if not survivors:
                 raise RuntimeError("no rank survived")
             # planning
             self._to(rec, Phase.PLANNING, f"{len(survivors)} survivors")
-            plan = plan_migration(self.layout, ClusterChange(failed=tuple(failed)))
+            plan = plan_migration(self.layout, ClusterChange(failed=tuple(failed), added=1 if joiner is not None else 0))
             # migrating (survivors tear down meanwhile and check in)
             self._to(rec, Phase.MIGRATING, f"plan: keep {plan.keep_bytes / 1e6:.1f} MB, peer"
                      f" {plan.peer_bytes / 1e6:.1f} MB, reload {plan.reload_bytes / 1e6:.1f} MB"
                      f" (lower bound {plan.lower_bound_reload_bytes / 1e6:.1f} MB)")
-            hellos = {pid: ident for pid, ident in (hellos or {}).items() if pid in {p.pid for p in survivors}}
-            with self.daemon.proc.client(timeout=60.0) as c:
-                t0 = time.monotonic()
-                summary = c.apply_migration(plan)
-                rec.migration = {"seconds": round(time.monotonic() - t0, 4), "keep_bytes": summary.keep_bytes,
-                                 "peer_bytes": summary.peer_bytes, "reload_bytes": summary.reload_bytes,
-                                 "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
-                                 "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s,
-                                 "predicted_s": summary.predicted_s}
-            self.daemon.layout = plan.new_layout
+            alive = {p.pid for p in survivors}
+            hellos = {pid: self._spare_hellos.pop(pid) for pid in list(self._spare_hellos) if pid in alive} | {
+                pid: ident for pid, ident in (hellos or {}).items() if pid in alive}
+            daemon_dir = self._migrate(rec, plan)
             # reconfiguring
             self._to(rec, Phase.RECONFIGURING, f"migrated in {rec.migration['seconds']:.3f} s")
             new_tp = plan.new_layout.tp_size
@@ -384,6 +490,8 @@ class FailoverController:
             for old_rank, p in enumerate(ranks):
                 if plan.old2new_rank[old_rank] >= 0:
                     new_ranks[plan.old2new_rank[old_rank]] = p
+            if joiner is not None:
+                new_ranks[plan.new2slot.index(len(ranks))] = joiner
             try:
                 self._collect(hellos, {p.pid for p in survivors}, epoch, checkin_s or self.checkin_timeout_s, "hello")
             except _Stragglers as s:
@@ -394,7 +502,7 @@ class FailoverController:
             bind = self._omp_bind(new_tp)
             layout_bytes = plan.new_layout.to_bytes()
             takeover = b""
-            if self.intake_pid not in {p.pid for p in survivors}:  # rank 0 died: a survivor takes over
+            if new_ranks[0].pid != self.intake_pid:  # rank 0 died (or moves): the new rank 0 takes over
                 takeover = self._takeover()
                 _log(f"rank 0's process is gone: rank 0 of epoch {epoch} (pid {new_ranks[0].pid}) takes over"
                      f" its intake ({len(takeover)} bytes of request state)")
@@ -402,7 +510,8 @@ class FailoverController:
                 new_rank = new_ranks.index(p)
                 self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
                     epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
-                    omp_bind=bind, takeover=takeover if new_rank == 0 else b""))])
+                    omp_bind=bind, takeover=takeover if new_rank == 0 else b"", daemon_dir=daemon_dir,
+                    gpu_slot=self._joiner_slot if p is joiner else -1))])
             readies: dict[int, wire.RankReady] = {}
             failed_builds: dict[int, str] = {}
             try:
@@ -418,6 +527,9 @@ class FailoverController:
                 self.ranks = new_ranks
                 self.layout = plan.new_layout
                 self.intake_pid = new_ranks[0].pid
+                if joiner is not None:
+                    self._slot_of[joiner.pid] = self._joiner_slot
+                    self._joiners = [j for j in self._joiners if j is not joiner]
             self._on_new_layout(plan.new_layout)
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
@@ -435,7 +547,7 @@ class FailoverController:
         except _Retry:
             return self._without(rec, *straggle)
         except Exception as e:
-            migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING)
+            migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING) or joiner is not None
             rec.outcome = f"failed: {type(e).__name__}: {e}"
             self._to(rec, Phase.FAILED, rec.outcome)
             self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
@@ -443,6 +555,39 @@ class FailoverController:
                 self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
             self._fallback(rec, migrated)
             raise
+
+    def _migrate(self, rec: Recovery, plan) -> str:
+        """Run ``plan`` in the daemon. A daemon that is dead (before or during the migration) is
+        replaced by a new one loading the new layout from the checkpoint: every byte is read again
+        (its memory died with it); the ranks serve from their old mappings until they rebuild.
+        Returns the run dir the rebuilt ranks attach to ("": unchanged)."""
+        from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
+
+        t0 = time.monotonic()
+        if self.daemon.alive():
+            try:
+                with self.daemon.proc.client(timeout=60.0) as c:
+                    summary = c.apply_migration(plan)
+                rec.migration = {"seconds": round(time.monotonic() - t0, 4), "keep_bytes": summary.keep_bytes,
+                                 "peer_bytes": summary.peer_bytes, "reload_bytes": summary.reload_bytes,
+                                 "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
+                                 "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s,
+                                 "predicted_s": summary.predicted_s}
+                self.daemon.layout = plan.new_layout
+                return ""
+            except (DaemonUnavailable, DaemonError, OSError) as e:
+                if self.daemon.alive():
+                    raise
+                _log(f"the state daemon died during the migration ({type(e).__name__}: {e})")
+        _log("ERROR: the state daemon is gone: starting a new one, which loads the new layout from the checkpoint"
+             " (every byte again: its memory died with it)")
+        self.daemon.layout = plan.new_layout
+        self.daemon.ensure()
+        with self.daemon.proc.client(timeout=30.0) as c:
+            read = c.stats().checkpoint_bytes_read
+        rec.migration = {"seconds": round(time.monotonic() - t0, 4), "daemon_restarted": 1.0,
+                         "reload_bytes": read, "file_bytes_read": read}
+        return self.daemon.proc.run_dir
 
     def _fence_hung_first(self, s: _Stragglers, hellos: dict, pids: set[int], epoch: int) -> _Stragglers:
         """Of the survivors that did not check in, some may only be blocked in a collective with a
@@ -527,7 +672,7 @@ class FailoverController:
 
         def check_dead() -> None:
             with self.lock:
-                dead = [p for p in self.ranks if p.pid in pids and not p.is_alive()]
+                dead = [p for p in self.ranks + self._joiners if p.pid in pids and not p.is_alive()]
             if dead:
                 raise _Stragglers([p.pid for p in dead], f"rank pid(s) {[p.pid for p in dead]} died during the recovery")
 
@@ -537,6 +682,7 @@ class FailoverController:
             done = set(into) | set(failed or {})
             if pids <= done:
                 if not failed:
+                    check_dead()  # a rank that answered, then died (its message was queued)
                     return
                 settle = settle or time.monotonic() + 0.5
                 if time.monotonic() >= settle:
@@ -563,6 +709,8 @@ class FailoverController:
                 if kind == "hello" and msg.pid in pids:
                     into[msg.pid] = ident
                     _log(f"rank {msg.rank} (pid {msg.pid}) checked in: {msg.reason}")
+                else:  # a new rank (or one this recovery does not wait for): kept for the one that will
+                    self._spare_hellos[msg.pid] = ident
             elif isinstance(msg, wire.RankReady) and msg.epoch == epoch and kind == "ready":
                 into[msg.pid] = msg
             elif isinstance(msg, wire.RankFailed) and msg.epoch == epoch:

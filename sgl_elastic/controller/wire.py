@@ -15,10 +15,32 @@ from __future__ import annotations
 import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
-           "ENV_HEARTBEAT", "heartbeat_path"]
+           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
+# Fault-injection timing aid for tests (like SGLang's SGLANG_TEST_CRASH_*): "phase=seconds,...": the
+# controller stays that long in each named recovery phase; "rebuild=seconds": survivors wait that
+# long before building their new scheduler. So a test can kill a second rank inside a given phase.
+ENV_TEST_DELAYS = "SGLE_TEST_DELAYS"
+# A rebuilding rank's bound on its new group's rendezvous and init collectives (seconds): a peer that
+# died before joining makes the rebuild fail within about 1.7x this (torch's TCPStore connect retry).
+REBUILD_INIT_TIMEOUT_S = 5.0
+
+
+def regroup_path(control_addr: str) -> str:
+    """The file the controller creates to ask the serving ranks to regroup (rank 0 takes it)."""
+    import os
+
+    return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), "regroup")
+
+
+def parse_delays(spec: str | None) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        name, _, secs = item.partition("=")
+        out[name.strip()] = float(secs)
+    return out
 
 
 def heartbeat_path(control_addr: str, pid: int) -> str:
@@ -51,6 +73,8 @@ class Reconfigure(msgspec.Struct, tag="reconfigure", frozen=True, kw_only=True):
     # {rid: (output ids the tokenizer manager received, tokenized input or None)} of every request
     # it still waits for (what to re-submit, and where each stream stands). Empty otherwise.
     takeover: bytes = b""
+    daemon_dir: str = ""  # the daemon was replaced (the old one died): attach to this run dir
+    gpu_slot: int = -1  # a new rank only: its device slot (GPU base_gpu_id + slot * gpu_id_step); -1: keep
 
 
 class Retire(msgspec.Struct, tag="retire", frozen=True, kw_only=True):

@@ -152,7 +152,7 @@ def load_plugin() -> None:
     """
     from sgl_elastic.daemon.launch import ENV_DIR as DAEMON_ENV
 
-    from sgl_elastic.controller.wire import ENV_CONTROL, ENV_HEARTBEAT
+    from sgl_elastic.controller.wire import ENV_CONTROL, ENV_HEARTBEAT, ENV_TEST_DELAYS, parse_delays
 
     layout_env, daemon_dir = os.environ.get(ENV_VAR), os.environ.get(DAEMON_ENV)  # read once, here
     control, heartbeat = os.environ.get(ENV_CONTROL), os.environ.get(ENV_HEARTBEAT)
@@ -172,7 +172,8 @@ def load_plugin() -> None:
         if control:  # in-place failover: survivors of a dead rank rebuild instead of exiting
             from sgl_elastic.patches import reconfigure
 
-            reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0)
+            reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0,
+                                         parse_delays(os.environ.get(ENV_TEST_DELAYS)).get("rebuild", 0.0))
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

@@ -37,11 +37,13 @@ import time
 from sgl_elastic.controller import wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
-           "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels"]
+           "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels",
+           "join", "Regroup", "RegroupRequested", "maybe_regroup"]
 
 _control_addr: str | None = None  # read once at plugin load
 _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
 _heartbeat: "threading.Thread | None" = None
+_rebuild_delay_s = 0.0  # tests only: wait before building the new scheduler (wire.ENV_TEST_DELAYS)
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
@@ -58,10 +60,11 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
           "cur_decode_ids_len")
 
 
-def set_control_addr(addr: str | None, heartbeat_s: float = 0.0) -> None:
-    global _control_addr, _heartbeat_s
+def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0) -> None:
+    global _control_addr, _heartbeat_s, _rebuild_delay_s
     _control_addr = addr or None
     _heartbeat_s = heartbeat_s
+    _rebuild_delay_s = rebuild_delay_s
 
 
 def start_heartbeat() -> None:
@@ -145,6 +148,45 @@ def drop_resubmitted(reqs: list) -> list:
 def note_channels(ch) -> None:
     """A scheduler made new channels (kept until the next one: a rebuild that fails closes them)."""
     _built_channels[:] = [ch]
+
+
+class Regroup:
+    """Marker rank 0 broadcasts with a step's requests: every rank leaves its group at that step
+    (the controller asked for it: a scale-up), tears down and checks in like a failure's survivor."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getstate__(self):
+        return self.epoch
+
+    def __setstate__(self, s):
+        self.epoch = s
+
+
+class RegroupRequested(RuntimeError):
+    pass
+
+
+_regroup_seen_t = 0.0
+
+
+def maybe_regroup(reqs: list) -> list:
+    """Rank 0's pull: if the controller left its regroup request (a file in its run dir; checked at
+    most every 50 ms), take it and append a ``Regroup`` marker to this step's broadcast."""
+    global _regroup_seen_t
+    now = time.monotonic()
+    if not _control_addr or now - _regroup_seen_t < 0.05:
+        return reqs
+    _regroup_seen_t = now
+    try:
+        os.unlink(wire.regroup_path(_control_addr))
+    except FileNotFoundError:
+        return reqs
+    log("the controller asks the ranks to regroup (a rank joins): broadcasting it with this step")
+    return list(reqs) + [Regroup(_epoch)]
 
 
 def take_channels():
@@ -308,7 +350,7 @@ def _close_channels(ch) -> None:
             s.close(linger=0)
 
 
-def _ask_controller(old_rank: int, reason: str):
+def _ask_controller(old_rank: int, reason: str, wait_s: float = HELLO_TIMEOUT_S):
     import zmq
 
     ctx = zmq.Context.instance()
@@ -317,11 +359,11 @@ def _ask_controller(old_rank: int, reason: str):
     sock.connect(_control_addr)
     try:
         sock.send(wire.encode(wire.RankHello(epoch=_epoch, rank=old_rank, pid=os.getpid(), reason=reason)))
-        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        deadline = time.monotonic() + wait_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000)):
-                raise TimeoutError(f"no orders from the failover controller within {HELLO_TIMEOUT_S:.0f} s")
+                raise TimeoutError(f"no orders from the failover controller within {wait_s:.0f} s")
             msg = wire.decode(sock.recv())
             if msg.epoch <= _epoch:
                 continue  # an older epoch's message
@@ -388,7 +430,7 @@ def _take_over(records: list, takeover: bytes) -> tuple[list, int, int]:
 
 
 REBUILDS = 3  # attempts at rebuilding (a peer that dies during the rebuild makes it fail: ask again)
-REBUILD_INIT_TIMEOUT_S = 20.0  # bound on the new group's rendezvous and init collectives (then restored)
+REBUILD_INIT_TIMEOUT_S = wire.REBUILD_INIT_TIMEOUT_S  # bound on the new group's rendezvous and init (then restored)
 
 
 def _restore_timeouts() -> None:
@@ -428,9 +470,19 @@ def failover(old, reason: str):
     _teardown_groups()
     del old, reqs
     gc.collect()
+    return _build(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0)
+
+
+def join(server_args, port_args, gpu_id: int, reason: str, wait_s: float, t0: float):
+    """A new rank process (``patches.join``): get orders, build the scheduler (no requests to resume)."""
+    return _build(-1, gpu_id, reason, [], [], None, server_args, port_args, t0, wait_s)
+
+
+def _build(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0,
+           wait_s: float = HELLO_TIMEOUT_S):
     for attempt in range(1, REBUILDS + 1):
         try:
-            return _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0)
+            return _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0, wait_s)
         except _RebuildFailed as e:
             if attempt == REBUILDS:
                 raise e.__cause__ from None
@@ -448,7 +500,7 @@ class _RebuildFailed(Exception):
 
 
 
-def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0):
+def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0, wait_s):
     global _epoch, _inject, _reuse_channels
     import copy
 
@@ -460,7 +512,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
 
     t_down = time.perf_counter()
     # Step 2: orders.
-    order, sock = _ask_controller(old_rank, reason)
+    order, sock = _ask_controller(old_rank, reason, wait_s)
     t_order = time.perf_counter()
     records = list(records)
     port_args = copy.copy(port_args)
@@ -471,6 +523,8 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         os.environ[state.ENV_VAR] = state.encode(layout)
         if order.omp_bind:
             os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = order.omp_bind
+        if order.daemon_dir:  # the old daemon died; the controller started a new one
+            daemon_link.set_run_dir(order.daemon_dir)
         daemon_link.reset_attachment()
         if channels is not None and order.rank == 0 and old_rank == 0:
             _reuse_channels = channels
@@ -483,6 +537,8 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         port_args.nccl_port = order.dist_port
         if getattr(server_args, "device", None) == "cpu":
             gpu_id = order.rank  # on CPU the "gpu id" is the index into SGLANG_CPU_OMP_THREADS_BIND
+        elif order.gpu_slot >= 0:  # a new rank: the device the controller gave it
+            gpu_id = server_args.base_gpu_id + order.gpu_slot * server_args.gpu_id_step
         reset_context()  # SGLang's "runtime lifecycle reset": flags, resources (EPLB metadata), overrides
         publish(new_args, role="scheduler", ranks=SpawnRanks(world_rank=order.rank, dp_rank=None, gpu_id=gpu_id))
         try:
@@ -491,6 +547,8 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
             setproctitle.setproctitle(f"sglang::scheduler_TP{order.rank}")
         except ImportError:
             pass
+        if _rebuild_delay_s:
+            time.sleep(_rebuild_delay_s)
         sched = Scheduler(new_args, port_args)
         _restore_timeouts()
         _reuse_channels = None

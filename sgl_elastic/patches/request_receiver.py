@@ -23,7 +23,7 @@ def pull_raw_reqs(original, self):
     """SchedulerRequestReceiver._pull_raw_reqs: the first pull of a new epoch leads with what was resumed."""
     out = original(self)
     if out is not None:
-        out = rc.drop_resubmitted(out)
+        out = rc.maybe_regroup(rc.drop_resubmitted(out))
         lead = rc.take_injected()
         if lead:
             out = lead + list(out)

@@ -50,7 +50,11 @@ def handle_generate_request(original, self, recv_req, *args, **kwargs):
 
 
 def process_input_requests(original, self, recv_reqs):
-    """Scheduler.process_input_requests: re-create resumed requests with their output so far."""
+    """Scheduler.process_input_requests: re-create resumed requests with their output so far; a
+    ``Regroup`` marker (scale-up) takes this rank out of its group once the step's requests are queued."""
+    if recv_reqs and any(isinstance(r, rc.Regroup) for r in recv_reqs):
+        process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, rc.Regroup)])
+        raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
     if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
         return original(self, recv_reqs)
     rest = []

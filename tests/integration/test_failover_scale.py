@@ -1,0 +1,174 @@
+"""Failures in a row down to one rank, then scale-up back (``POST /elastic/add_rank``), on one server.
+
+Tiny Qwen3-MoE, float32, ``--tp 3 --elastic-standby 1`` (one warm standby process, imported and
+waiting). With requests in flight at every step (native /generate batches, streaming /generate,
+the ``openai`` client streaming, an SGLang frontend program):
+1. rank 0 is killed (3 -> 2: a survivor takes over the intake), then rank 1 (2 -> 1: tp 1, no
+   collective);
+2. ``add_rank`` (1 -> 2) uses the standby; a second ``add_rank`` while it runs gets 409; then
+   ``add_rank`` again (2 -> 3) with a fresh or refilled standby; widths end balanced;
+3. the admin API refuses add_rank without the token (401);
+every request completes with HF's greedy tokens, each stream once; /health never fails.
+
+The endurance run (``slow``): 10 recoveries in a row, kills and add_ranks alternating (3 <-> 2);
+the ranks' RSS and the daemon's shared memory at rest must not grow from cycle to cycle.
+"""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.server import ServerProcess
+
+from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _frontend_program,
+                                             _generate, _generate_stream, _openai_stream, _status)
+from tests.integration.test_failover_hard import _wait_serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+FAMILY = "qwen3-moe"
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models):
+    return hf_greedy(str(tiny_models[FAMILY]), PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "1"])
+    srv.start()
+    yield srv
+    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+    log_path = srv.log_path
+    srv.stop()
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"server processes left running: {alive}"
+    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log_path.read_text(errors="replace"))}
+    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
+    assert not left, f"daemon segments left in /dev/shm: {left}"
+
+
+class Clients:
+    """A client mix in threads: /generate, streaming /generate, openai streaming, a frontend program."""
+
+    def __init__(self, url, refs=None):
+        self.results, self.errors, self.refs = {}, [], refs or {}
+        jobs = [(i, _generate, p) for i, p in enumerate(PROMPTS)]
+        jobs += [(f"s{i}", _generate_stream, p) for i, p in enumerate(PROMPTS)]
+        if refs:
+            jobs += [("openai", _openai_stream, "hello world"), ("sgl", _frontend_program)]
+        self.threads = [threading.Thread(target=self._run, args=(k, fn, url, *a)) for k, fn, *a in jobs]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, key, fn, *a):
+        try:
+            self.results[key] = fn(*a)
+        except Exception as e:  # noqa: BLE001 - reported by check()
+            self.errors.append(f"{key}: {type(e).__name__}: {e}")
+
+    def check(self, want):
+        for t in self.threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in self.threads), "a request did not finish within 300 s"
+        assert not self.errors, self.errors
+        assert [self.results[i] for i in range(len(PROMPTS))] == want
+        assert [self.results[f"s{i}"] for i in range(len(PROMPTS))] == want
+        for k, v in self.refs.items():
+            assert self.results[k] == v, (k, self.results[k], v)
+
+
+def _add_rank(url):
+    return requests.post(url + "/elastic/add_rank", headers=AUTH, timeout=30)
+
+
+def _standby(url, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = _status(url)
+        if s["standby"]:
+            return s["standby"][0]
+        time.sleep(0.5)
+    raise AssertionError(f"no warm standby within {timeout} s: {_status(url)}")
+
+
+def test_down_to_one_then_scale_up(server, want):
+    url = server.url
+    refs = {"openai": _openai_stream(url, "hello world"), "sgl": _frontend_program(url)}
+    probe = HealthProbe(url)
+    probe.start()
+    for victim, tp in ((0, 3), (1, 2)):  # failures in a row, rank 0 first
+        pid = next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == victim)
+        load = Clients(url, refs)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        load.check(want)
+        s = _wait_serving(url, tp - 1)
+        assert s["recoveries"][-1]["failed_ranks"] == [victim]
+
+    assert requests.post(url + "/elastic/add_rank", timeout=30).status_code == 401
+    standby = _standby(url)
+    for tp in (1, 2):  # scale-up with requests in flight
+        load = Clients(url, refs if tp == 1 else None)
+        time.sleep(0.5)
+        r = _add_rank(url)
+        assert r.status_code == 202, r.text
+        again = _add_rank(url)
+        assert again.status_code == 409 and "in progress" in again.json()["error"], again.text
+        s = _wait_serving(url, tp + 1, timeout=240)
+        load.check(want)
+        rec = s["recoveries"][-1]
+        assert rec["outcome"] == "ok" and rec["tp_after"] == tp + 1 and rec["failed_ranks"] == []
+        assert {"frozen", "planning", "migrating", "reconfiguring", "resuming"} <= set(rec["phases_s"])
+        if tp == 1:
+            assert str(standby) in rec["reason"] and standby in [x["pid"] for x in s["ranks"]]
+        assert max(s["widths"]) - min(s["widths"]) <= 1, s["widths"]
+        assert [_generate(url, p) for p in PROMPTS] == want
+    assert not probe.finish()
+
+
+def _footprint(url, daemon_pid):
+    ranks = [psutil.Process(r["pid"]) for r in _status(url)["ranks"]]
+    rss = sum(p.memory_info().rss for p in ranks) / len(ranks)
+    shm = sum(e.stat().st_size for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{daemon_pid}-"))
+    return rss, shm
+
+
+@pytest.mark.slow
+def test_endurance_kills_and_add_ranks(server, want):
+    url = server.url
+    log = server.log_path.read_text(errors="replace")
+    daemon_pid = int(re.findall(r"daemon pid (\d+) started", log)[-1])
+    if _status(url)["tp_size"] != 3:
+        assert _add_rank(url).status_code == 202
+        _wait_serving(url, 3, timeout=240)
+    marks = {2: [], 3: []}
+    for i in range(10):
+        tp = _status(url)["tp_size"]
+        load = Clients(url)
+        time.sleep(0.5)
+        if tp == 3:
+            pid = next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == i % 3)
+            os.kill(pid, signal.SIGKILL)
+            s = _wait_serving(url, 2)
+        else:
+            assert _add_rank(url).status_code == 202
+            s = _wait_serving(url, 3, timeout=240)
+        load.check(want)
+        assert s["recoveries"][-1]["outcome"] == "ok"
+        rss, shm = _footprint(url, daemon_pid)
+        marks[s["tp_size"]].append((rss, shm))
+        print(f"recovery {i + 1}: tp {tp} -> {s['tp_size']}, mean rank RSS {rss / 2**20:.0f} MiB,"
+              f" daemon shm {shm / 2**20:.1f} MiB, recovery {s['recoveries'][-1]['recovery_s']:.2f} s")
+    for tp, m in marks.items():  # at rest at the same width: no growth from cycle to cycle
+        assert max(x[1] for x in m) <= m[0][1] * 1.05 + (1 << 20), (tp, m)
+        assert max(x[0] for x in m[1:]) <= m[0][0] * 1.25 + (64 << 20), (tp, m)
