@@ -90,3 +90,85 @@ def test_rank_shards_are_in_sglang_fused_order(preset):
             if ".experts." in group[0] and kinds[0] in ("gate_proj", "w1"):
                 experts = [int(n.split(".experts.")[1].split(".")[0]) for n in group]
                 assert experts == sorted(experts) and kinds[:2] in (["gate_proj", "up_proj"], ["w1", "w3"])
+
+
+def test_new_wire_fields_and_paths():
+    m = wire.Reconfigure(epoch=2, rank=0, tp_size=2, layout=b"x", dist_port=1, omp_bind="", takeover=b"\x80",
+                         daemon_dir="/tmp/d", gpu_slot=3)
+    assert wire.decode(wire.encode(m)) == m
+    old = wire.Reconfigure(epoch=2, rank=0, tp_size=2, layout=b"x", dist_port=1, omp_bind="")
+    assert (old.takeover, old.daemon_dir, old.gpu_slot) == (b"", "", -1)
+    assert wire.parse_delays("frozen=2,rebuild=0.5") == {"frozen": 2.0, "rebuild": 0.5}
+    assert wire.parse_delays("") == {} and wire.parse_delays(None) == {}
+    with pytest.raises(ValueError):
+        wire.parse_delays("frozen=soon")
+    assert wire.heartbeat_path("ipc:///run/x/control.sock", 42) == "/run/x/heartbeat-42"
+    assert wire.regroup_path("ipc:///run/x/control.sock") == "/run/x/regroup"
+
+
+def test_silent_rank_is_hung_only_past_the_timeout(tmp_path):
+    import os
+    import time
+
+    from sgl_elastic.controller.failover import FailoverController
+
+    fc = FailoverController()
+    fc._dir, fc.hung_timeout_s = str(tmp_path), 3.0
+    assert fc.silent_s(7) == 0.0 and fc._hung([7]) == []  # no heartbeat yet: not judged
+    beat = tmp_path / "heartbeat-7"
+    beat.touch()
+    assert fc._hung([7]) == []
+    os.utime(beat, (time.time() - 10, time.time() - 10))
+    assert fc._hung([7]) == [7] and fc.silent_s(7) > 9
+    fc.hung_timeout_s = 0.0  # off
+    assert fc._hung([7]) == []
+
+
+def _req(prompt, out, sent):
+    """A real SGLang Req that generated ``out`` and streamed the first ``sent`` tokens."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req("r", "", list(prompt), SamplingParams(max_new_tokens=32))
+    stream = []
+    req.output_ids = list(out[:sent])
+    if sent:
+        stream += _send(req)
+    req.output_ids = list(out)
+    return req, stream
+
+
+def _send(req):
+    """What SGLang's output streamer sends for ``req`` now (its offsets move as SGLang moves them)."""
+    ids, _ = req.init_incremental_detokenize()
+    chunk = ids[req.send_decode_id_offset:]
+    req.send_decode_id_offset = len(ids)
+    req.send_token_offset = len(req.output_ids)
+    return chunk
+
+
+@pytest.mark.parametrize("out,sent,delivered", [
+    ([5, 6], 2, [5, 6, 7]),  # the dead rank 0 streamed a token the survivors never processed
+    ([5, 6, 7], 3, [5, 6]),  # it died before streaming a step they processed
+    ([5, 6, 7], 3, [5, 6, 7]),  # in step
+    ([5], 1, []),  # the client saw nothing
+    ([5, 6, 9], 3, [5, 6, 7]),  # the survivors' continuation diverged from what the client saw
+])
+def test_align_streams_no_token_twice_or_missing(out, sent, delivered):
+    from sgl_elastic.patches.reconfigure import _align
+
+    prompt = [1, 2, 3, 4, 8, 9, 10]
+    client_req, _ = _req(prompt, delivered, len(delivered))  # what the detokenizer holds for the client
+    client = _send(_req(prompt, delivered, 0)[0]) if delivered else []
+    req, _ = _req(prompt, out, sent)
+    _align(req, delivered)
+    assert req.output_ids[:len(delivered)] == delivered and req.send_token_offset == len(delivered)
+    req.output_ids.append(11)  # the next decode step after the resume
+    chunk = _send(req)
+    full = req.output_ids
+    prefix = _send(_req(prompt, full, 0)[0])[:-len(full)]  # surrounding prompt ids of the first send
+    if delivered:
+        assert client + chunk == prefix + full, (client, chunk)
+    else:
+        assert chunk == prefix + full
+    assert full[:len(delivered)] == delivered and full[-1] == 11
