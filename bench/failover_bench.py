@@ -197,11 +197,19 @@ def _wait_recovered(srv: ServerProcess, tp_after: int, num_recoveries_before: in
                        f" tp_size {s.get('tp_size')}")
 
 
-def _wait_tfs(load: Load, t_kill: float, timeout_s: float = 1800) -> float | None:
+def _wait_tfs(load: Load, t_kill: float, srv: ServerProcess, timeout_s: float = 1800) -> float | None:
+    """TFS of the kill at ``t_kill`` (``Load.first_token_after``); None if ``srv`` exits first or
+    ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
-    while load.first_token_after(t_kill) is None and time.monotonic() < deadline:
+    while load.first_token_after(t_kill) is None and time.monotonic() < deadline and srv.proc.poll() is None:
         time.sleep(0.05)
     return load.first_token_after(t_kill)
+
+
+def _no_tfs_why(srv: ServerProcess) -> str:
+    rc = srv.proc.poll()
+    return (f"no token of a successful request after the kill: the server exited ({rc})" if rc is not None
+            else "no token of a successful request after the kill within the timeout") + f"; log {srv.log_path}"
 
 
 def run_elastic(model: str, args, rep: int) -> dict:
@@ -211,7 +219,7 @@ def run_elastic(model: str, args, rep: int) -> dict:
     step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
     srv = ServerProcess(model, tp_size=args.tp, extra_args=list(FLAGS), start_timeout_s=1800)
     srv.start()
-    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s}
+    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
     load: Load | None = None
     peak: ShmPeak | None = None
     try:
@@ -234,11 +242,13 @@ def run_elastic(model: str, args, rep: int) -> dict:
                           "killed_rank": args.kill_rank, "killed_pid": pid}
             steps.append(step)
             # Step 2: first token of a successful request after the kill; serving at tp-1 again.
-            step["tfs_s"] = _wait_tfs(load, t_kill)
+            step["tfs_s"] = _wait_tfs(load, t_kill, srv)
             try:
+                if step["tfs_s"] is None:
+                    raise RuntimeError(_no_tfs_why(srv))
                 rec = _wait_recovered(srv, tp_before - 1, num_recoveries_before, 600)
-            except RuntimeError as e:
-                step["error"] = str(e)
+            except (RuntimeError, requests.RequestException) as e:
+                step["error"] = f"{type(e).__name__}: {e}"
                 step["requests_failed"] = load.failed - failed_before
                 break
             step.update(recovery_s=rec["recovery_s"], phases_s=rec["phases_s"], migration=rec["migration"],
@@ -283,7 +293,9 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
     srv.start()
     second: ServerProcess | None = None
     res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s, "tp_before": tp,
-                 "tp_after": tp - 1 if mode == "reload" else tp, "killed_rank": args.kill_rank}
+                 "tp_after": tp - 1 if mode == "reload" else tp, "killed_rank": args.kill_rank,
+                 "server_log": str(srv.log_path)}
+    load: Load | None = None
     try:
         _decode_tput(srv.url, 1, 4, args.seed)  # warm-up
         load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep).start()
@@ -299,10 +311,13 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
             res["teardown_s"] = time.perf_counter() - t_kill
             srv.stop()
             second = ServerProcess(model, tp_size=tp - 1, extra_args=extra, start_timeout_s=1800)
+            res["restart_server_log"] = str(second.log_path)
             second.start()
             res["restart_start_s"] = second.start_s
             load.url = second.url
-        res["tfs_s"] = _wait_tfs(load, t_kill)
+        res["tfs_s"] = _wait_tfs(load, t_kill, second or srv)
+        if res["tfs_s"] is None:
+            raise RuntimeError(_no_tfs_why(second or srv))
         time.sleep(args.after_s)
         load.finish()
         res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)  # failed: attempts
@@ -311,6 +326,8 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
             res["decode_tok_s_after"] = _decode_tput(second.url, args.clients, args.tput_tokens, args.seed)
         return res
     finally:
+        if load is not None:
+            load.finish()
         if second is not None:
             second.stop()
         srv.stop()
