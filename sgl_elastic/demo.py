@@ -4,10 +4,11 @@
 
 Builds (or finds) the tiny checkpoint, starts ``python -m sgl_elastic.launch_server --tp 3`` on
 127.0.0.1 (state daemon and failover are on by default), sends a ``/generate`` request and an
-OpenAI chat completion and prints the answers. Then, while a stream of requests runs (some
-streaming), one rank's process is killed with SIGKILL: the same server goes on at tp 2 on the
-survivors, in place; the demo prints the recovery's phases (``/elastic/status``), whether every
-request completed, and whether the answers are identical to those before the failure.
+OpenAI chat completion and prints the answers. Then, while requests run (some streaming), rank 1's
+process is killed with SIGKILL (the same server goes on at tp 2 on the survivors, in place), then
+rank 0's (a survivor takes over the request intake: tp 1), then ``POST /elastic/add_rank`` brings a
+rank back (tp 2). After each, the demo prints the recovery's phases (``/elastic/status``), whether
+every request completed, and whether the answers are identical to those before the failure.
 Keeps serving until Ctrl-C (``--once``: stop after the demo).
 """
 
@@ -100,11 +101,28 @@ def _ask(url: str, prompt: str, stream: bool) -> str:
 
 
 def failover_demo(server: ServerProcess) -> None:
-    """A stream of requests; SIGKILL of rank 1 in the middle; the phases; the answers compared."""
-    url, auth = server.url, {"Authorization": f"Bearer {TOKEN}"}
+    """Requests in flight through three changes: SIGKILL of rank 1, SIGKILL of rank 0 (a survivor
+    takes over the intake), then ``POST /elastic/add_rank`` (a new rank joins); phases and answers."""
+    url = server.url
     before = [_ask(url, p, stream=False) for p in PROMPTS]
-    status = requests.get(url + "/elastic/status", headers=auth, timeout=30).json()
-    print(f"[demo] tp {status['tp_size']}, KV-head widths {status['widths']}; starting {len(PROMPTS)} requests"
+    status = _status(url)
+    steps = [("kill", 1), ("kill", 0), ("add", None)] if status["tp_size"] >= 3 else [("kill", 1), ("add", None)]
+    for action, rank in steps:
+        _step(url, action, rank, before)
+    t1 = time.perf_counter()
+    again = _ask(url, PROMPTS[0], stream=False)
+    print(f"[demo] a new request at the end: {time.perf_counter() - t1:.2f} s, same answer: {again == before[0]}",
+          flush=True)
+
+
+def _status(url: str) -> dict:
+    return requests.get(url + "/elastic/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+
+
+def _step(url: str, action: str, rank: int | None, before: list[str]) -> None:
+    status = _status(url)
+    tp = status["tp_size"]
+    print(f"[demo] tp {tp}, KV-head widths {status['widths']}; starting {len(PROMPTS)} requests"
           " (half of them streaming)", flush=True)
     answers, errors = {}, []
 
@@ -118,26 +136,34 @@ def failover_demo(server: ServerProcess) -> None:
     for t in threads:
         t.start()
     time.sleep(1.0)
-    victim = next(r for r in status["ranks"] if r["rank"] == 1)
-    print(f"[demo] kill -9 rank 1 (pid {victim['pid']}) while they run", flush=True)
     t0 = time.perf_counter()
-    os.kill(victim["pid"], signal.SIGKILL)
+    if action == "kill":
+        victim = next(r for r in status["ranks"] if r["rank"] == rank)
+        print(f"[demo] kill -9 rank {rank} (pid {victim['pid']}) while they run", flush=True)
+        os.kill(victim["pid"], signal.SIGKILL)
+        want_tp = tp - 1
+    else:
+        r = requests.post(url + "/elastic/add_rank", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        print(f"[demo] POST /elastic/add_rank while they run: {r.status_code} (a new rank process starts:"
+              " SGLang's import takes a while on CPU)", flush=True)
+        want_tp = tp + 1
     for t in threads:
         t.join(300)
+    deadline = time.monotonic() + 240
+    while not (status := _status(url))["tp_size"] == want_tp or status["state"] != "serving":
+        if time.monotonic() > deadline:
+            print(f"[demo] error: not serving at tp {want_tp} after 240 s: {status['state']}", flush=True)
+            return
+        time.sleep(0.5)
     done = time.perf_counter() - t0
-    status = requests.get(url + "/elastic/status", headers=auth, timeout=30).json()
     rec = status["recoveries"][-1]
     phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in rec["phases_s"].items())
-    print(f"[demo] recovery {rec['outcome']}: serving again {rec['recovery_s']:.2f} s after the fault ({phases});"
-          f" now tp {status['tp_size']}, widths {status['widths']}; {rec['resumed_requests']} requests resumed",
-          flush=True)
+    print(f"[demo] {rec['reason']}: {rec['outcome']}, serving again {rec['recovery_s']:.2f} s after it began"
+          f" ({phases}); now tp {status['tp_size']}, widths {status['widths']}; {rec['resumed_requests']} requests"
+          " resumed", flush=True)
     same = [answers.get(i) == before[i] for i in range(len(PROMPTS))]
-    print(f"[demo] {len(answers)}/{len(PROMPTS)} requests completed ({done:.1f} s after the kill), errors:"
-          f" {errors or 'none'}; answers identical to before the failure: {all(same)} {same}", flush=True)
-    t1 = time.perf_counter()
-    again = _ask(url, PROMPTS[0], stream=False)
-    print(f"[demo] a new request after the failover: {time.perf_counter() - t1:.2f} s, same answer:"
-          f" {again == before[0]}", flush=True)
+    print(f"[demo] {len(answers)}/{len(PROMPTS)} requests completed ({done:.1f} s after the {action}), errors:"
+          f" {errors or 'none'}; answers identical to before: {all(same)} {same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,11 @@ class DaemonClient:
             return False
         except PermissionError:
             return True
-        return True
+        try:  # a killed daemon stays a zombie until its parent (the server) reaps it: dead all the same
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+        except OSError:
+            return True
 
     def send_raw(self, data: bytes, timeout: float | None = None) -> P.Reply:
         """Send one frame as is and decode the reply (tests use it to send garbage)."""
