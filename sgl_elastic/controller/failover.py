@@ -149,6 +149,7 @@ class FailoverController:
         self.checkin_timeout_s = HELLO_TIMEOUT_S
         self.metrics = FailoverMetrics()
         self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
+        self._sweep_at = 64
         self.tokenizer = None  # SGLang's TokenizerManager (main process), set by its dispatch hook
         self.intake_pid = 0  # the process serving rank 0 (request intake, output streaming)
         self.hung_timeout_s = HUNG_TIMEOUT_S
@@ -291,10 +292,12 @@ class FailoverController:
         return pickle.dumps({rid: (list(ids), self.dispatched.get(rid)) for rid, ids in view.items()})
 
     def forget_finished(self, live_rids) -> None:
-        """Drop the record of every request the tokenizer manager no longer tracks."""
-        if len(self.dispatched) > 64:
+        """Drop the record of every request the tokenizer manager no longer tracks (amortized: a
+        sweep only once the record doubled since the last one)."""
+        if len(self.dispatched) > self._sweep_at:
             for rid in [r for r in self.dispatched if r not in live_rids]:
                 self.dispatched.pop(rid, None)
+            self._sweep_at = max(64, 2 * len(self.dispatched))
 
     def first_token_after_fault(self) -> None:
         """Called by the tokenizer hook for every output batch: records TFS of the last recovery."""
@@ -534,6 +537,13 @@ class FailoverController:
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
             rec.resumed_requests = sum(r.resumed for r in readies.values())
+            lost = sorted({rid for r in readies.values() for rid in r.unresumable})
+            if lost:  # every accepted request completes or gets an explicit error
+                from sgl_elastic.controller.supervisor import supervisor
+
+                n = supervisor().fail_requests(lost, "sgl-elastic: a TP rank failed and this request could not be"
+                                                     " resumed on the survivors; retry it", self.tokenizer)
+                _log(f"ERROR: {n} request(s) could not be resumed and ended with a 503: {lost}")
             rec.tp_after = new_tp
             rec.widths_after = list(plan.new_layout.family("attn").widths)
             self._to(rec, Phase.RESUMING, f"{new_tp} ranks rebuilt; {rec.resumed_requests} requests resumed")

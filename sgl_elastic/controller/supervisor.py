@@ -192,18 +192,22 @@ class Supervisor:
 
     def fail_in_flight(self) -> int:
         """Finish every request the old schedulers held with an explicit 503 error (thread-safe)."""
-        tm = self.tokenizer_manager
+        return self.fail_requests(None, "sgl-elastic: a TP rank failed and the schedulers restarted; this"
+                                        " request was lost, retry it")
+
+    def fail_requests(self, rids, msg: str, tokenizer_manager=None) -> int:
+        """Finish the requests ``rids`` (None: all) with an explicit 503 error ``msg`` (thread-safe)."""
+        tm = tokenizer_manager or self.tokenizer_manager
         if tm is None or getattr(tm, "event_loop", None) is None:
             return 0
         from sglang.srt.managers.io_struct import AbortReq
 
-        msg = "sgl-elastic: a TP rank failed and the schedulers restarted; this request was lost, retry it"
         done = threading.Event()
         count = [0]
 
         def fail_all() -> None:
             try:
-                for rid in list(tm.rid_to_state):
+                for rid in list(tm.rid_to_state) if rids is None else [r for r in rids if r in tm.rid_to_state]:
                     tm._handle_abort_req(AbortReq(rid=rid, abort_message=msg, finished_reason={
                         "type": "abort", "message": msg, "status_code": 503}))
                     count[0] += 1

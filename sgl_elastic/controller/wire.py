@@ -88,6 +88,7 @@ class RankReady(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     pid: int
     resumed: int  # requests this rank put back in its queue (rank 0: re-broadcast to the others)
     phases_s: dict[str, float]  # teardown, wait, rebuild, ... as measured in the process
+    unresumable: list[str] = []  # rids it could neither resume nor re-submit: the controller fails them (503)
 
 
 class RankFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):

@@ -259,10 +259,14 @@ def _unfinished(sched) -> list:
     return out
 
 
+_unresumable: list[str] = []  # rids of this failover that can be neither resumed nor re-submitted
+
+
 def _resume_record(req) -> ResumeReq | None:
     tok = getattr(req, "_sgle_tokenized", None)
     if tok is None:
-        log(f"ERROR: request {req.rid} has no recorded input and cannot be resumed; its client will wait")
+        log(f"ERROR: request {req.rid} has no recorded input and cannot be resumed; it ends with an error")
+        _unresumable.append(req.rid)
         return None
     carry = {k: getattr(req, k) for k in _CARRY if hasattr(req, k)}
     for k in ("output_token_logprobs_val", "output_token_logprobs_idx", "output_top_logprobs_val",
@@ -421,7 +425,8 @@ def _take_over(records: list, takeover: bytes) -> tuple[list, int, int]:
         if rid in held:
             continue
         if tokenized is None:
-            log(f"ERROR: request {rid} was lost with rank 0 and has no recorded input; its client will wait")
+            log(f"ERROR: request {rid} was lost with rank 0 and has no recorded input; it ends with an error")
+            _unresumable.append(rid)
             continue
         out.append(ResumeReq(tokenized, list(delivered), {}, list(delivered)) if delivered else tokenized)
         resub += 1
@@ -459,6 +464,7 @@ def failover(old, reason: str):
     old_rank = get_parallel().tp_rank
     gpu_id = get_device().gpu_id
     # Step 1: teardown (requests kept in this process's memory).
+    _unresumable.clear()
     reqs = _unfinished(old)
     records = [r for r in (_resume_record(q) for q in reqs) if r is not None]
     pending = list(_stash or [])
@@ -567,6 +573,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         sock.send(wire.encode(wire.RankReady(
             epoch=order.epoch, rank=order.rank, pid=os.getpid(),
             resumed=len(records) if order.rank == 0 else 0,
+            unresumable=list(_unresumable) if order.rank == 0 else [],
             phases_s={"teardown": t_down - t0, "wait": t_order - t_down, "rebuild": t_built - t_order})))
         return sched
     except Exception as e:
