@@ -65,14 +65,14 @@ from sgl_elastic.testing.server import ServerProcess
 class Load:
     """``clients`` threads streaming requests back to back against ``self.url`` (which may change)."""
 
-    def __init__(self, url: str, clients: int, prompt_len: int, max_new: int, seed: int) -> None:
+    def __init__(self, url: str, clients: int, prompt_len: int, max_new: int, seed: int, max_id: int = 1000) -> None:
         self.url, self.stop_ev = url, threading.Event()
         self.tokens: list[float] = []  # arrival time of every streamed chunk of a request that succeeded
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
         rng = random.Random(seed)
-        self.prompts = [[rng.randrange(3, 1000) for _ in range(prompt_len)] for _ in range(64)]
+        self.prompts = [[rng.randrange(3, max_id) for _ in range(prompt_len)] for _ in range(64)]
         self.max_new = max_new
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
@@ -150,9 +150,9 @@ class ShmPeak(threading.Thread):
             self.stop_ev.wait(0.02)
 
 
-def _decode_tput(url: str, clients: int, max_new: int, seed: int) -> float:
+def _decode_tput(url: str, clients: int, max_new: int, seed: int, max_id: int = 1000) -> float:
     rng = random.Random(seed)
-    ids = [[rng.randrange(3, 1000) for _ in range(32)] for _ in range(clients)]
+    ids = [[rng.randrange(3, max_id) for _ in range(32)] for _ in range(clients)]
     out = [0] * clients
 
     def one(i: int) -> None:
@@ -223,27 +223,28 @@ def run_elastic(model: str, args, rep: int) -> dict:
     load: Load | None = None
     peak: ShmPeak | None = None
     try:
-        _decode_tput(srv.url, 1, 4, args.seed)  # warm-up
+        _decode_tput(srv.url, 1, 4, args.seed, args.max_token_id)  # warm-up
         shm_rest_before = _daemon_shm_bytes(srv.log_path)
-        load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep).start()
+        load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep,
+                    args.max_token_id).start()
         time.sleep(args.warm_s)
         peak = ShmPeak(srv.log_path)
         peak.start()
         steps: list[dict] = []
         for i in range(args.steps):
             tp_before = args.tp - i
-            # Step 1: SIGKILL the rank (its pid from /elastic/status: ranks are renumbered after a recovery).
-            num_recoveries_before = len(_status(srv)["recoveries"])
-            pid = rank_pid(srv, args.kill_rank, via_admin=True)
-            failed_before = load.failed
-            t_kill = time.perf_counter()
-            os.kill(pid, signal.SIGKILL)
             step: dict = {"step": i + 1, "tp_before": tp_before, "tp_after": tp_before - 1,
-                          "killed_rank": args.kill_rank, "killed_pid": pid}
+                          "killed_rank": args.kill_rank, "tfs_s": None}
             steps.append(step)
-            # Step 2: first token of a successful request after the kill; serving at tp-1 again.
-            step["tfs_s"] = _wait_tfs(load, t_kill, srv)
+            failed_before = load.failed
             try:
+                # Step 1: SIGKILL the rank (its pid from /elastic/status: ranks are renumbered after a recovery).
+                num_recoveries_before = len(_status(srv)["recoveries"])
+                step["killed_pid"] = pid = rank_pid(srv, args.kill_rank, via_admin=True)
+                t_kill = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+                # Step 2: first token of a successful request after the kill; serving at tp-1 again.
+                step["tfs_s"] = _wait_tfs(load, t_kill, srv)
                 if step["tfs_s"] is None:
                     raise RuntimeError(_no_tfs_why(srv))
                 rec = _wait_recovered(srv, tp_before - 1, num_recoveries_before, 600)
@@ -274,7 +275,7 @@ def run_elastic(model: str, args, rep: int) -> dict:
         res.update(shm_rest_before=shm_rest_before, shm_peak=peak.peak, shm_rest_after=_daemon_shm_bytes(srv.log_path))
         if all("error" not in st for st in steps):
             res["decode_tp"] = s["tp_size"]
-            res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed)
+            res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed, args.max_token_id)
         return res
     finally:
         if load is not None:
@@ -297,8 +298,9 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
                  "server_log": str(srv.log_path)}
     load: Load | None = None
     try:
-        _decode_tput(srv.url, 1, 4, args.seed)  # warm-up
-        load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep).start()
+        _decode_tput(srv.url, 1, 4, args.seed, args.max_token_id)  # warm-up
+        load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep,
+                    args.max_token_id).start()
         time.sleep(args.warm_s)
         pid = rank_pid(srv, args.kill_rank, via_admin=False)
         t_kill = time.perf_counter()
@@ -323,7 +325,7 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
         res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)  # failed: attempts
         if mode == "reload" and measure_tput:
             res["decode_tp"] = tp - 1
-            res["decode_tok_s_after"] = _decode_tput(second.url, args.clients, args.tput_tokens, args.seed)
+            res["decode_tok_s_after"] = _decode_tput(second.url, args.clients, args.tput_tokens, args.seed, args.max_token_id)
         return res
     finally:
         if load is not None:
@@ -431,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--kill-rank {args.kill_rank}: the last step runs at tp {args.tp - args.steps + 1}, so ranks"
                  f" 0..{args.tp - args.steps} exist at every step")
     model = str(build_model(args.family, args.size))
+    # Prompt token ids are drawn from [3, 1000), below the vocabulary (the tiny models have 512 ids: an id
+    # past it is masked to zeros by a vocab-parallel embedding at tp > 1 but fails the forward at tp 1).
+    args.max_token_id = min(1000, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     rows: list[dict] = []
     for rep in range(args.repeats):
         for mode in args.modes.split(","):
