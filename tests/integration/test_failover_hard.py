@@ -38,13 +38,19 @@ def want(tiny_models):
 
 
 class Load:
-    """Every prompt as a /generate and as a streaming /generate, in threads; ``check`` joins them."""
+    """Every prompt as a /generate and as a streaming /generate, in threads; ``check`` joins them.
+    With ``refs`` ({"openai": text, "sgl": text}, answers before the failure) also the ``openai``
+    client streaming and an SGLang frontend program."""
 
-    def __init__(self, url):
-        self.results, self.errors = {}, []
-        self.threads = [threading.Thread(target=self._run, args=(i, _generate, url, p)) for i, p in enumerate(PROMPTS)]
-        self.threads += [threading.Thread(target=self._run, args=(f"s{i}", _generate_stream, url, p))
-                         for i, p in enumerate(PROMPTS)]
+    def __init__(self, url, refs=None):
+        from tests.integration.test_failover import _frontend_program, _openai_stream
+
+        self.results, self.errors, self.refs = {}, [], refs or {}
+        jobs = [(i, _generate, p) for i, p in enumerate(PROMPTS)]
+        jobs += [(f"s{i}", _generate_stream, p) for i, p in enumerate(PROMPTS)]
+        if refs:
+            jobs += [("openai", _openai_stream, "hello world"), ("sgl", _frontend_program)]
+        self.threads = [threading.Thread(target=self._run, args=(k, fn, url, *a)) for k, fn, *a in jobs]
         for t in self.threads:
             t.start()
 
@@ -61,6 +67,8 @@ class Load:
         assert not self.errors, self.errors
         assert [self.results[i] for i in range(len(PROMPTS))] == want
         assert [self.results[f"s{i}"] for i in range(len(PROMPTS))] == want
+        for k, v in self.refs.items():
+            assert self.results[k] == v, (k, self.results[k], v)
 
 
 def _wait_serving(url, tp, timeout=120):

@@ -17,7 +17,6 @@ the ranks' RSS and the daemon's shared memory at rest must not grow from cycle t
 import os
 import re
 import signal
-import threading
 import time
 
 import psutil
@@ -28,8 +27,8 @@ from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess
 
 from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _frontend_program,
-                                             _generate, _generate_stream, _openai_stream, _status)
-from tests.integration.test_failover_hard import _wait_serving
+                                             _generate, _openai_stream, _status)
+from tests.integration.test_failover_hard import Load as Clients, _wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -55,36 +54,6 @@ def server(tiny_models):
     dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log_path.read_text(errors="replace"))}
     left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
     assert not left, f"daemon segments left in /dev/shm: {left}"
-
-
-class Clients:
-    """A client mix in threads: /generate, streaming /generate, openai streaming, a frontend program."""
-
-    def __init__(self, url, refs=None):
-        self.results, self.errors, self.refs = {}, [], refs or {}
-        jobs = [(i, _generate, p) for i, p in enumerate(PROMPTS)]
-        jobs += [(f"s{i}", _generate_stream, p) for i, p in enumerate(PROMPTS)]
-        if refs:
-            jobs += [("openai", _openai_stream, "hello world"), ("sgl", _frontend_program)]
-        self.threads = [threading.Thread(target=self._run, args=(k, fn, url, *a)) for k, fn, *a in jobs]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, key, fn, *a):
-        try:
-            self.results[key] = fn(*a)
-        except Exception as e:  # noqa: BLE001 - reported by check()
-            self.errors.append(f"{key}: {type(e).__name__}: {e}")
-
-    def check(self, want):
-        for t in self.threads:
-            t.join(300)
-        assert not any(t.is_alive() for t in self.threads), "a request did not finish within 300 s"
-        assert not self.errors, self.errors
-        assert [self.results[i] for i in range(len(PROMPTS))] == want
-        assert [self.results[f"s{i}"] for i in range(len(PROMPTS))] == want
-        for k, v in self.refs.items():
-            assert self.results[k] == v, (k, self.results[k], v)
 
 
 def _add_rank(url):
