@@ -269,12 +269,12 @@ def run_elastic(model: str, args, rep: int) -> dict:
         if "error" in first:
             res["error"] = first["error"]
             return res
-        s = _status(srv)
         res.update(recovery_s=first["recovery_s"], phases_s=first["phases_s"], migration=first["migration"],
-                   outcome=first["outcome"], widths_after=s["widths"] if args.steps == 1 else first["widths_after"])
+                   outcome=first["outcome"],
+                   widths_after=_status(srv)["widths"] if args.steps == 1 else first["widths_after"])
         res.update(shm_rest_before=shm_rest_before, shm_peak=peak.peak, shm_rest_after=_daemon_shm_bytes(srv.log_path))
         if all("error" not in st for st in steps):
-            res["decode_tp"] = s["tp_size"]
+            res["decode_tp"] = args.tp - args.steps
             res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed, args.max_token_id)
         return res
     finally:
