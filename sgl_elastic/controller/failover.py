@@ -206,6 +206,11 @@ class FailoverController:
             self._thread = threading.Thread(target=self._run, name="sgle-failover", daemon=True)
             self._thread.start()
 
+    @property
+    def armed(self) -> bool:
+        """``arm()`` ran (the server was started with in-place failover), closed or not."""
+        return self._sock is not None
+
     def close(self) -> None:
         import shutil
 

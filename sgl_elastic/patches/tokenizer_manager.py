@@ -14,11 +14,11 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     from sgl_elastic.controller.failover import Phase, controller
 
     fc = controller()
-    if fc.enabled and fc.phase is not Phase.FAILED:
+    if fc.armed and fc.enabled and fc.phase is not Phase.FAILED:
         _log("SIGQUIT from a scheduler: a rank failure, handled by the failover controller")
         return None
-    sv = supervisor()
-    if sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
+    sv = supervisor()  # with failover armed, the restart is the controller's own fallback, not this path
+    if not fc.armed and sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
             sv.state is SupervisorState.RESTARTING or sv.any_dead()):
         _log("SIGQUIT from a scheduler after a rank failure: handled by the restart")
         return None

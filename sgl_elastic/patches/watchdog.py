@@ -15,8 +15,8 @@ def watchdog_check_processes(original, self):
         return original(self)
     from sgl_elastic.controller.failover import controller
 
-    if controller().enabled:  # in-place failover: the controller's detector handles deaths (and fallback)
-        return False
+    if controller().armed:  # in-place failover: the controller's detector handles deaths (and fallback);
+        return False        # once it is closed, the server is shutting down: nothing to restart
     sched = [i for i, n in enumerate(self._names) if n.startswith("scheduler_")]
     if sv.state is SupervisorState.RESTARTING:
         return False
