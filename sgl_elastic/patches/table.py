@@ -134,6 +134,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch("sglang.srt.managers.tokenizer_manager.TokenizerManager._handle_batch_output", "around",
           f"{_P}.tokenizer_manager.handle_batch_output",
           "failover: time to first success after a fault; drop dispatch records of finished requests"),
+    Patch("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "around",
+          f"{_P}.tokenizer_manager.validate_one_request",
+          "input token ids outside the vocabulary get a 400; SGLang lets them reach the forward, where"
+          " one kills a rank (CPU, tp 1) and failover would resume the request on the survivors"),
     # -- in-place failover (scheduler processes): survivors of a dead rank rebuild, they do not exit
     Patch("sglang.srt.managers.scheduler.Scheduler.run_event_loop", "around", f"{_P}.scheduler.run_event_loop",
           "a failed collective ends SGLang's scheduler process; survivors rebuild in place under the new layout"),

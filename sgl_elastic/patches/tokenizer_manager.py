@@ -61,3 +61,13 @@ async def handle_batch_output(original, self, recv_obj):
         fc.first_token_after_fault()
         fc.forget_finished(self.rid_to_state)
     return out
+
+
+def validate_one_request(original, self, obj, input_ids):
+    """TokenizerManager._validate_one_request: token ids must lie in [0, vocab size) (a clear 400)."""
+    vocab = getattr(getattr(self, "model_config", None), "vocab_size", None)
+    if vocab and input_ids:
+        bad = next((t for t in input_ids if not isinstance(t, int) or t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"input_ids contains {bad!r}, outside the vocabulary: valid ids are 0..{vocab - 1}")
+    return original(self, obj, input_ids)

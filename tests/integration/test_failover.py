@@ -233,3 +233,8 @@ def test_admin_api_then_down_to_one_rank(server, want):
         assert [_generate(url, p) for p in PROMPTS] == want
     r = requests.post(url + "/elastic/inject_failure", json={"rank": 0}, headers=AUTH, timeout=30)
     assert r.status_code == 409 and "last rank" in r.json()["error"]
+    # a token id outside the vocabulary is refused (at tp 1 on CPU it would kill the last rank)
+    r = requests.post(url + "/generate", json={"input_ids": [1, 10 ** 6], "sampling_params": {"max_new_tokens": 2}},
+                      timeout=60)
+    assert r.status_code == 400 and "outside the vocabulary" in r.text, (r.status_code, r.text)
+    assert _generate(url, PROMPTS[0]) == want[0] and _status(url)["tp_size"] == 1
