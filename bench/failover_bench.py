@@ -21,6 +21,10 @@ Modes:
   the survivors (tp-1) loading the checkpoint from disk (page cache warm); the clients keep retrying
   against it.
 
+``--add-rank fresh|standby``: after the kills, ``POST /elastic/add_rank`` under the same load
+(a fresh process, or the warm standby of ``--elastic-standby 1``): time from the request to serving
+at tp+1, and the pause (the scale-up's regroup to the first token after it).
+
 ``--steps N`` (default 1): in ``elastic`` mode, N failures in a row on the same server (``--tp 4
 --steps 3``: 4 -> 3 -> 2 -> 1), the client load running throughout; each step waits until
 ``/elastic/status`` serves at the new tp, then ``--warm-s`` seconds of steady load, then the next
@@ -217,7 +221,8 @@ def run_elastic(model: str, args, rep: int) -> dict:
 
     Returns the first step's fields at the top level (as with one step) and ``steps``: one dict per
     step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
-    srv = ServerProcess(model, tp_size=args.tp, extra_args=list(FLAGS), start_timeout_s=1800)
+    extra = list(FLAGS) + (["--elastic-standby", "1"] if args.add_rank == "standby" else [])
+    srv = ServerProcess(model, tp_size=args.tp, extra_args=extra, start_timeout_s=1800)
     srv.start()
     res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
     load: Load | None = None
@@ -259,6 +264,8 @@ def run_elastic(model: str, args, rep: int) -> dict:
             time.sleep(args.warm_s if i + 1 < args.steps else args.after_s)
             step["requests_failed"] = load.failed - failed_before  # attempts, kill -> next kill (or end)
             step["shm_rest_after"] = _daemon_shm_bytes(srv.log_path)
+        if args.add_rank and all("error" not in st for st in steps):
+            res["add_rank"] = _add_rank_step(srv, load, args)
         load.finish()
         peak.stop_ev.set()
         peak.join(5)
@@ -283,6 +290,38 @@ def run_elastic(model: str, args, rep: int) -> dict:
         if peak is not None:
             peak.stop_ev.set()
         srv.stop()
+
+
+def _add_rank_step(srv: ServerProcess, load: Load, args) -> dict:
+    """``POST /elastic/add_rank`` under the load: ``ready_s`` = request -> serving at tp+1 (a fresh
+    process imports SGLang first; a standby does not); ``pause_s`` = the scale-up's own TFS (regroup
+    -> first token after it, server clock); ``recovery_s`` and phases from /elastic/status."""
+    s = _status(srv)
+    tp, n_before = s["tp_size"], len(s["recoveries"])
+    out: dict = {"tp_before": tp, "tp_after": tp + 1, "standby": args.add_rank == "standby"}
+    if args.add_rank == "standby":
+        deadline = time.monotonic() + 300
+        while not _status(srv)["standby"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out["standby_ready"] = bool(_status(srv)["standby"])
+    failed_before = load.failed
+    t0 = time.perf_counter()
+    r = requests.post(srv.url + "/elastic/add_rank", headers=AUTH, timeout=30)
+    if r.status_code != 202:
+        out["error"] = f"add_rank: {r.status_code} {r.text[:200]}"
+        return out
+    try:
+        rec = _wait_recovered(srv, tp + 1, n_before, 600)
+    except RuntimeError as e:
+        out["error"] = str(e)
+        return out
+    out["ready_s"] = time.perf_counter() - t0
+    time.sleep(args.after_s)
+    rec = _status(srv)["recoveries"][-1]
+    out.update(pause_s=rec.get("tfs_s"), recovery_s=rec["recovery_s"], phases_s=rec["phases_s"],
+               migration=rec["migration"], outcome=rec["outcome"], widths_after=rec["widths_after"],
+               requests_failed=load.failed - failed_before)
+    return out
 
 
 def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, measure_tput: bool = True) -> dict:
@@ -423,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kill-rank", type=int, default=1, help="TP rank SIGKILLed at each step (0: the intake rank)")
     ap.add_argument("--steps", type=int, default=1, help="failures in a row on one elastic server (tp -> tp-N)")
+    ap.add_argument("--add-rank", choices=("fresh", "standby"), default=None,
+                    help="after the kills, POST /elastic/add_rank under the same load (elastic mode): a fresh process"
+                         " (pays SGLang's import) or the warm standby (--elastic-standby 1)")
     ap.add_argument("--json", default="results/failover_bench.json")
     args = ap.parse_args(argv)
     if args.tp < 2:
@@ -480,6 +522,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"daemon shm: rest {e['shm_rest_before'] / 1e6:.0f} MB before, peak {e['shm_peak'] / 1e6:.0f} MB during,"
               f" rest {e['shm_rest_after'] / 1e6:.0f} MB after")
     _print_steps(summary["steps"], args)
+    adds = [r["add_rank"] for r in rows if r.get("mode") == "elastic" and "add_rank" in r]
+    ok = [a for a in adds if "error" not in a]
+    if adds:
+        summary["add_rank"] = {k: _med(ok, k) for k in ("ready_s", "pause_s", "recovery_s")}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        m = summary["add_rank"]
+        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"\nadd_rank ({args.add_rank}; tp {adds[0]['tp_before']} -> {adds[0]['tp_after']}, medians of {len(ok)}):"
+              f" request -> serving {f(m['ready_s'])} s, pause (regroup -> first token) {f(m['pause_s'])} s,"
+              f" recovery {f(m['recovery_s'])} s; failed attempts {sum(a.get('requests_failed', 0) for a in ok)}")
+        for a in adds:
+            if "error" in a:
+                print(f"add_rank error: {a['error'][:200]}")
     return 0
 
 

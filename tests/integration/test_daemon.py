@@ -30,11 +30,26 @@ def daemon_segments() -> set[str]:
     return {p for p in glob.glob("/dev/shm/sgle-*") if re.search(r"-d[0-9a-f]{8}-(weights|kv|params)", p)}
 
 
+def _not_foreign(paths: set[str]) -> set[str]:
+    """Drop the segments of daemons that are alive and not ours (another server or test run on this
+    host); ours, and those of dead daemons, stay."""
+    import psutil
+
+    mine = {c.pid for c in psutil.Process().children(recursive=True)}
+    out = set()
+    for p in paths:
+        m = re.match(r"/dev/shm/sgle-(\d+)-", p)
+        pid = int(m.group(1)) if m else -1
+        if pid in mine or not psutil.pid_exists(pid):
+            out.add(p)
+    return out
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_segments():
     before = daemon_segments()
     yield
-    assert wait_gone(lambda: daemon_segments() - before) == set(), "daemon shared memory leaked"
+    assert wait_gone(lambda: _not_foreign(daemon_segments() - before)) == set(), "daemon shared memory leaked"
 
 
 @pytest.fixture(scope="module")
