@@ -264,13 +264,24 @@ def run_elastic(model: str, args, rep: int) -> dict:
             time.sleep(args.warm_s if i + 1 < args.steps else args.after_s)
             step["requests_failed"] = load.failed - failed_before  # attempts, kill -> next kill (or end)
             step["shm_rest_after"] = _daemon_shm_bytes(srv.log_path)
-        if args.add_rank and all("error" not in st for st in steps):
+        add_ok = args.add_rank and all("error" not in st for st in steps)
+        if add_ok:  # decode throughput at tp - steps first (the reload baseline's tp), then the scale-up
+            load.finish()
+            carried = (load.ok, load.failed, list(load.errors))
+            res["decode_tp"] = args.tp - args.steps
+            res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed,
+                                                     args.max_token_id)
+            load = Load(srv.url, args.clients, args.prompt_len, args.max_new, args.seed + rep + 1000,
+                        args.max_token_id).start()
+            time.sleep(args.warm_s)
             res["add_rank"] = _add_rank_step(srv, load, args)
         load.finish()
         peak.stop_ev.set()
         peak.join(5)
         first = steps[0]
-        res.update(tfs_s=first["tfs_s"], requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)
+        ok0, failed0, errors0 = carried if add_ok else (0, 0, [])  # the kills' load, before the scale-up's
+        res.update(tfs_s=first["tfs_s"], requests_ok=ok0 + load.ok, requests_failed=failed0 + load.failed,
+                   errors=errors0 + load.errors)
         res["killed_rank"] = args.kill_rank
         res["steps"] = steps
         if "error" in first:
@@ -280,7 +291,7 @@ def run_elastic(model: str, args, rep: int) -> dict:
                    outcome=first["outcome"],
                    widths_after=_status(srv)["widths"] if args.steps == 1 else first["widths_after"])
         res.update(shm_rest_before=shm_rest_before, shm_peak=peak.peak, shm_rest_after=_daemon_shm_bytes(srv.log_path))
-        if all("error" not in st for st in steps):
+        if all("error" not in st for st in steps) and not add_ok:
             res["decode_tp"] = args.tp - args.steps
             res["decode_tok_s_after"] = _decode_tput(srv.url, args.clients, args.tput_tokens, args.seed, args.max_token_id)
         return res
