@@ -39,5 +39,7 @@ def run_joiner(server_args, port_args, gpu_id: int, standby: bool) -> None:
     reason = "standby, ready to join" if standby else "joining (scale-up)"
     rc.log(f"new rank process up ({reason}); asking the controller for orders")
     sched = rc.join(server_args, port_args, gpu_id, reason, STANDBY_WAIT_S if standby else 120.0, time.perf_counter())
-    rc.log(f"joined as rank {sched.tp_rank if hasattr(sched, 'tp_rank') else '?'} (pid {os.getpid()})")
+    from sglang.srt.runtime_context import get_parallel
+
+    rc.log(f"joined as rank {get_parallel().tp_rank} of {get_parallel().tp_size} (pid {os.getpid()})")
     sched.run_event_loop()
