@@ -185,7 +185,7 @@ class FailoverController:
         self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
         os.chmod(self._dir, 0o700)
-        addr = f"ipc://{self._dir}/control.sock"
+        addr = self._addr
         self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(addr)
@@ -205,6 +205,11 @@ class FailoverController:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
             self._thread = threading.Thread(target=self._run, name="sgle-failover", daemon=True)
             self._thread.start()
+
+    @property
+    def _addr(self) -> str:
+        """The control socket's endpoint (in the private run dir; heartbeat and regroup files beside it)."""
+        return f"ipc://{self._dir}/control.sock"
 
     @property
     def armed(self) -> bool:
@@ -228,7 +233,7 @@ class FailoverController:
         if self.hung_timeout_s <= 0 or self._dir is None:
             return 0.0
         try:
-            return max(0.0, time.time() - os.stat(os.path.join(self._dir, f"heartbeat-{pid}")).st_mtime)
+            return max(0.0, time.time() - os.stat(wire.heartbeat_path(self._addr, pid)).st_mtime)
         except OSError:
             return 0.0
 
@@ -382,7 +387,7 @@ class FailoverController:
         self.standby = [p for p in self.standby if p.is_alive()]
         if self._spawn is None or len(self.standby) >= self.standby_target:
             return
-        if self.hung_timeout_s > 0 and not all(os.path.exists(os.path.join(self._dir, f"heartbeat-{p.pid}")) for p in live):
+        if self.hung_timeout_s > 0 and not all(os.path.exists(wire.heartbeat_path(self._addr, p.pid)) for p in live):
             return
         p = self._spawn(-1, True)
         self.standby.append(p)
@@ -475,7 +480,7 @@ class FailoverController:
         survivors = [p for i, p in enumerate(ranks) if i not in failed] + ([joiner] if joiner is not None else [])
         self._to(rec, Phase.FROZEN, rec.reason)
         if joiner is not None:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
-            with open(wire.regroup_path(os.environ[wire.ENV_CONTROL]), "w") as f:
+            with open(wire.regroup_path(self._addr), "w") as f:
                 f.write(str(epoch))
         try:
             if not survivors:
