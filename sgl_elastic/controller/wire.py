@@ -15,7 +15,8 @@ from __future__ import annotations
 import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
-           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays"]
+           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
+           "test_faults"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
@@ -23,6 +24,11 @@ ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent:
 # controller stays that long in each named recovery phase; "rebuild=seconds": survivors wait that
 # long before building their new scheduler. So a test can kill a second rank inside a given phase.
 ENV_TEST_DELAYS = "SGLE_TEST_DELAYS"
+# Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
+# every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
+# fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later
+# epochs (the relaunched schedulers' recoveries) rebuild normally.
+ENV_TEST_FAIL = "SGLE_TEST_FAIL"
 # A rebuilding rank's bound on its new group's rendezvous and init collectives (seconds): a peer that
 # died before joining makes the rebuild fail within about 1.7x this (torch's TCPStore connect retry).
 REBUILD_INIT_TIMEOUT_S = 5.0
@@ -41,6 +47,11 @@ def parse_delays(spec: str | None) -> dict[str, float]:
         name, _, secs = item.partition("=")
         out[name.strip()] = float(secs)
     return out
+
+
+def test_faults(spec: str | None) -> frozenset[str]:
+    """The names in an ``ENV_TEST_FAIL`` value (tests only)."""
+    return frozenset(filter(None, (x.strip() for x in (spec or "").split(","))))
 
 
 def heartbeat_path(control_addr: str, pid: int) -> str:

@@ -44,6 +44,7 @@ _control_addr: str | None = None  # read once at plugin load
 _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
 _heartbeat: "threading.Thread | None" = None
 _rebuild_delay_s = 0.0  # tests only: wait before building the new scheduler (wire.ENV_TEST_DELAYS)
+_test_faults: frozenset[str] = frozenset()  # tests only: injected faults (wire.ENV_TEST_FAIL)
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
@@ -60,11 +61,13 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
           "cur_decode_ids_len")
 
 
-def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0) -> None:
-    global _control_addr, _heartbeat_s, _rebuild_delay_s
+def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0,
+                     test_faults: frozenset[str] = frozenset()) -> None:
+    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults
     _control_addr = addr or None
     _heartbeat_s = heartbeat_s
     _rebuild_delay_s = rebuild_delay_s
+    _test_faults = frozenset(test_faults)
 
 
 def start_heartbeat() -> None:
@@ -555,6 +558,8 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
             pass
         if _rebuild_delay_s:
             time.sleep(_rebuild_delay_s)
+        if "rebuild" in _test_faults and order.epoch == 1:  # tests only (wire.ENV_TEST_FAIL)
+            raise RuntimeError(f"{wire.ENV_TEST_FAIL}=rebuild: injected failure of this rank's rebuild (tests only)")
         sched = Scheduler(new_args, port_args)
         _restore_timeouts()
         _reuse_channels = None
