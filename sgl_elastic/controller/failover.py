@@ -4,7 +4,8 @@ Recovery phases (one Enum, one ``transition()`` that rejects illegal moves and l
 time spent in the phase it leaves)::
 
     SERVING -> FROZEN -> PLANNING -> MIGRATING -> RECONFIGURING -> RESUMING -> SERVING
-                 any phase but SERVING -> FAILED (fallback: restart every scheduler from the daemon)
+                 any phase but SERVING -> FAILED (fallback: restart every scheduler from the daemon,
+                 at the layout it holds) -> SERVING
 
 - detect: a thread waits on the scheduler processes' sentinels (``multiprocessing.connection.wait``):
   a SIGKILL is seen within milliseconds, not at SGLang's 1 s watchdog poll. A hung rank (alive but
@@ -121,7 +122,8 @@ class Recovery(msgspec.Struct, kw_only=True):
     tfs_s: float | None = None  # fault seen -> first token returned after it (set by the tokenizer hook)
     resumed_requests: int = 0
     migration: dict[str, float] = {}
-    outcome: str = "running"  # running | ok | failed: <why>
+    outcome: str = "running"  # running | ok | failed: <why> (then "; fallback restart at tp N done" or "... failed")
+    fallback: str = ""  # after a failed one: "" (none) | running | ok | failed: <why> (the restart of every scheduler)
     t_fault: float = 0.0  # monotonic; internal
 
 
@@ -162,6 +164,7 @@ class FailoverController:
         self._joiners: list = []  # new rank processes not serving yet
         self._slot_of: dict[int, int] = {}  # pid -> device slot (GPU index offset) of every rank process
         self._grow_requested = False
+        self.falling_back = False  # the fallback restart runs (a retired rank's SIGQUIT is part of it)
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
@@ -478,6 +481,7 @@ class FailoverController:
                        failed_ranks=failed, tp_before=len(ranks), t_fault=t_fault)
         self.recoveries.append(rec)
         survivors = [p for i, p in enumerate(ranks) if i not in failed] + ([joiner] if joiner is not None else [])
+        plan = None
         self._to(rec, Phase.FROZEN, rec.reason)
         if joiner is not None:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
             with open(wire.regroup_path(self._addr), "w") as f:
@@ -567,13 +571,15 @@ class FailoverController:
         except _Retry:
             return self._without(rec, *straggle)
         except Exception as e:
-            migrated = self.phase in (Phase.RECONFIGURING, Phase.RESUMING) or joiner is not None
+            # failed inside the migration: what the daemon holds is in doubt (see _fallback)
+            reload = plan.new_layout if plan is not None and self.phase is Phase.MIGRATING else None
             rec.outcome = f"failed: {type(e).__name__}: {e}"
+            self.falling_back = True  # before the Retires: a retired rank's SIGQUIT must not end the server
             self._to(rec, Phase.FAILED, rec.outcome)
             self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
             for pid in list(self._hello_ids):
                 self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=epoch, reason=str(e)))])
-            self._fallback(rec, migrated)
+            self._fallback(rec, reload)
             raise
 
     def _migrate(self, rec: Recovery, plan) -> str:
@@ -660,26 +666,68 @@ class FailoverController:
         dead = [p for p in ranks if p.pid in s.pids]  # the next recovery moves RECONFIGURING -> FROZEN
         self._recover(dead, hellos, checkin_s)
 
-    def _fallback(self, rec: Recovery, migrated: bool) -> None:
-        """The in-place path failed: restart every scheduler from the daemon (today's restart path).
+    def _fallback(self, rec: Recovery, reload=None) -> None:
+        """The in-place path failed: restart every scheduler from the daemon, at the layout it holds now.
 
-        Only possible while the daemon still holds the layout the schedulers were launched with
-        (the failure came before the migration); after it, the launch arguments no longer match
-        and the server is left FAILED with the reason in /elastic/status.
+        That is the layout the ranks served before this recovery (it failed before the migration),
+        or the new one with fewer (or, for a scale-up, more) ranks (it failed after). Every current
+        rank process is killed (``self.ranks``, which after earlier recoveries differ from the
+        supervisor's launch record, and a scale-up's new process), requests in flight end with a
+        503 (``Supervisor.restart``), and SGLang starts ``layout.tp_size`` schedulers with that
+        layout; they attach to the daemon as the first launch's did. The HTTP server, tokenizer
+        manager and detokenizer stay up: the new rank 0 binds rank 0's sockets again. The new
+        processes are watched like the first launch's (a later failure recovers in place).
+
+        ``reload`` (the plan's new layout): the recovery failed inside the migration, so what the
+        daemon holds is in doubt (a failed ApplyMigration keeps the old shards, but one that timed
+        out may still be running). The simplest correct thing: the path ``_migrate`` takes for a
+        dead daemon. The daemon is replaced by one that loads the survivors' layout from the
+        checkpoint (every byte read again).
         """
         from sgl_elastic.controller.supervisor import supervisor
 
-        if migrated or self.epoch > 1:
-            _log("ERROR: cannot fall back to a restart after the layout changed; the server cannot serve until"
-                 " it is restarted (see /elastic/status)")
+        t0 = time.monotonic()
+        self.falling_back = True
+        rec.fallback = "running"
+        try:
+            if reload is not None:
+                _log("the recovery failed inside the migration: replacing the state daemon with one that loads the"
+                     f" survivors' layout (tp {reload.tp_size}) from the checkpoint")
+                self.daemon.stop()
+                self.daemon.layout = reload
+                self.daemon.ensure()
+            layout = self.daemon.layout
+            tp = layout.tp_size
+            with self.lock:
+                old = [*self.ranks, *self._joiners]
+            self._on_new_layout(layout)  # SGLE_LAYOUT of the processes SGLang spawns next
+            bind = self._omp_bind(tp)
+            if bind:
+                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
+            _log(f"falling back to restarting every scheduler from the daemon, at tp {tp}")
+            procs = supervisor().restart(f"in-place failover {rec.outcome}", procs=old, tp_size=tp)
+        except Exception as e:  # noqa: BLE001 - reported in /elastic/status; the server stays FAILED
+            rec.fallback = f"failed: {type(e).__name__}: {e}"
+            rec.outcome += f"; fallback restart failed: {type(e).__name__}: {e}"
+            _log(f"ERROR: the fallback restart failed ({type(e).__name__}: {e}); the server cannot serve until it"
+                 " is restarted (see /elastic/status)")
             return
-        sv = supervisor()
-        _log("falling back to restarting every scheduler from the daemon")
-        procs = sv.restart(f"in-place failover failed: {rec.outcome}")
+        finally:
+            self.falling_back = False
         with self.lock:
-            self.ranks = list(procs)
+            self.layout = layout
             self.departed = set()
-        self._to(rec, Phase.SERVING, "fallback restart done")
+            self._joiners = []
+            self._hello_ids = {}
+        self.watch(procs)  # as the engine hook does for the first launch's schedulers
+        rec.fallback = "ok"
+        rec.outcome += f"; fallback restart at tp {tp} done"
+        rec.tp_after = tp
+        rec.widths_after = list(layout.family("attn").widths)
+        rec.recovery_s = round(time.monotonic() - rec.t_fault, 4)
+        self._pending_tfs = rec
+        self._to(rec, Phase.SERVING, f"fallback restart at tp {tp} done in {time.monotonic() - t0:.2f} s;"
+                 f" epoch {self.epoch}, widths {rec.widths_after}")
 
     def _collect(self, into: dict, pids: set[int], epoch: int, timeout: float, kind: str,
                  failed: dict[int, str] | None = None) -> None:

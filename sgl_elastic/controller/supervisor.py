@@ -14,7 +14,10 @@ and detokenizer up:
    the daemon (``patches.daemon_link``) and read nothing from the checkpoint;
 5. if the daemon itself is gone, a new one is started first, which reads the checkpoint again.
 
-Until in-place failover exists, every rank restarts (the layout does not change).
+Without in-place failover every rank restarts at the launch's tp size. With it, the restart is the
+controller's fallback when an in-place recovery fails (``restart(..., procs=, tp_size=)``): every
+current rank process is killed and the schedulers start at the tp size of the layout the daemon
+holds now (``server_args_at``; this process's parallel widths are overridden for the launch only).
 
 State (one Enum, one ``transition()`` that rejects illegal moves and logs each one)::
 
@@ -29,6 +32,7 @@ FAILED: a restart failed and SGLang's own tear-down goes ahead.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -38,7 +42,7 @@ import time
 
 from sgl_elastic.controller.procs import free_port, remove_leftover_shm, shm_inodes_of
 
-__all__ = ["Supervisor", "SupervisorState", "IllegalTransition", "transition", "supervisor"]
+__all__ = ["Supervisor", "SupervisorState", "IllegalTransition", "transition", "supervisor", "server_args_at"]
 
 logger = logging.getLogger("sgl_elastic.controller")
 
@@ -72,6 +76,35 @@ def transition(current: SupervisorState, target: SupervisorState, reason: str = 
         )
     logger.info("supervisor state %s -> %s%s", current.name, target.name, f": {reason}" if reason else "")
     return target
+
+
+def server_args_at(old, tp_size: int, **overrides):
+    """A fresh, unresolved ServerArgs equal to ``old`` but at ``tp_size`` (resolved records are
+    read-only). Experts sharded by rank (``ep_size == tp_size > 1``) stay so: ep_size follows."""
+    from sglang.srt.server_args import ServerArgs, record_fields
+
+    kw = {f.name: getattr(old, f.name) for f in record_fields(ServerArgs) if hasattr(old, f.name)}
+    if int(kw.get("tp_size") or 1) > 1 and kw.get("ep_size") == kw.get("tp_size"):
+        kw["ep_size"] = tp_size
+    kw["tp_size"] = tp_size
+    kw.update(overrides)
+    return ServerArgs(**kw)
+
+
+# widths this (the launching) process reads while SGLang starts the schedulers
+_LAUNCH_WIDTHS = ("tp_size", "ep_size", "attn_tp_size", "moe_ep_size", "moe_tp_size", "launch_world_size",
+                  "max_world_size")
+
+
+def _launching(server_args):
+    """A context in which this process's parallel widths are those of ``server_args`` (resolved
+    here, like the launcher's): what SGLang's ``_launch_scheduler_processes`` sizes the launch by.
+    The published config of this process (the tokenizer's) is not replaced."""
+    from sglang.srt.runtime_context import create_context, get_parallel
+
+    want = create_context(server_args, role="tokenizer").parallel
+    par = get_parallel()
+    return par.override(**{n: getattr(want, n) for n in _LAUNCH_WIDTHS if getattr(want, n) != getattr(par, n)})
 
 
 def _log(msg: str) -> None:
@@ -137,8 +170,13 @@ class Supervisor:
         return removed
 
     # ---- restart ---------------------------------------------------------------------------------
-    def restart(self, reason: str) -> list:
-        """Kill all schedulers, fail requests in flight, start them again; returns the new procs."""
+    def restart(self, reason: str, procs: list | None = None, tp_size: int | None = None) -> list:
+        """Kill all schedulers, fail requests in flight, start them again; returns the new procs.
+
+        ``procs``: the current rank processes as the failover controller knows them (after in-place
+        recoveries they differ from the launch's: dead ranks gone, new ranks joined); killed with
+        the recorded ones. ``tp_size``: start that many (the daemon's layout; None: as before).
+        """
         import psutil
 
         with self.lock:
@@ -147,10 +185,11 @@ class Supervisor:
             self._move(SupervisorState.RESTARTING, reason)
             t0 = time.monotonic()
             try:
-                _log(f"scheduler failure ({reason}); restarting all {len(self.procs)} scheduler processes,"
-                     " state from the daemon")
+                old = list({p.pid: p for p in [*self.procs, *(procs or [])]}.values())
+                _log(f"scheduler failure ({reason}); restarting all scheduler processes (killing"
+                     f" {len([p for p in old if p.is_alive()])} alive), state from the daemon")
+                self.procs = old
                 self.note_shm()
-                old = self.procs
                 for p in old:  # step 2
                     try:
                         for c in psutil.Process(p.pid).children(recursive=True):
@@ -166,9 +205,16 @@ class Supervisor:
                 if self.ensure_daemon is not None:  # step 5
                     self.ensure_daemon()
                 original, cls, server_args, port_args, func, kwargs = self._launch
+                launching = contextlib.nullcontext()
+                if tp_size is not None and tp_size != int(server_args.tp_size):
+                    server_args = server_args_at(server_args, tp_size)
+                    server_args.resolve_once()  # here, as the launcher's: the schedulers get it resolved
+                    launching = _launching(server_args)
+                    self._launch = (original, cls, server_args, port_args, func, kwargs)
                 port_args.nccl_port = free_port()  # the old store died with rank 0
                 t_launch = time.monotonic()
-                result, procs = original(cls, server_args, port_args, func, **kwargs)  # step 4
+                with launching:
+                    result, procs = original(cls, server_args, port_args, func, **kwargs)  # step 4
                 self.procs = list(procs or [])
                 result.wait_for_ready()
                 t_ready = time.monotonic()

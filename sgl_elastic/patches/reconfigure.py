@@ -398,13 +398,10 @@ def _forget_metrics() -> None:
 
 
 def _new_server_args(old, tp_size: int, **overrides):
-    """A fresh, unresolved ServerArgs equal to ``old`` but for tp_size (resolved records are read-only)."""
-    from sglang.srt.server_args import ServerArgs, record_fields
+    """A fresh, unresolved ServerArgs equal to ``old`` but for tp_size (and ep_size with it)."""
+    from sgl_elastic.controller.supervisor import server_args_at
 
-    kw = {f.name: getattr(old, f.name) for f in record_fields(ServerArgs) if hasattr(old, f.name)}
-    kw["tp_size"] = tp_size
-    kw.update(overrides)
-    return ServerArgs(**kw)
+    return server_args_at(old, tp_size, **overrides)
 
 
 def _take_over(records: list, takeover: bytes) -> tuple[list, int, int]:

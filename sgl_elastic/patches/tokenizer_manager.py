@@ -14,7 +14,7 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     from sgl_elastic.controller.failover import Phase, controller
 
     fc = controller()
-    if fc.armed and fc.enabled and fc.phase is not Phase.FAILED:
+    if fc.armed and fc.enabled and (fc.phase is not Phase.FAILED or fc.falling_back):
         _log("SIGQUIT from a scheduler: a rank failure, handled by the failover controller")
         return None
     sv = supervisor()  # with failover armed, the restart is the controller's own fallback, not this path

@@ -172,3 +172,102 @@ def test_align_streams_no_token_twice_or_missing(out, sent, delivered):
     else:
         assert chunk == prefix + full
     assert full[:len(delivered)] == delivered and full[-1] == 11
+
+
+def test_test_faults_and_server_args_at_new_tp():
+    from sgl_elastic.controller.supervisor import server_args_at
+
+    assert wire.test_faults("rebuild, x,") == {"rebuild", "x"} and wire.test_faults(None) == frozenset()
+    assert transition(Phase.FAILED, Phase.SERVING, "fallback restart") is Phase.SERVING
+    from sglang.srt.server_args import ServerArgs
+
+    dense = server_args_at(ServerArgs(model_path="dummy", tp_size=3), 2)
+    assert (dense.tp_size, dense.ep_size, dense.model_path) == (2, 1, "dummy")
+    ep = server_args_at(ServerArgs(model_path="dummy", tp_size=3, ep_size=3), 2, dist_timeout=5)
+    assert (ep.tp_size, ep.ep_size, ep.dist_timeout) == (2, 2, 5)  # experts sharded by rank stay so
+
+
+class _Proc:
+    def __init__(self, pid, alive=True):
+        self.pid, self.alive, self.sentinel = pid, alive, None
+
+    def is_alive(self):
+        return self.alive
+
+
+class _Daemon:
+    def __init__(self, layout):
+        self.layout, self.calls = layout, []
+
+    def stop(self):
+        self.calls.append("stop")
+
+    def ensure(self):
+        self.calls.append(("ensure", self.layout.tp_size))
+
+
+def _failed_controller(monkeypatch, restart):
+    """A controller whose recovery of rank 1 of 3 failed after the daemon migrated to tp 2."""
+    import os
+    import threading
+
+    from sgl_elastic.controller import supervisor as sv_mod
+    from sgl_elastic.controller.failover import FailoverController, Recovery
+
+    cfg = preset_config("Qwen3-14B")
+    fc = FailoverController()
+    fc._thread = threading.current_thread()  # watch() must not start a detector here
+    fc.layout, fc.daemon = ElasticLayout.from_hf_config(cfg, 3), _Daemon(ElasticLayout.from_hf_config(cfg, 2))
+    fc.ranks, fc._joiners, fc.departed, fc.epoch = [_Proc(1), _Proc(2, alive=False), _Proc(3)], [_Proc(9)], {2}, 1
+    seen = {}
+    fc._on_new_layout = lambda layout: seen.setdefault("layout", layout.tp_size)
+    fc._omp_bind = lambda tp: "0|1" if tp == 2 else "?"
+    monkeypatch.setattr(sv_mod.supervisor(), "restart", lambda reason, procs=None, tp_size=None: restart(
+        seen, reason, procs, tp_size))
+    monkeypatch.setitem(os.environ, "SGLANG_CPU_OMP_THREADS_BIND", "0|1|0")
+    rec = Recovery(epoch=1, reason="rank(s) [1] died", failed_ranks=[1], tp_before=3)
+    fc.recoveries.append(rec)
+    for p in (Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.FAILED):
+        fc._to(rec, p, "test")
+    rec.outcome = "failed: RuntimeError: survivors could not rebuild"
+    return fc, rec, seen
+
+
+def test_fallback_restarts_every_rank_at_the_daemons_layout(monkeypatch):
+    import os
+
+    def restart(seen, reason, procs, tp_size):
+        seen.update(reason=reason, procs=[p.pid for p in procs], tp=tp_size,
+                    bind=os.environ["SGLANG_CPU_OMP_THREADS_BIND"])
+        return [_Proc(11), _Proc(12)]
+
+    fc, rec, seen = _failed_controller(monkeypatch, restart)
+    fc._fallback(rec)
+    assert seen["tp"] == 2 and seen["layout"] == 2 and seen["bind"] == "0|1"  # the new layout, before the launch
+    assert seen["procs"] == [1, 2, 3, 9] and "survivors could not rebuild" in seen["reason"]  # joiner too
+    assert fc.phase is Phase.SERVING and [p.pid for p in fc.ranks] == [11, 12] and fc.intake_pid == 11
+    assert fc.layout is fc.daemon.layout and not fc.departed and not fc._joiners and not fc.falling_back
+    assert fc.status()["tp_size"] == 2 and len(fc.status()["widths"]) == 2
+    assert rec.outcome.endswith("; fallback restart at tp 2 done") and rec.fallback == "ok" and rec.tp_after == 2
+    assert "failed" in rec.phases_s and fc.daemon.calls == []
+
+
+def test_fallback_after_a_failed_migration_reloads_the_survivors_layout(monkeypatch):
+    def restart(seen, reason, procs, tp_size):
+        seen["tp"] = tp_size
+        return [_Proc(11), _Proc(12)]
+
+    fc, rec, seen = _failed_controller(monkeypatch, restart)
+    fc.daemon.layout = fc.layout  # the daemon did not finish the migration: it says tp 3
+    fc._fallback(rec, ElasticLayout.from_hf_config(preset_config("Qwen3-14B"), 2))
+    assert fc.daemon.calls == ["stop", ("ensure", 2)] and seen["tp"] == 2 and fc.phase is Phase.SERVING
+
+
+def test_failed_fallback_leaves_the_server_failed_with_the_reason(monkeypatch):
+    def restart(seen, reason, procs, tp_size):
+        raise RuntimeError("scheduler 0 died during init")
+
+    fc, rec, _ = _failed_controller(monkeypatch, restart)
+    fc._fallback(rec)
+    assert fc.phase is Phase.FAILED and rec.fallback.startswith("failed: RuntimeError") and not fc.falling_back
+    assert rec.outcome.endswith("fallback restart failed: RuntimeError: scheduler 0 died during init")
