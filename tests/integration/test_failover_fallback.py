@@ -1,0 +1,189 @@
+"""Failover fallback after the layout changed: the in-place rebuild fails after the migration, every
+scheduler restarts from the daemon at the new tp, and a later failure again recovers in place.
+
+Tiny Qwen3 at tp 3, float32, ``SGLE_TEST_FAIL=rebuild`` (every survivor's rebuild in the server's
+first recovery raises, so that recovery fails with "survivors could not rebuild" after the daemon
+migrated the weights to tp 2). With streaming and plain /generate requests in flight, rank 1 is
+SIGKILLed; then:
+1. the server serves again at tp 2 (the daemon's layout): the recovery's outcome says it failed and
+   that the fallback restart at tp 2 was done; every request sent got either HF's greedy tokens or
+   an explicit error (HTTP 503, an error chunk or an abort), none hung; new requests get HF's tokens;
+2. rank 1 of the relaunched schedulers is SIGKILLed with requests in flight: recovered in place
+   (outcome ok, tp 1), every request completes with HF's tokens;
+3. after the server stops: none of its processes (the relaunched ones included) and none of its
+   daemon's /dev/shm segments remain.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.server import ServerProcess
+
+from tests.integration.test_failover import AUTH, PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
+from tests.integration.test_failover_hard import Load, _wait_serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+FAMILY = "qwen3"
+LONG = 48  # tokens of the requests in flight at the failure (the first MAX_NEW are the usual reference)
+CLIENT_TIMEOUT_S = 120  # no request may hang: each gets an answer or an error within this
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models):
+    return hf_greedy(str(tiny_models[FAMILY]), PROMPTS, LONG)
+
+
+class Tree:
+    """Every process of the server seen so far (the relaunched schedulers are new ones)."""
+
+    def __init__(self, srv):
+        self.srv, self.pids = srv, set()
+
+    def note(self):
+        self.pids |= {c.pid for c in psutil.Process(self.srv.proc.pid).children(recursive=True)}
+
+
+@pytest.fixture
+def server(tiny_models):
+    env = dict(os.environ, SGLE_TEST_FAIL="rebuild")
+    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN])
+    srv.start()
+    tree = Tree(srv)
+    tree.note()
+    try:
+        yield srv, tree
+    finally:
+        if srv.proc.poll() is None:
+            tree.note()
+        code = srv.stop()
+        log = srv.log_path.read_text(errors="replace")
+        alive = [p for p in tree.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"server processes left running: {alive}"
+        dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
+        left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
+        assert not left, f"daemon segments left in /dev/shm: {left}"
+        assert code is not None
+
+
+def _attempt(url, ids, stream, started: threading.Event):
+    """One /generate of LONG tokens: ("ok", output ids) or ("error", what the server said). Bounded."""
+    body = {"input_ids": ids, "stream": stream, "sampling_params": {
+        "max_new_tokens": LONG, "temperature": 0, "ignore_eos": True}}
+    r = requests.post(url + "/generate", json=body, timeout=CLIENT_TIMEOUT_S, stream=stream)
+    if r.status_code != 200:
+        started.set()
+        return "error", f"HTTP {r.status_code}: {r.text[:200]}"
+    if not stream:
+        started.set()
+        out = r.json()
+        reason = (out.get("meta_info") or {}).get("finish_reason") or {}
+        if reason.get("type") == "abort":
+            return "error", f"abort: {reason}"
+        return "ok", out["output_ids"]
+    out, last = [], {}
+    for line in r.iter_lines():
+        if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[5:])
+        if "error" in chunk:
+            return "error", f"error chunk: {chunk['error']}"
+        started.set()
+        ids_now = chunk["output_ids"]
+        assert ids_now[:len(out)] == out, f"stream went back: {out} then {ids_now}"
+        out, last = ids_now, chunk
+    reason = (last.get("meta_info") or {}).get("finish_reason") or {}
+    if reason.get("type") == "abort":
+        return "error", f"abort: {reason}"
+    return "ok", out
+
+
+def test_fallback_restart_at_new_tp_then_in_place(server, want):
+    srv, tree = server
+    url = srv.url
+    want24 = [w[:24] for w in want]
+    assert _generate(url, PROMPTS[0]) == want24[0]
+    before = _status(url)
+    assert before["state"] == "serving" and before["tp_size"] == 3, before
+    pids = {r["rank"]: r["pid"] for r in before["ranks"]}
+
+    results, crashed = {}, []
+
+    def run(key, ids, stream, started):
+        try:
+            results[key] = _attempt(url, ids, stream, started)
+        except Exception as e:  # noqa: BLE001 - a hang (timeout) or a broken stream fails the test below
+            crashed.append(f"{key}: {type(e).__name__}: {e}")
+
+    jobs = [(f"s{i}", p, True) for i, p in enumerate(PROMPTS)] + [(i, p, False) for i, p in enumerate(PROMPTS[:2])]
+    started = {k: threading.Event() for k, _, _ in jobs}
+    threads = [threading.Thread(target=run, args=(k, p, s, started[k])) for k, p, s in jobs]
+    for t in threads:
+        t.start()
+    for k, ev in started.items():  # the streams are being decoded (their first chunk came)
+        if isinstance(k, str):
+            assert ev.wait(60), f"stream {k} did not start"
+    t_kill = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    late = [threading.Event() for _ in PROMPTS[:2]]  # sent while the recovery fails / the fallback runs
+    time.sleep(0.5)
+    threads += [threading.Thread(target=run, args=(f"late{i}", p, False, late[i])) for i, p in enumerate(PROMPTS[:2])]
+    for t in threads[-2:]:
+        t.start()
+
+    s = _wait_serving(url, 2, timeout=150)
+    fallback_s = time.monotonic() - t_kill
+    tree.note()
+    for t in threads:
+        t.join(CLIENT_TIMEOUT_S + 10)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert not crashed, crashed
+    idx = {k: PROMPTS.index(p) for k, p, _ in jobs} | {f"late{i}": i for i in range(2)}
+    errors = {k: v for k, (kind, v) in results.items() if kind == "error"}
+    for k, (kind, v) in results.items():
+        if kind == "ok":
+            assert v == want[idx[k]], (k, v, want[idx[k]])
+        else:
+            assert "503" in v or "abort" in v, (k, v)
+    assert any(str(k).startswith("s") for k in errors), f"no stream in flight got an error: {results}"
+
+    rec = s["recoveries"][-1]
+    assert s["epoch"] == 1 and len(s["recoveries"]) == 1, s
+    assert rec["outcome"].startswith("failed: RuntimeError: survivors could not rebuild"), rec
+    assert rec["outcome"].endswith("; fallback restart at tp 2 done") and rec["fallback"] == "ok", rec
+    assert rec["tp_after"] == 2 and len(rec["widths_after"]) == 2 and rec["failed_ranks"] == [1], rec
+    assert {"frozen", "planning", "migrating", "reconfiguring", "failed"} <= set(rec["phases_s"]), rec
+    assert len(s["widths"]) == 2 and sum(s["widths"]) == sum(before["widths"]), s
+    new_pids = [r["pid"] for r in s["ranks"]]
+    assert all(r["alive"] for r in s["ranks"]) and not set(new_pids) & set(pids.values()), (s, pids)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids.values()), "an old rank process survived the fallback restart"
+    print(f"fallback: serving at tp 2 {fallback_s:.1f} s after the kill; errors: {sorted(map(str, errors))}")
+
+    # every request works afterwards
+    probe = HealthProbe(url)
+    probe.start()
+    assert [_generate(url, p) for p in PROMPTS] == want24
+    assert [_generate_stream(url, p) for p in PROMPTS] == want24
+
+    # a later failure at the new tp recovers in place (the relaunched ranks talk to the controller)
+    load = Load(url)
+    time.sleep(0.5)
+    os.kill(new_pids[1], signal.SIGKILL)
+    load.check(want24)
+    s = _wait_serving(url, 1, timeout=90)
+    rec = s["recoveries"][-1]
+    assert s["epoch"] == 2 and rec["outcome"] == "ok" and rec["fallback"] == "" and rec["tp_after"] == 1, s
+    assert [_generate(url, p) for p in PROMPTS] == want24
+    assert not probe.finish()
+    tree.note()
