@@ -83,6 +83,9 @@ PATCHES: tuple[Patch, ...] = (
           "down slice starts at this rank's offset, not shard_size * moe_tp_rank"),
     Patch(f"{_MOE}._map_global_expert_id_to_local_expert_id", "around", f"{_P}.fused_moe.map_global_expert_id",
           "expert parallelism: this rank's first expert is the layout offset, not rank * num_local"),
+    # -- distributed/bootstrap.py: CPU thread pools
+    Patch("sglang.srt.distributed.bootstrap._init_cpu_threads_env", "around", f"{_P}.bootstrap.init_cpu_threads_env",
+          "without AMX every CPU rank keeps a pool of all cores: size it to its OMP bind entry"),
     Patch("sglang.srt.layers.moe.fused_moe_native.moe_forward_native", "around",
           f"{_P}.fused_moe_native.moe_forward_native",
           "CPU EP crash: -1 ids of other ranks' experts index cnts.scatter_"),
