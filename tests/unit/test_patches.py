@@ -225,3 +225,39 @@ def test_unsupported_model_runs_unpatched_unless_widths_are_asked(tmp_path, clea
     assert ENV_VAR not in os.environ
     with pytest.raises(ValueError, match="model type 'llama' is not supported"):
         activate(ElasticArgs(tp_widths=(1, 1)), kwargs)
+
+
+# ---- CPU thread pools ------------------------------------------------------------------------------
+def test_cores_in_bind_entries():
+    from sgl_elastic.patches.bootstrap import cores_in
+
+    assert [cores_in(e) for e in ("0", "0-3", "4-5,8", "", "2-2")] == [1, 4, 3, 0, 1]
+
+
+def test_rank_pool_sized_to_its_bind_entry(tiny_models):
+    """SGLang's own ``_init_cpu_threads_env`` (patched) leaves a rank with one OpenMP thread per core
+    of its entry on a CPU without AMX, and passes through without a layout (a fresh interpreter:
+    the pool size is per process)."""
+    import subprocess
+    import sys
+
+    from sglang.srt.distributed import bootstrap
+
+    if bootstrap._is_cpu_amx_available or bootstrap._is_cpu_arm64:
+        pytest.skip("SGLang's kernel binds the pool itself on this CPU")
+    code = f"""
+import torch
+from sgl_elastic.config import ElasticArgs
+from sgl_elastic.patches import activate, deactivate
+from sglang.srt.distributed import bootstrap
+torch.set_num_threads(2)
+deactivate()
+bootstrap._init_cpu_threads_env(local_omp_cpuid="0", dist_init_method=None)
+print(torch.get_num_threads())
+activate(ElasticArgs(), {{"model_path": {str(tiny_models["qwen3"])!r}, "tp_size": 2}})
+bootstrap._init_cpu_threads_env(local_omp_cpuid="1", dist_init_method=None)
+print(torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["2", "1"], out.stdout
