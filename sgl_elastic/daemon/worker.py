@@ -63,7 +63,7 @@ class WorkerAttachment:
         rows, alloc_rows = sglang_kv_rows(size, page_size)
         self.client.alloc_kv(num_layers=num_layers, head_dim=head_dim, num_slots=alloc_rows, dtype=dtype,
                              budget_slots=budget_slots, page_size=page_size)
-        a = self.client.attach_kv(self.rank, populate=True)
+        a = self.client.attach_kv(self.rank)  # not populated: the pool's pages come as tokens are written
         self._check_instance(a)
         self._mapped.append(a)
         kv = [a.tensors[f"kv.{layer}"] for layer in range(num_layers)]

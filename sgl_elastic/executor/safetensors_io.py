@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import threading
 from pathlib import Path
 
@@ -30,6 +31,10 @@ DTYPE_ITEMSIZE = SAFETENSORS_ITEMSIZE  # safetensors dtype code -> bytes per ele
 # numpy dtype of the same width: copies are bitwise, the element type never matters.
 RAW_DTYPE = {size: getattr(np, name) for size, name in RAW_NUMPY.items()}
 STRIDED_PREAD_MIN = 64 << 10
+# madvise(2) flag that fills page tables in one call (Linux >= 5.14). Python's mmap module names it
+# only from 3.12 on: the kernel's number, so the calls also run on 3.11 (an older kernel answers
+# EINVAL, which every caller ignores).
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 class TensorEntry(msgspec.Struct, frozen=True):
@@ -153,7 +158,7 @@ class SafetensorsCheckpoint:
                 and out2.strides[1] == e.itemsize:
             # case 2: short runs: one strided copy from the file's page-cache mapping.
             m = self._map(e.file)
-            populate = getattr(mmap, "MADV_POPULATE_READ", None)
+            populate = MADV_POPULATE_READ
             if populate is not None and row_bytes <= mmap.PAGESIZE:
                 # every page of the row span holds needed bytes: map them in one call, not one fault each
                 first = e.offset + row0 * row_bytes

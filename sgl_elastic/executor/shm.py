@@ -8,7 +8,6 @@ another process by its ``ArenaHandle``. The creator unlinks it; attachers only c
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import secrets
 import sys
@@ -18,7 +17,7 @@ from multiprocessing import resource_tracker, shared_memory
 import msgspec
 import numpy as np
 
-from sgl_elastic.executor.safetensors_io import RAW_DTYPE
+from sgl_elastic.executor.safetensors_io import MADV_POPULATE_READ, RAW_DTYPE
 
 __all__ = ["ShardSpec", "ArenaHandle", "ShmArena"]
 
@@ -95,7 +94,7 @@ class ShmArena:
         of the arena does not pay a page fault per 4 KiB (a long-lived attacher pays it once).
         """
         shm = _attach_untracked(handle.shm_name)
-        flag = getattr(mmap, "MADV_POPULATE_READ", None)
+        flag = MADV_POPULATE_READ
         if populate and flag is not None:
             try:
                 shm._mmap.madvise(flag)  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 
+from sgl_elastic.executor.safetensors_io import MADV_POPULATE_READ
 from sgl_elastic.executor.shm import ShardSpec, ShmArena
 from sgl_elastic.memory.base import DeviceMemory, Segment, TensorAlloc, segment_dtypes
 from sgl_elastic.memory.handles import SegmentRef, TensorHandle
@@ -96,8 +97,9 @@ class ShmMapping:
     """Client-side read-write mapping of one shared-memory segment; ``flat`` is a uint8 torch tensor."""
 
     def __init__(self, ref: SegmentRef, populate: bool = False) -> None:
-        """``populate``: fault every page in now (``MADV_POPULATE_WRITE``, one call) instead of one
-        page fault per 4 KiB at first use."""
+        """``populate``: map every page now (``MADV_POPULATE_READ``, one call) instead of one page
+        fault per 4 KiB at first use. Only for segments the daemon filled (weights, parameters): on a
+        sparse one (a KV pool, whose pages come as tokens are written) it would allocate every page."""
         import torch
 
         if not _SAFE_NAME.fullmatch(ref.locator):
@@ -117,7 +119,7 @@ class ShmMapping:
             self._mmap = mmap.mmap(fd, ref.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        flag = getattr(mmap, "MADV_POPULATE_WRITE", None)
+        flag = MADV_POPULATE_READ
         if populate and flag is not None:
             try:
                 self._mmap.madvise(flag)
