@@ -682,7 +682,8 @@ class FailoverController:
         daemon holds is in doubt (a failed ApplyMigration keeps the old shards, but one that timed
         out may still be running). The simplest correct thing: the path ``_migrate`` takes for a
         dead daemon. The daemon is replaced by one that loads the survivors' layout from the
-        checkpoint (every byte read again).
+        checkpoint (every byte read again). The same is tried once when the restart from the
+        daemon as it is fails (the schedulers could not start from its memory).
         """
         from sgl_elastic.controller.supervisor import supervisor
 
@@ -705,7 +706,20 @@ class FailoverController:
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
             _log(f"falling back to restarting every scheduler from the daemon, at tp {tp}")
-            procs = supervisor().restart(f"in-place failover {rec.outcome}", procs=old, tp_size=tp)
+            why, again = f"in-place failover {rec.outcome}", ""
+            try:
+                procs = supervisor().restart(why, procs=old, tp_size=tp)
+            except Exception as e:  # noqa: BLE001 - once more, below
+                if reload is not None:  # the daemon is new already
+                    raise
+                # what the schedulers could not start from may be the daemon's memory (a migration
+                # that left it wrong): once more, from a new daemon that reads the checkpoint again
+                again = f"{type(e).__name__}: {e}"
+                _log(f"ERROR: the fallback restart failed ({again}); once more, with a new state daemon that loads"
+                     f" tp {tp} from the checkpoint")
+                self.daemon.stop()
+                self.daemon.ensure()
+                procs = supervisor().restart(f"{why}; again with a new daemon", procs=old, tp_size=tp)
         except Exception as e:  # noqa: BLE001 - reported in /elastic/status; the server stays FAILED
             rec.fallback = f"failed: {type(e).__name__}: {e}"
             rec.outcome += f"; fallback restart failed: {type(e).__name__}: {e}"
@@ -720,7 +734,7 @@ class FailoverController:
             self._joiners = []
             self._hello_ids = {}
         self.watch(procs)  # as the engine hook does for the first launch's schedulers
-        rec.fallback = "ok"
+        rec.fallback = "ok" + (f" (with a new daemon; the first restart failed: {again})" if again else "")
         rec.outcome += f"; fallback restart at tp {tp} done"
         rec.tp_after = tp
         rec.widths_after = list(layout.family("attn").widths)

@@ -104,7 +104,8 @@ def _launching(server_args):
 
     want = create_context(server_args, role="tokenizer").parallel
     par = get_parallel()
-    return par.override(**{n: getattr(want, n) for n in _LAUNCH_WIDTHS if getattr(want, n) != getattr(par, n)})
+    diff = {n: getattr(want, n) for n in _LAUNCH_WIDTHS if getattr(want, n) != getattr(par, n)}
+    return par.override(**diff) if diff else contextlib.nullcontext()
 
 
 def _log(msg: str) -> None:
@@ -206,11 +207,13 @@ class Supervisor:
                     self.ensure_daemon()
                 original, cls, server_args, port_args, func, kwargs = self._launch
                 launching = contextlib.nullcontext()
-                if tp_size is not None and tp_size != int(server_args.tp_size):
-                    server_args = server_args_at(server_args, tp_size)
-                    server_args.resolve_once()  # here, as the launcher's: the schedulers get it resolved
+                if tp_size is not None:
+                    if tp_size != int(server_args.tp_size):
+                        server_args = server_args_at(server_args, tp_size)
+                        server_args.resolve_once()  # here, as the launcher's: the schedulers get it resolved
+                        self._launch = (original, cls, server_args, port_args, func, kwargs)
+                    # this process's widths are the first launch's (SGLang sizes the launch by them)
                     launching = _launching(server_args)
-                    self._launch = (original, cls, server_args, port_args, func, kwargs)
                 port_args.nccl_port = free_port()  # the old store died with rank 0
                 t_launch = time.monotonic()
                 with launching:

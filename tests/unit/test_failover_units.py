@@ -271,3 +271,35 @@ def test_failed_fallback_leaves_the_server_failed_with_the_reason(monkeypatch):
     fc._fallback(rec)
     assert fc.phase is Phase.FAILED and rec.fallback.startswith("failed: RuntimeError") and not fc.falling_back
     assert rec.outcome.endswith("fallback restart failed: RuntimeError: scheduler 0 died during init")
+    assert fc.daemon.calls == ["stop", ("ensure", 2)]  # tried once more with a new daemon
+
+
+def test_fallback_tries_once_more_with_a_new_daemon(monkeypatch):
+    def restart(seen, reason, procs, tp_size):
+        seen["n"] = seen.get("n", 0) + 1
+        if seen["n"] == 1:
+            raise RuntimeError("daemon error [not_found]")
+        assert "again with a new daemon" in reason
+        return [_Proc(11), _Proc(12)]
+
+    fc, rec, seen = _failed_controller(monkeypatch, restart)
+    fc._fallback(rec)
+    assert seen["n"] == 2 and fc.daemon.calls == ["stop", ("ensure", 2)] and fc.phase is Phase.SERVING
+    assert rec.fallback.startswith("ok (with a new daemon") and rec.outcome.endswith("fallback restart at tp 2 done")
+
+
+def test_launch_widths_follow_the_relaunch_args_in_the_launching_process_only():
+    from sglang.srt.runtime_context import create_context, get_parallel, use_context
+    from sglang.srt.server_args import ServerArgs
+
+    from sgl_elastic.controller.supervisor import _launching, server_args_at
+
+    first = ServerArgs(model_path="dummy", tp_size=3)
+    with use_context(create_context(first, role="tokenizer")):  # this process as the first launch left it
+        at2 = server_args_at(first, 2)
+        at2.resolve_once()
+        with _launching(at2):
+            assert (get_parallel().tp_size, get_parallel().attn_tp_size, get_parallel().launch_world_size) == (2, 2, 2)
+        assert get_parallel().tp_size == 3
+        with _launching(first):  # the same widths: nothing overridden (a second fallback at the same tp)
+            assert get_parallel().tp_size == 3
