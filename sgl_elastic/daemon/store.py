@@ -182,6 +182,8 @@ class ModelStore:
                 s.close()
             raise
         self.kv, self.kv_spec, self.index = built, spec, index
+        for seg in built.values():
+            seg.reserve_async()
         return True
 
     def drop_kv(self) -> None:

@@ -83,6 +83,10 @@ class Segment(abc.ABC):
     @abc.abstractmethod
     def zero(self) -> None: ...
 
+    def reserve_async(self) -> None:
+        """Give the segment all its pages now, in the background (a sparse one fills as it is first
+        written). Default: nothing to do (device allocations are resident)."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Free the memory (unlink / release); mappings other processes still hold stay valid on CPU."""

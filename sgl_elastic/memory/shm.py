@@ -58,6 +58,30 @@ class ShmSegment(Segment):
         for name in self.arena.shards:
             self.arena.array(name)[...] = 0
 
+    def reserve_async(self) -> None:
+        """``posix_fallocate`` the segment in a background thread, 64 MiB at a time, on a duplicate of
+        its descriptor (closing the segment meanwhile cannot redirect it to another file). Used for KV
+        pools: SGLang's own pool is zeroed at start, so its pages exist before the first token; a sparse
+        one would instead take every page fault (on a VM that backs memory lazily, a slow one) in the
+        first decode steps after a recovery."""
+        import threading
+
+        fd = getattr(self.arena._shm, "_fd", -1)  # type: ignore[attr-defined]
+        if fd < 0 or not hasattr(os, "posix_fallocate"):
+            return
+        own, size = os.dup(fd), self.nbytes
+
+        def work() -> None:
+            try:
+                for off in range(0, size, 64 << 20):
+                    os.posix_fallocate(own, off, min(64 << 20, size - off))
+            except OSError:
+                pass  # no room: the pages come at first write, as before
+            finally:
+                os.close(own)
+
+        threading.Thread(target=work, name="sgle-reserve", daemon=True).start()
+
     def close(self) -> None:
         self.arena.close()
 
