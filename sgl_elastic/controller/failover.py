@@ -725,23 +725,25 @@ class FailoverController:
             rec.outcome += f"; fallback restart failed: {type(e).__name__}: {e}"
             _log(f"ERROR: the fallback restart failed ({type(e).__name__}: {e}); the server cannot serve until it"
                  " is restarted (see /elastic/status)")
+            self.falling_back = False
             return
+        try:  # still falling back until SERVING: a SIGQUIT of a process the restart killed is part of it
+            with self.lock:
+                self.layout = layout
+                self.departed = set()
+                self._joiners = []
+                self._hello_ids = {}
+            self.watch(procs)  # as the engine hook does for the first launch's schedulers
+            rec.fallback = "ok" + (f" (with a new daemon; the first restart failed: {again})" if again else "")
+            rec.outcome += f"; fallback restart at tp {tp} done"
+            rec.tp_after = tp
+            rec.widths_after = list(layout.family("attn").widths)
+            rec.recovery_s = round(time.monotonic() - rec.t_fault, 4)
+            self._pending_tfs = rec
+            self._to(rec, Phase.SERVING, f"fallback restart at tp {tp} done in {time.monotonic() - t0:.2f} s;"
+                     f" epoch {self.epoch}, widths {rec.widths_after}")
         finally:
             self.falling_back = False
-        with self.lock:
-            self.layout = layout
-            self.departed = set()
-            self._joiners = []
-            self._hello_ids = {}
-        self.watch(procs)  # as the engine hook does for the first launch's schedulers
-        rec.fallback = "ok" + (f" (with a new daemon; the first restart failed: {again})" if again else "")
-        rec.outcome += f"; fallback restart at tp {tp} done"
-        rec.tp_after = tp
-        rec.widths_after = list(layout.family("attn").widths)
-        rec.recovery_s = round(time.monotonic() - rec.t_fault, 4)
-        self._pending_tfs = rec
-        self._to(rec, Phase.SERVING, f"fallback restart at tp {tp} done in {time.monotonic() - t0:.2f} s;"
-                 f" epoch {self.epoch}, widths {rec.widths_after}")
 
     def _collect(self, into: dict, pids: set[int], epoch: int, timeout: float, kind: str,
                  failed: dict[int, str] | None = None) -> None:
