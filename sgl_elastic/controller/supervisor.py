@@ -187,8 +187,8 @@ class Supervisor:
             t0 = time.monotonic()
             try:
                 old = list({p.pid: p for p in [*self.procs, *(procs or [])]}.values())
-                _log(f"scheduler failure ({reason}); restarting all scheduler processes (killing"
-                     f" {len([p for p in old if p.is_alive()])} alive), state from the daemon")
+                _log(f"scheduler failure ({reason}); restarting all {len(old)} scheduler processes ("
+                     f"{len([p for p in old if p.is_alive()])} alive), state from the daemon")
                 self.procs = old
                 self.note_shm()
                 for p in old:  # step 2

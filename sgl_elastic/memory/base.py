@@ -127,9 +127,15 @@ class DeviceMemory(abc.ABC):
                                  f" ({self.backend}); lower the size or free memory")
 
 
-def segment_dtypes(segments: Iterable[Segment]) -> dict[str, str]:
-    """Tensor name -> torch dtype name over ``segments``."""
-    return {h.name: h.dtype for seg in segments for h in seg.handles()}
+def segment_dtypes(segments: Iterable[Segment], ckpt=None) -> dict[str, str]:
+    """Tensor name -> torch dtype name over ``segments``, and over every tensor of checkpoint
+    ``ckpt`` when given: a migration's new segments also hold tensors no survivor held (a dead
+    rank's experts, under expert parallelism)."""
+    from sgl_elastic.layout.dtypes import SAFETENSORS_TO_TORCH
+
+    out = {} if ckpt is None else {name: SAFETENSORS_TO_TORCH[e.dtype] for name, e in ckpt.entries.items()}
+    out.update({h.name: h.dtype for seg in segments for h in seg.handles()})
+    return out
 
 
 class AttachedTensors:

@@ -188,7 +188,7 @@ class CudaMemory(DeviceMemory):
         """``executor.cuda.CudaExecutor`` on raw device views of the old segments."""
         from sgl_elastic.executor.cuda import CudaExecutor
 
-        dtypes = segment_dtypes(old.values())
+        dtypes = segment_dtypes(old.values(), ckpt)
         new_tensors, report = CudaExecutor(ckpt, topo).run(plan, {r: s.views(raw=True) for r, s in old.items()})
         return {r: self.wrap_tensors(r, "weights", t, dtypes) for r, t in new_tensors.items()}, report
 

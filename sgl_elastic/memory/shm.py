@@ -112,7 +112,7 @@ class ShmMemory(DeviceMemory):
         arenas (allocated before any copy)."""
         from sgl_elastic.executor.cpu import CpuExecutor
 
-        dtypes = segment_dtypes(old.values())
+        dtypes = segment_dtypes(old.values(), ckpt)
         new_arenas, report = CpuExecutor(ckpt, topo).run(plan, {r: s.arena for r, s in old.items()}, label=label)
         return {r: self.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
 

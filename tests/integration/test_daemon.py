@@ -57,10 +57,10 @@ def ckpt():
     return str(build_model("qwen3-moe", "tiny"))
 
 
-def layout_of(ckpt: str, tp: int) -> ElasticLayout:
+def layout_of(ckpt: str, tp: int, expert_parallel: bool = False) -> ElasticLayout:
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = SimpleNamespace(**json.load(f))
-    return ElasticLayout.from_hf_config(cfg, tp, mlp_unit=64, vocab_unit=64)
+    return ElasticLayout.from_hf_config(cfg, tp, mlp_unit=64, vocab_unit=64, expert_parallel=expert_parallel)
 
 
 def wait_gone(paths_fn, timeout=5.0):
@@ -217,6 +217,30 @@ def test_migration_runs_through_executor(loaded, ckpt, change):
     with pytest.raises(DaemonError) as e:
         c.export_weights(plan.new_layout.tp_size)
     assert e.value.code == "not_found"
+
+
+def test_expert_parallel_migration_gives_the_dead_ranks_experts_their_dtype(daemon, ckpt):
+    """Under expert parallelism a survivor receives experts that only the dead rank held (reloaded
+    from the checkpoint): the new segments must describe them too (they once lacked their dtype, so
+    exporting the new rank's handles failed with not_found and the in-place rebuild fell back)."""
+    c = daemon.client()
+    try:
+        old = layout_of(ckpt, 3, expert_parallel=True)
+        c.load_model(ckpt, old)
+        c.wait_ready(60)
+        plan = plan_migration(old, ClusterChange(failed=(1,)))
+        lost = set(range(*old.family("experts").rank_dim_range(1)))
+        c.apply_migration(plan, timeout=60)
+        with SafetensorsCheckpoint(ckpt) as ck:
+            for rank in range(plan.new_layout.tp_size):
+                with c.attach_weights(rank) as a:
+                    held = {t.expert for t, _ in rank_tensors(plan.new_layout, rank) if t.family == "experts"}
+                    for t, shape in rank_tensors(plan.new_layout, rank):
+                        assert torch.equal(a.tensors[t.name], expected_shard(ck, plan.new_layout, rank, t, shape)), t.name
+                    lost -= held
+        assert not lost, f"experts {sorted(lost)} of the dead rank went nowhere"
+    finally:
+        c.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
