@@ -36,10 +36,10 @@ PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW = 24
 
 
-@pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream)
-    ("qwen3-moe", 3, 0), ("mixtral", 3, 1), ("qwen3", 3, 0),
+@pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream[, "ep": expert parallelism])
+    ("qwen3-moe", 3, 0), ("mixtral", 3, 1, "ep"), ("qwen3", 3, 0),
     pytest.param(("qwen3-moe", 4, 1), marks=pytest.mark.slow), pytest.param(("mixtral", 4, 0), marks=pytest.mark.slow),
-], ids=lambda p: f"{p[0]}-tp{p[1]}-kill{p[2]}")
+], ids=lambda p: f"{p[0]}-tp{p[1]}-kill{p[2]}" + "".join(f"-{x}" for x in p[3:]))
 def case(request):
     return request.param
 
@@ -51,9 +51,10 @@ def want(tiny_models, case):
 
 @pytest.fixture(scope="module")
 def server(tiny_models, case):
-    family, tp, _ = case
+    family, tp = case[:2]
+    ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
     srv = ServerProcess(tiny_models[family], tp_size=tp, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics"])
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
     srv.start()
     pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
     yield srv
