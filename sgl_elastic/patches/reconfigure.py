@@ -315,6 +315,17 @@ def _teardown_groups() -> None:
             log(f"destroy_process_group: {e} (ignored)")
 
 
+def _release_device_cache() -> None:
+    """GPU: hand the old scheduler's cached blocks (activations, CUDA graph pools) back to the driver,
+    so the new scheduler, which sizes its memory from what is free and captures its own graphs,
+    finds them. After ``_teardown_groups``: its aborted NCCL communicators no longer hold kernels.
+    Not run on a GPU yet (no accelerator was available); a no-op on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _shutdown_tcp() -> None:
     """Shut down every TCP socket of this process (the old epoch's gloo pairs and store).
 
@@ -476,6 +487,7 @@ def failover(old, reason: str):
     _teardown_groups()
     del old, reqs
     gc.collect()
+    _release_device_cache()
     return _build(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0)
 
 
