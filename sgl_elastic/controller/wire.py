@@ -16,7 +16,7 @@ import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
            "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
-           "test_faults"]
+           "test_faults", "ENV_TEST_HOLD_DISPATCH"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
@@ -24,6 +24,11 @@ ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent:
 # controller stays that long in each named recovery phase; "rebuild=seconds": survivors wait that
 # long before building their new scheduler. So a test can kill a second rank inside a given phase.
 ENV_TEST_DELAYS = "SGLE_TEST_DELAYS"
+# Tests only: a directory. EP rank 0 holds its first layer-0 MoE dispatch after ``<dir>/arm`` appears
+# (routing done, experts not yet run): it removes ``arm``, writes ``<dir>/held`` (its map epoch) and
+# waits until ``<dir>/release`` exists (at most 60 s). So a test can fail a rank between routing and
+# dispatch.
+ENV_TEST_HOLD_DISPATCH = "SGLE_TEST_HOLD_DISPATCH"
 # Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
 # every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
 # fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import time
 
+from sgl_elastic.controller.wire import ENV_TEST_HOLD_DISPATCH
 from sgl_elastic.patches import state
 
 logger = logging.getLogger(__name__)
 
 _ATTR = "_sgl_elastic_moe_slice"  # (start, size) of this rank's intermediate columns
 _EXPERTS_ATTR = "_sgl_elastic_experts"  # (start, end) of this rank's global expert ids
+_MAP_EPOCH_ATTR = "_sgl_elastic_map_epoch"  # recovery epoch of the layout this layer's expert map follows
+_HOLD_DIR = os.environ.get(ENV_TEST_HOLD_DISPATCH) or None  # tests only, read once
 
 
 def fused_moe_init(original, self, *args, **kwargs):
@@ -111,6 +116,7 @@ def _expert_parallel_init(original, self, *args, **kwargs):
     self.moe_ep_size, self.moe_ep_rank, self._expert_storage_rank = par.moe_ep_size, rank, rank
     self.uses_expert_location = False
     setattr(self, _EXPERTS_ATTR, (start, end))
+    setattr(self, _MAP_EPOCH_ATTR, state.map_epoch())
     # Step 3: the dispatcher maps global ids to local ones (-1: another rank's expert).
     disp = self.dispatcher
     if not isinstance(disp, StandardDispatcher):
@@ -131,3 +137,42 @@ def map_global_expert_id(original, self, expert_id):
         return original(self, expert_id)
     start, end = experts
     return expert_id - start if start <= expert_id < end else -1
+
+
+class StaleExpertMap(RuntimeError):
+    """A MoE layer was asked to dispatch under an expert map of another epoch than the one served."""
+
+
+def forward_impl(original, self, hidden_states, topk_output, *args, **kwargs):
+    """FusedMoE.forward_impl (routing done, dispatch next): the stale-routing guard of elastic EP.
+
+    The expert map (which rank holds which expert, and in which local slot) changes only with the
+    layout, at a recovery, and then every rank builds a new model at the same step (the rebuild),
+    stamped with the new epoch; a step in flight when a rank fails is abandoned (its collective
+    fails) and its requests are routed again under the new map when they resume. This check makes
+    that invariant loud: a layer whose map is not the epoch this process serves raises instead of
+    sending tokens to slots that no longer hold their experts.
+    """
+    epoch = getattr(self, _MAP_EPOCH_ATTR, None)
+    if epoch is not None:
+        if _HOLD_DIR is not None and self.layer_id == 0 and self.moe_ep_rank == 0:
+            _hold(epoch)
+        if epoch != state.map_epoch():
+            raise StaleExpertMap(f"MoE layer {self.layer_id}: expert map of epoch {epoch}, this process serves"
+                                 f" epoch {state.map_epoch()}")
+    return original(self, hidden_states, topk_output, *args, **kwargs)
+
+
+def _hold(epoch: int) -> None:
+    """Tests only (``wire.ENV_TEST_HOLD_DISPATCH``): wait between routing and dispatch once armed."""
+    arm = os.path.join(_HOLD_DIR, "arm")
+    try:
+        os.unlink(arm)
+    except FileNotFoundError:
+        return
+    with open(os.path.join(_HOLD_DIR, "held"), "w") as f:
+        f.write(str(epoch))
+    logger.warning("sgl-elastic: test hold of a layer-0 MoE dispatch (expert map epoch %d)", epoch)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(_HOLD_DIR, "release")) and time.monotonic() < deadline:
+        time.sleep(0.01)

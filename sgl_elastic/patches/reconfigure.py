@@ -538,6 +538,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         # Step 3: rebuild.
         layout = ElasticLayout.from_bytes(order.layout)
         state.set_layout(layout)
+        state.set_map_epoch(order.epoch)  # the new model's expert maps carry this epoch
         os.environ[state.ENV_VAR] = state.encode(layout)
         if order.omp_bind:
             os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = order.omp_bind

@@ -50,6 +50,19 @@ def layout() -> ElasticLayout | None:
     return _layout
 
 
+_map_epoch = 0  # the recovery epoch whose layout (and so expert map) this process builds and serves
+
+
+def set_map_epoch(epoch: int) -> None:
+    """Set by an in-place rebuild before its new model is built (0: the launch's layout)."""
+    global _map_epoch
+    _map_epoch = int(epoch)
+
+
+def map_epoch() -> int:
+    return _map_epoch
+
+
 # ---- the plan of the block under construction ---------------------------------------------------
 @dataclasses.dataclass(frozen=True, slots=True)
 class AttnPlan:

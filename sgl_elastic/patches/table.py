@@ -81,6 +81,8 @@ PATCHES: tuple[Patch, ...] = (
           "gate/up slice starts at this rank's offset, not shard_size * moe_tp_rank"),
     Patch(f"{_MOE}._load_w2", "around", f"{_P}.fused_moe.load_w2",
           "down slice starts at this rank's offset, not shard_size * moe_tp_rank"),
+    Patch(f"{_MOE}.forward_impl", "around", f"{_P}.fused_moe.forward_impl",
+          "elastic EP: refuse to dispatch under an expert map of another recovery epoch (stale routing)"),
     Patch(f"{_MOE}._map_global_expert_id_to_local_expert_id", "around", f"{_P}.fused_moe.map_global_expert_id",
           "expert parallelism: this rank's first expert is the layout offset, not rank * num_local"),
     # -- distributed/bootstrap.py: CPU thread pools

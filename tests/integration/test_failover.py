@@ -25,6 +25,8 @@ import psutil
 import pytest
 import requests
 
+from sgl_elastic.controller import wire
+
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess
 
@@ -50,10 +52,16 @@ def want(tiny_models, case):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, case):
+def hold_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hold-dispatch")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, case, hold_dir):
     family, tp = case[:2]
     ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
-    srv = ServerProcess(tiny_models[family], tp_size=tp, extra_args=[
+    env = dict(os.environ, **({wire.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
+    srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
     srv.start()
     pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
@@ -203,6 +211,53 @@ def test_kill_rank_mid_stream(server, want, case):
     metrics = requests.get(url + "/metrics", timeout=30).text
     assert 'sgl_elastic_recoveries_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
     assert f"sgl_elastic_tp_size {tp - 1}.0" in metrics
+
+
+def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
+    """Expert parallelism: rank 0 is held after routing a step's tokens and before dispatching them
+    to its experts; rank 1, which holds other experts, is killed meanwhile. The step routed under the
+    old expert map must never complete (its tokens for the dead rank's experts would be lost), and
+    every request must come out as HF's greedy tokens, routed again under the new map."""
+    if "ep" not in case[3:]:
+        pytest.skip("expert parallelism only")
+    url = server.url
+    before = _status(url)
+    assert before["tp_size"] >= 2, before
+    (hold_dir / "arm").touch()
+    results, errors = {}, []
+
+    def run(i, p):
+        try:
+            results[i] = _generate(url, p)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not (hold_dir / "held").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (hold_dir / "held").exists(), "rank 0 never reached a MoE dispatch"
+    held_epoch = int((hold_dir / "held").read_text())
+    assert held_epoch == before["epoch"]
+    os.kill(_rank_pid(url, 1), signal.SIGKILL)
+    time.sleep(0.5)  # rank 1 is dead while rank 0 still holds the step routed under its old map
+    (hold_dir / "release").touch()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
+    assert not errors, errors
+    assert [results[i] for i in range(len(PROMPTS))] == want
+    deadline = time.monotonic() + 60
+    while (s := _status(url))["epoch"] == before["epoch"] or s["state"] != "serving":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    assert s["tp_size"] == before["tp_size"] - 1 and s["recoveries"][-1]["outcome"] == "ok", s
+    log = server.log_path.read_text(errors="replace")
+    tail = log[log.index(f"test hold of a layer-0 MoE dispatch (expert map epoch {held_epoch})"):]
+    assert "event loop stopped" in tail.split("rebuilt")[0]  # the held step failed, rank 0 failed over
+    assert "StaleExpertMap" not in log  # no layer ever met a map of another epoch
 
 
 def test_admin_api_then_down_to_one_rank(server, want):
