@@ -52,6 +52,8 @@ logger = logging.getLogger("sgl_elastic.controller.failover")
 
 HELLO_TIMEOUT_S = 10.0  # default: survivors must check in within this (else: fenced, recovery goes on)
 HUNG_TIMEOUT_S = 5.0  # default: a rank whose heartbeat is this old is fenced (its process does not run)
+SERVING_POLL_S = 0.2  # while serving: how often the control socket is checked for a rank that left on its own
+SELF_REPORT_SETTLE_S = 0.5  # after such a hello: how long its peers' hellos (or a death) are waited for
 READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
 # extra check-in time after a death during the rebuild: the others' rebuild fails within ~1.7x their
 # bounded rendezvous (wire.REBUILD_INIT_TIMEOUT_S), then they check in again
@@ -156,6 +158,7 @@ class FailoverController:
         self.intake_pid = 0  # the process serving rank 0 (request intake, output streaming)
         self.hung_timeout_s = HUNG_TIMEOUT_S
         self.hung_fenced: list[int] = []  # pids fenced because their heartbeat stopped
+        self.error_fenced: dict[int, str] = {}  # pids fenced because their event loop stopped on their own error
         self._delays: dict[str, float] = {}
         self._spare_hellos: dict[int, bytes] = {}  # hellos of processes no recovery waited for yet (a new rank)
         self._spawn = None  # spawn(slot, standby) -> started Process of a new rank (the launcher's)
@@ -325,7 +328,7 @@ class FailoverController:
             with self.lock:
                 live = [p for p in self.ranks if p.pid not in self.departed]
             sentinels = {p.sentinel: p for p in live}
-            poll = min(1.0, self.hung_timeout_s / 5) if self.hung_timeout_s > 0 else 5.0
+            poll = min(SERVING_POLL_S, self.hung_timeout_s / 5) if self.hung_timeout_s > 0 else SERVING_POLL_S
             ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r], timeout=poll)
             if self._wake_r in ready:
                 try:
@@ -346,6 +349,10 @@ class FailoverController:
             if not dead and self.enabled and self.phase is Phase.SERVING:
                 self._fence_silent(live)
                 self._keep_standby(live)
+                try:
+                    self._check_self_reported(live)
+                except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
+                    _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
                 continue
             if dead and self.enabled:
                 time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
@@ -446,6 +453,74 @@ class FailoverController:
             except ProcessLookupError:
                 pass
 
+    def _check_self_reported(self, live: list) -> None:
+        """A serving rank that says hello while no rank died left its group on its own error (an
+        exception in its forward, a CUDA error: a device that fails without its process dying).
+
+        Its peers follow within moments (it shut its sockets; their collectives fail). After a short
+        settle: if a rank died meanwhile, the death path recovers (the hellos are kept for it). The
+        ranks whose error is their own (not a peer's failure) are fenced (SIGKILL) like a hung one,
+        and the next turn of the loop recovers from their deaths on the others. If every rank failed
+        on its own (the same input broke them all: resuming it would break the survivors too), or
+        none can be blamed, every scheduler is restarted from the daemon (the fallback: requests in
+        flight end with a 503)."""
+        import signal
+
+        got = self._drain_hellos()
+        pids = {p.pid for p in live}
+        if not got.keys() & pids:
+            return
+        settle = time.monotonic() + SELF_REPORT_SETTLE_S
+        while True:
+            if any(not p.is_alive() for p in live):
+                return  # a death: the next turn recovers from it with these hellos
+            if pids <= got.keys() or time.monotonic() >= settle:
+                break
+            time.sleep(0.05)
+            got |= self._drain_hellos()
+        mine = {pid: m.reason for pid, m in got.items() if pid in pids and not wire.peer_failure(m.reason)}
+        _log(f"rank(s) {sorted(self.ranks.index(p) for p in live if p.pid in got)} left their group with no rank"
+             f" dead; their own errors: {mine or 'none'}")
+        if mine and len(mine) < len(live):
+            for pid, reason in mine.items():
+                _log(f"fencing rank pid {pid} (SIGKILL): its event loop stopped on its own error ({reason})")
+                self.error_fenced[pid] = reason
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        with self.lock:
+            self.epoch += 1
+            rec = Recovery(epoch=self.epoch, failed_ranks=[], tp_before=len(self.ranks), t_fault=time.monotonic(),
+                           reason=("every rank's event loop stopped on its own error" if mine else
+                                   "ranks left their group with no rank dead and no error of their own")
+                           + f": {dict(list(mine.items())[:2])}")
+        self.recoveries.append(rec)
+        self._to(rec, Phase.FROZEN, rec.reason)
+        rec.outcome = "failed: no rank to blame; requests in flight end with an error"
+        self._to(rec, Phase.FAILED, rec.outcome)
+        self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
+        self._fallback(rec)
+
+    def _drain_hellos(self) -> dict:
+        """Hellos waiting on the control socket (pid -> RankHello), kept for the next recovery."""
+        import zmq
+
+        got = {}
+        while self._sock.poll(0, zmq.POLLIN):
+            ident, data = self._sock.recv_multipart()
+            try:
+                msg = wire.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                _log(f"dropped a malformed control message: {e}")
+                continue
+            if isinstance(msg, wire.RankHello):
+                self._hello_ids[msg.pid] = ident
+                self._spare_hellos[msg.pid] = ident
+                got[msg.pid] = msg
+        return got
+
     def _to(self, rec: Recovery | None, new: Phase, why: str) -> None:
         now = time.monotonic()
         with self.lock:
@@ -475,6 +550,9 @@ class FailoverController:
             epoch = self.epoch
         hung = [p.pid for p in dead if p.pid in self.hung_fenced]
         why = f"rank(s) {failed} died (pids {[p.pid for p in dead]})" + (f"; hung (fenced): {hung}" if hung else "")
+        own = {p.pid: self.error_fenced[p.pid] for p in dead if p.pid in self.error_fenced}
+        if own:
+            why += f"; fenced after an error of their own: {own}"
         if joiner is not None:
             why = f"scale-up: a new rank (pid {joiner.pid}) joins the {len(ranks)} serving"
         rec = Recovery(epoch=epoch, reason=why,

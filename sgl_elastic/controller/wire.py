@@ -16,7 +16,8 @@ import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
            "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
-           "test_faults", "ENV_TEST_HOLD_DISPATCH"]
+           "test_faults", "ENV_TEST_HOLD_DISPATCH", "ENV_TEST_RAISE",
+           "peer_failure"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
@@ -29,6 +30,9 @@ ENV_TEST_DELAYS = "SGLE_TEST_DELAYS"
 # waits until ``<dir>/release`` exists (at most 60 s). So a test can fail a rank between routing and
 # dispatch.
 ENV_TEST_HOLD_DISPATCH = "SGLE_TEST_HOLD_DISPATCH"
+# Tests only: a directory. A rank whose ``<dir>/raise-<tp rank>`` exists removes it and raises a
+# RuntimeError in its event loop (a device error that does not kill the process: a CUDA error).
+ENV_TEST_RAISE = "SGLE_TEST_RAISE"
 # Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
 # every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
 # fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later
@@ -44,6 +48,19 @@ def regroup_path(control_addr: str) -> str:
     import os
 
     return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), "regroup")
+
+
+# How a rank's collective fails when a peer dies or leaves (gloo on CPU; NCCL and its watchdog on GPU):
+# a hello with such a reason is a peer's failure, anything else the rank's own error.
+_PEER_FAILURE = ("connection reset by peer", "connection closed by peer", "broken pipe", "read error",
+                 "write error", "connection refused", "timed out", "timeout", "ncclremoteerror",
+                 "remote process exited", "socket closed", "regroup")
+
+
+def peer_failure(reason: str) -> bool:
+    """True when a rank's hello ``reason`` says its collective failed because of a peer (see above)."""
+    low = (reason or "").lower()
+    return any(k in low for k in _PEER_FAILURE)
 
 
 def parse_delays(spec: str | None) -> dict[str, float]:

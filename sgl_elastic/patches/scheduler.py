@@ -6,9 +6,13 @@ The failover itself is ``patches.reconfigure``.
 
 from __future__ import annotations
 
+import os
 import traceback
 
+from sgl_elastic.controller.wire import ENV_TEST_RAISE
 from sgl_elastic.patches import reconfigure as rc
+
+_RAISE_DIR = os.environ.get(ENV_TEST_RAISE) or None  # tests only, read once
 
 
 def run_event_loop(original, self):
@@ -52,6 +56,8 @@ def handle_generate_request(original, self, recv_req, *args, **kwargs):
 def process_input_requests(original, self, recv_reqs):
     """Scheduler.process_input_requests: re-create resumed requests with their output so far; a
     ``Regroup`` marker (scale-up) takes this rank out of its group once the step's requests are queued."""
+    if _RAISE_DIR is not None:
+        _maybe_raise()
     if recv_reqs and any(isinstance(r, rc.Regroup) for r in recv_reqs):
         process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, rc.Regroup)])
         raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
@@ -64,3 +70,15 @@ def process_input_requests(original, self, recv_reqs):
         else:
             rest.append(r)
     return original(self, rest)
+
+
+def _maybe_raise() -> None:
+    """Tests only (``wire.ENV_TEST_RAISE``): this rank's own error, once, when its trigger file exists."""
+    from sglang.srt.runtime_context import get_parallel
+
+    rank = get_parallel().tp_rank
+    try:
+        os.unlink(os.path.join(_RAISE_DIR, f"raise-{rank}"))
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"{ENV_TEST_RAISE}: injected error of TP rank {rank} (tests only)")

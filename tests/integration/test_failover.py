@@ -60,7 +60,8 @@ def hold_dir(tmp_path_factory):
 def server(tiny_models, case, hold_dir):
     family, tp = case[:2]
     ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
-    env = dict(os.environ, **({wire.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
+    env = dict(os.environ, **{wire.ENV_TEST_RAISE: str(hold_dir)},
+               **({wire.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
     srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
     srv.start()
@@ -258,6 +259,48 @@ def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
     tail = log[log.index(f"test hold of a layer-0 MoE dispatch (expert map epoch {held_epoch})"):]
     assert "event loop stopped" in tail.split("rebuilt")[0]  # the held step failed, rank 0 failed over
     assert "StaleExpertMap" not in log  # no layer ever met a map of another epoch
+
+
+def test_rank_fails_on_its_own_error(server, want, case, hold_dir):
+    """A device error that leaves its process alive (a CUDA error): rank 1's event loop raises while
+    requests run. Its peers' collectives fail; the controller blames the rank whose error is its
+    own, fences it and goes on without it; no request fails."""
+    if case[0] != "qwen3":
+        pytest.skip("one family is enough")
+    url = server.url
+    before = _status(url)
+    assert before["tp_size"] >= 2, before
+    probe = HealthProbe(url)
+    probe.start()
+    results, errors = {}, []
+
+    def run(i, p):
+        try:
+            results[i] = _generate_stream(url, p)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    victim_pid = _rank_pid(url, 1)
+    (hold_dir / "raise-1").touch()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
+    bad_health = probe.finish()
+    assert not errors, errors
+    assert [results[i] for i in range(len(PROMPTS))] == want
+    assert not bad_health, bad_health
+    deadline = time.monotonic() + 60
+    while (s := _status(url))["epoch"] == before["epoch"] or s["state"] != "serving":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    rec = s["recoveries"][-1]
+    assert s["tp_size"] == before["tp_size"] - 1 and rec["outcome"] == "ok" and rec["failed_ranks"] == [1], s
+    assert "fenced after an error of their own" in rec["reason"] and "injected error of TP rank 1" in rec["reason"]
+    assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_admin_api_then_down_to_one_rank(server, want):

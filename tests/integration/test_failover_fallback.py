@@ -10,7 +10,9 @@ SIGKILLed; then:
    an explicit error (HTTP 503, an error chunk or an abort), none hung; new requests get HF's tokens;
 2. rank 1 of the relaunched schedulers is SIGKILLed with requests in flight: recovered in place
    (outcome ok, tp 1), every request completes with HF's tokens;
-3. after the server stops: none of its processes (the relaunched ones included) and none of its
+3. the only rank (tp 1) fails on its own error: nobody to blame, so every scheduler restarts
+   (requests in flight: HF's tokens or an explicit error), and the server serves again;
+4. after the server stops: none of its processes (the relaunched ones included) and none of its
    daemon's /dev/shm segments remain.
 """
 
@@ -25,6 +27,7 @@ import psutil
 import pytest
 import requests
 
+from sgl_elastic.controller import wire
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess
 
@@ -54,10 +57,11 @@ class Tree:
 
 
 @pytest.fixture
-def server(tiny_models):
-    env = dict(os.environ, SGLE_TEST_FAIL="rebuild")
+def server(tiny_models, tmp_path):
+    env = dict(os.environ, SGLE_TEST_FAIL="rebuild", **{wire.ENV_TEST_RAISE: str(tmp_path)})
     srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN])
+    srv.raise_dir = tmp_path  # SGLE_TEST_RAISE: a rank raises when raise-<rank> appears here
     srv.start()
     tree = Tree(srv)
     tree.note()
@@ -186,4 +190,32 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     assert s["epoch"] == 2 and rec["outcome"] == "ok" and rec["fallback"] == "" and rec["tp_after"] == 1, s
     assert [_generate(url, p) for p in PROMPTS] == want24
     assert not probe.finish()
+    tree.note()
+
+    # 3. every rank fails on its own error (here the only one): there is no rank to blame and the
+    # input may be what broke them, so the schedulers restart (the fallback) instead of resuming it;
+    # each request in flight ends with HF's tokens or an explicit error, and the server serves again
+    epoch = _status(url)["epoch"]
+    results.clear()
+    jobs = [(f"p{i}", p, i % 2 == 0) for i, p in enumerate(PROMPTS)]
+    started = {k: threading.Event() for k, _, _ in jobs}
+    threads = [threading.Thread(target=run, args=(k, p, st, started[k])) for k, p, st in jobs]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    (srv.raise_dir / "raise-0").touch()
+    deadline = time.monotonic() + 120
+    while (s := _status(url))["epoch"] == epoch or s["state"] != "serving":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    for t in threads:
+        t.join(CLIENT_TIMEOUT_S + 10)
+    assert not any(t.is_alive() for t in threads) and not crashed, crashed
+    for i in range(len(PROMPTS)):
+        kind, out = results[f"p{i}"]
+        assert kind == "error" or out == want[i], (i, kind, out)
+    rec = s["recoveries"][-1]
+    assert rec["reason"].startswith("every rank's event loop stopped on its own error"), rec
+    assert rec["fallback"] == "ok" and s["tp_size"] == 1, s
+    assert [_generate(url, p) for p in PROMPTS] == want24
     tree.note()

@@ -303,3 +303,20 @@ def test_launch_widths_follow_the_relaunch_args_in_the_launching_process_only():
         assert get_parallel().tp_size == 3
         with _launching(first):  # the same widths: nothing overridden (a second fallback at the same tp)
             assert get_parallel().tp_size == 3
+
+
+def test_peer_failure_tells_a_peer_from_a_rank_of_its_own():
+    from sgl_elastic.controller.wire import peer_failure
+
+    peer = [  # what the survivors of a dead or departed peer report (gloo here; NCCL on GPU)
+        "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error"
+        " [127.0.0.1]:27034: Connection reset by peer. This is typically caused by a remote worker hanging",
+        "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:7345",
+        "DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network"
+        " error, NCCL version 2.21.5 ncclRemoteError",
+        "RegroupRequested: the controller asked the ranks to regroup (a rank joins)",
+    ]
+    own = ["RuntimeError: CUDA error: an illegal memory access was encountered",
+           "RuntimeError: SGLE_TEST_RAISE: injected error of TP rank 1 (tests only)",
+           "IndexError: index 7 is out of bounds for dimension 0 with size 4", ""]
+    assert all(peer_failure(r) for r in peer) and not any(peer_failure(r) for r in own)
