@@ -509,17 +509,21 @@ class FailoverController:
 
         got = {}
         while self._sock.poll(0, zmq.POLLIN):
-            ident, data = self._sock.recv_multipart()
-            try:
-                msg = wire.decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                _log(f"dropped a malformed control message: {e}")
-                continue
+            ident, msg = self._recv_control()
             if isinstance(msg, wire.RankHello):
                 self._hello_ids[msg.pid] = ident
                 self._spare_hellos[msg.pid] = ident
                 got[msg.pid] = msg
         return got
+
+    def _recv_control(self) -> tuple[bytes, object]:
+        """One message of the control socket (a message is waiting): (sender, decoded; None if malformed)."""
+        ident, data = self._sock.recv_multipart()
+        try:
+            return ident, wire.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            _log(f"dropped a malformed control message: {e}")
+            return ident, None
 
     def _to(self, rec: Recovery | None, new: Phase, why: str) -> None:
         now = time.monotonic()
@@ -860,12 +864,7 @@ class FailoverController:
                 if hung:
                     raise _Stragglers(hung, f"rank pid(s) {hung} silent for more than {self.hung_timeout_s:g} s (hung)")
                 continue
-            ident, data = self._sock.recv_multipart()
-            try:
-                msg = wire.decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                _log(f"dropped a malformed control message: {e}")
-                continue
+            ident, msg = self._recv_control()
             if isinstance(msg, wire.RankHello):
                 self._hello_ids[msg.pid] = ident
                 if kind == "hello" and msg.pid in pids:

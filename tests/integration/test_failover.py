@@ -214,6 +214,31 @@ def test_kill_rank_mid_stream(server, want, case):
     assert f"sgl_elastic_tp_size {tp - 1}.0" in metrics
 
 
+def _in_flight(fn, url):
+    """``fn(url, prompt)`` for every prompt, each in a started thread: (threads, results by index, errors)."""
+    results, errors = {}, []
+
+    def run(i, p):
+        try:
+            results[i] = fn(url, p)
+        except Exception as e:  # noqa: BLE001 - reported by the caller's assertion
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def _next_epoch(url, epoch, timeout=60):
+    """The status once the server serves in an epoch after ``epoch`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while (s := _status(url))["epoch"] == epoch or s["state"] != "serving":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    return s
+
+
 def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
     """Expert parallelism: rank 0 is held after routing a step's tokens and before dispatching them
     to its experts; rank 1, which holds other experts, is killed meanwhile. The step routed under the
@@ -225,17 +250,7 @@ def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
     before = _status(url)
     assert before["tp_size"] >= 2, before
     (hold_dir / "arm").touch()
-    results, errors = {}, []
-
-    def run(i, p):
-        try:
-            results[i] = _generate(url, p)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(f"{i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
-    for t in threads:
-        t.start()
+    threads, results, errors = _in_flight(_generate, url)
     deadline = time.monotonic() + 60
     while not (hold_dir / "held").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -250,10 +265,7 @@ def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
     assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
     assert not errors, errors
     assert [results[i] for i in range(len(PROMPTS))] == want
-    deadline = time.monotonic() + 60
-    while (s := _status(url))["epoch"] == before["epoch"] or s["state"] != "serving":
-        assert time.monotonic() < deadline, s
-        time.sleep(0.2)
+    s = _next_epoch(url, before["epoch"])
     assert s["tp_size"] == before["tp_size"] - 1 and s["recoveries"][-1]["outcome"] == "ok", s
     log = server.log_path.read_text(errors="replace")
     tail = log[log.index(f"test hold of a layer-0 MoE dispatch (expert map epoch {held_epoch})"):]
@@ -272,17 +284,7 @@ def test_rank_fails_on_its_own_error(server, want, case, hold_dir):
     assert before["tp_size"] >= 2, before
     probe = HealthProbe(url)
     probe.start()
-    results, errors = {}, []
-
-    def run(i, p):
-        try:
-            results[i] = _generate_stream(url, p)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(f"{i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
-    for t in threads:
-        t.start()
+    threads, results, errors = _in_flight(_generate_stream, url)
     time.sleep(0.5)
     victim_pid = _rank_pid(url, 1)
     (hold_dir / "raise-1").touch()
@@ -293,10 +295,7 @@ def test_rank_fails_on_its_own_error(server, want, case, hold_dir):
     assert not errors, errors
     assert [results[i] for i in range(len(PROMPTS))] == want
     assert not bad_health, bad_health
-    deadline = time.monotonic() + 60
-    while (s := _status(url))["epoch"] == before["epoch"] or s["state"] != "serving":
-        assert time.monotonic() < deadline, s
-        time.sleep(0.2)
+    s = _next_epoch(url, before["epoch"])
     rec = s["recoveries"][-1]
     assert s["tp_size"] == before["tp_size"] - 1 and rec["outcome"] == "ok" and rec["failed_ranks"] == [1], s
     assert "fenced after an error of their own" in rec["reason"] and "injected error of TP rank 1" in rec["reason"]
