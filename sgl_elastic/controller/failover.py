@@ -44,7 +44,7 @@ import msgspec
 
 from sgl_elastic.controller import wire
 from sgl_elastic.controller.metrics import FailoverMetrics
-from sgl_elastic.controller.procs import free_port
+from sgl_elastic.controller.procs import free_port, shm_inodes_of
 
 __all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "FailoverController", "controller"]
 
@@ -52,6 +52,7 @@ logger = logging.getLogger("sgl_elastic.controller.failover")
 
 HELLO_TIMEOUT_S = 10.0  # default: survivors must check in within this (else: fenced, recovery goes on)
 HUNG_TIMEOUT_S = 5.0  # default: a rank whose heartbeat is this old is fenced (its process does not run)
+SHM_NOTE_S = 5.0  # while serving: how often the /dev/shm files each rank maps are noted (to reap a dead one's)
 SERVING_POLL_S = 0.2  # while serving: how often the control socket is checked for a rank that left on its own
 SELF_REPORT_SETTLE_S = 0.5  # after such a hello: how long its peers' hellos (or a death) are waited for
 READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: fallback)
@@ -159,6 +160,8 @@ class FailoverController:
         self.hung_timeout_s = HUNG_TIMEOUT_S
         self.hung_fenced: list[int] = []  # pids fenced because their heartbeat stopped
         self.error_fenced: dict[int, str] = {}  # pids fenced because their event loop stopped on their own error
+        self._shm_of: dict[int, set[int]] = {}  # rank pid -> inodes of the /dev/shm files it maps (SGLang's)
+        self._shm_noted_at = 0.0
         self._delays: dict[str, float] = {}
         self._spare_hellos: dict[int, bytes] = {}  # hellos of processes no recovery waited for yet (a new rank)
         self._spawn = None  # spawn(slot, standby) -> started Process of a new rank (the launcher's)
@@ -349,6 +352,8 @@ class FailoverController:
             if not dead and self.enabled and self.phase is Phase.SERVING:
                 self._fence_silent(live)
                 self._keep_standby(live)
+                if time.monotonic() - self._shm_noted_at > SHM_NOTE_S:
+                    self._note_shm(live)
                 try:
                     self._check_self_reported(live)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
@@ -503,6 +508,52 @@ class FailoverController:
         self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
         self._fallback(rec)
 
+    def _after_serving(self) -> None:
+        """Serving again after a recovery: reap what the dead left, note what the rebuilt ranks map."""
+        try:
+            self._reap_shm()
+            with self.lock:
+                live = [p for p in self.ranks if p.pid not in self.departed]
+            self._note_shm(live)
+        except Exception as e:  # noqa: BLE001 - housekeeping: never fails a recovery
+            _log(f"shared-memory housekeeping failed: {type(e).__name__}: {e}")
+
+    def _note_shm(self, live: list) -> None:
+        for p in live:
+            self._shm_of[p.pid] = shm_inodes_of([p.pid])
+        self._shm_noted_at = time.monotonic()
+
+    def _reap_shm(self) -> None:
+        """Unlink the /dev/shm files SGLang's schedulers left that no live process of this server maps:
+        any file a rank that died had mapped (a SIGKILLed process cleans nothing), and a survivor's
+        own message queues (``sgl_shm_*``) of the scheduler it replaced."""
+        import psutil
+
+        def gone(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        dead = [pid for pid in self._shm_of if gone(pid)]
+        of_dead = set().union(*(self._shm_of.pop(pid) for pid in dead))
+        of_live = set().union(*self._shm_of.values())
+        keep = shm_inodes_of([os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))])
+        removed = []
+        for e in os.scandir("/dev/shm"):
+            try:
+                ino = e.inode()
+                if ino in keep or e.name.startswith("sgle-"):  # in use, or the daemon's
+                    continue
+                if ino in of_dead or (ino in of_live and e.name.startswith("sgl_shm_")):
+                    os.unlink(e.path)
+                    removed.append(e.name)
+            except OSError:
+                continue
+        if removed:
+            _log(f"removed {len(removed)} /dev/shm file(s) the replaced schedulers left"
+                 f" (dead ranks {dead}): {sorted(removed)[:4]}")
+
     def _drain_hellos(self) -> dict:
         """Hellos waiting on the control socket (pid -> RankHello), kept for the next recovery."""
         import zmq
@@ -650,6 +701,7 @@ class FailoverController:
                      f" {rec.recovery_s:.3f} s after the fault")
             self.metrics.recovery("ok", rec.phases_s, rec.recovery_s, rec.resumed_requests)
             self.metrics.serving(new_tp, epoch)
+            self._after_serving()
         except _Retry:
             return self._without(rec, *straggle)
         except Exception as e:
@@ -824,6 +876,7 @@ class FailoverController:
             self._pending_tfs = rec
             self._to(rec, Phase.SERVING, f"fallback restart at tp {tp} done in {time.monotonic() - t0:.2f} s;"
                      f" epoch {self.epoch}, widths {rec.widths_after}")
+            self._after_serving()
         finally:
             self.falling_back = False
 

@@ -74,6 +74,11 @@ def server(tiny_models, case, hold_dir):
     dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
     left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
     assert not left, f"daemon segments left in /dev/shm: {left}"
+    # SGLang's own files are named sgl_shm_<kind>_<creator pid>_<rand>: none of this server's may stay
+    # (the controller reaps what killed and replaced schedulers left; stop() what the last ones map)
+    stale = [e.name for e in os.scandir("/dev/shm") if e.name.startswith("sgl_shm_")
+             and any(f"_{p}_" in e.name for p in pids)]
+    assert not stale, f"SGLang files of this server left in /dev/shm: {stale}"
     assert code is not None
 
 
