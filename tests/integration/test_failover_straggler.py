@@ -23,16 +23,19 @@ from tests.integration.test_failover import AUTH, MAX_NEW, PROMPTS, TOKEN, Healt
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
+LONG = 4 * MAX_NEW  # tokens per request: still decoding when the ranks fail (one thread per rank decodes fast)
+
+
 @pytest.fixture(scope="module")
 def want(tiny_models):
-    return hf_greedy(str(tiny_models["qwen3-moe"]), PROMPTS, MAX_NEW)
+    return hf_greedy(str(tiny_models["qwen3-moe"]), PROMPTS, LONG)
 
 
 def test_hung_survivor_is_fenced(tiny_models, want):
     with ServerProcess(tiny_models["qwen3-moe"], tp_size=3, extra_args=[
             "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-checkin-timeout", "3"]) as srv:
         url = srv.url
-        assert _generate(url, PROMPTS[0]) == want[0]
+        assert _generate(url, PROMPTS[0], LONG) == want[0]
         pids = {r["rank"]: r["pid"] for r in _status(url)["ranks"]}
         probe = HealthProbe(url)
         probe.start()
@@ -40,14 +43,14 @@ def test_hung_survivor_is_fenced(tiny_models, want):
 
         def run(i):
             try:
-                results[i] = _generate(url, PROMPTS[i])
+                results[i] = _generate(url, PROMPTS[i], LONG)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{i}: {e}")
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(0.5)
         os.kill(pids[2], signal.SIGSTOP)
         os.kill(pids[1], signal.SIGKILL)
         for t in threads:
@@ -57,8 +60,11 @@ def test_hung_survivor_is_fenced(tiny_models, want):
         assert not errors, errors
         assert [results[i] for i in range(len(PROMPTS))] == want
         assert not bad, bad
-        s = _status(url)
-        assert s["state"] == "serving" and s["tp_size"] == 1, s
+        deadline = time.monotonic() + 60  # the requests ended after the recovery; its status may lag
+        while (s := _status(url))["state"] != "serving" or s["tp_size"] != 1:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.2)
+        assert len(s["recoveries"]) >= 2, s
         first, second = s["recoveries"][-2:]
         assert first["outcome"].startswith("superseded") and str(pids[2]) in first["outcome"]
         assert second["outcome"] == "ok" and second["tp_after"] == 1
