@@ -31,7 +31,7 @@ from sgl_elastic.controller import wire
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess
 
-from tests.integration.test_failover import AUTH, PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
+from tests.integration.test_failover import PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
 from tests.integration.test_failover_hard import Load, _wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
