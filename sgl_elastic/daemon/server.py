@@ -50,7 +50,7 @@ from sgl_elastic.daemon import protocol as P
 from sgl_elastic.daemon.kv_index import BudgetExceeded
 from sgl_elastic.memory import TensorAlloc, make_memory
 from sgl_elastic.daemon.state import DaemonState, IllegalTransition, transition
-from sgl_elastic.daemon.store import KvSpec, ModelStore
+from sgl_elastic.daemon.store import KvSpec, ModelDropped, ModelStore
 from sgl_elastic.daemon.weights import LoadCancelled
 
 __all__ = ["DaemonConfig", "Daemon", "INFO_FILE", "TOKEN_FILE", "SOCKET_FILE", "private_run_dir"]
@@ -470,21 +470,28 @@ class Daemon:
         self._to(DaemonState.MIGRATING, plan.change.label(plan.old_layout.tp_size))
 
         def work() -> None:
-            reason = "migrated"
+            reason, after = "migrated", DaemonState.READY
             try:
                 rep = self.store.migrate(plan, self._lock)
                 self.last_migration = P.MigrationSummary(
                     epoch=self.store.epoch, keep_bytes=rep.keep_bytes, peer_bytes=rep.peer_bytes,
                     reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
                     alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s,
-                    predicted_s=rep.predicted.predicted_s)
+                    predicted_s=rep.predicted.predicted_s, in_place_ranks=rep.in_place_ranks,
+                    alloc_bytes=rep.alloc_bytes)
+                logger.info("migration done: %d of %d ranks in place, %.1f MB of new memory, %.3f s",
+                            rep.in_place_ranks, plan.new_layout.tp_size, rep.alloc_bytes / 1e6, rep.achieved_s)
+            except ModelDropped as e:
+                logger.error("migration failed:\n%s", traceback.format_exc())
+                reason = self.last_error = f"migration failed: {e}"
+                after = DaemonState.EMPTY
             except Exception as e:
                 logger.error("migration failed:\n%s", traceback.format_exc())
                 reason = self.last_error = (f"migration failed: {type(e).__name__}: {e};"
                                             " the old shards are intact, the daemon is READY on the old layout")
             with self._lock:
                 if self.state is DaemonState.MIGRATING:
-                    self.state = transition(self.state, DaemonState.READY, reason)
+                    self.state = transition(self.state, after, reason)
 
         self._worker = threading.Thread(target=work, name="sgle-daemon-migrate", daemon=True)
         self._worker.start()

@@ -35,7 +35,8 @@ _LEGAL: dict[DaemonState, frozenset[DaemonState]] = {
     DaemonState.EMPTY: frozenset({DaemonState.LOADING, DaemonState.STOPPING}),
     DaemonState.LOADING: frozenset({DaemonState.READY, DaemonState.EMPTY, DaemonState.STOPPING}),
     DaemonState.READY: frozenset({DaemonState.MIGRATING, DaemonState.STOPPING}),
-    DaemonState.MIGRATING: frozenset({DaemonState.READY, DaemonState.STOPPING}),
+    # EMPTY: an in-place migration failed after it had started moving bytes (the model is dropped)
+    DaemonState.MIGRATING: frozenset({DaemonState.READY, DaemonState.EMPTY, DaemonState.STOPPING}),
     DaemonState.STOPPING: frozenset({DaemonState.STOPPED}),
     DaemonState.STOPPED: frozenset(),
 }

@@ -26,7 +26,12 @@ from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.planner.plan import MigrationPlan
 
-__all__ = ["ModelStore", "KvSpec", "kv_allocs"]
+__all__ = ["ModelStore", "KvSpec", "kv_allocs", "ModelDropped"]
+
+
+class ModelDropped(RuntimeError):
+    """A migration failed after it had changed the held shards in place: the model was dropped
+    (every segment freed, no layout held); LoadModel again."""
 
 
 class KvSpec:
@@ -99,19 +104,34 @@ class ModelStore:
 
         The failed ranks' segments are never read (their memory is lost with the device): the plan
         copies from survivors and reloads the rest from the checkpoint. New segments are built off
-        the lock and swapped in under ``swap_lock``; on failure nothing changed. KV pools and the
-        prefix index are dropped (KV is not migrated: re-prefill).
+        the lock and swapped in under ``swap_lock``; on failure nothing changed, except when the CPU
+        executor had started moving a survivor's bytes in place (``executor.cpu``): then the model
+        is dropped (``ModelDropped``). KV pools and the prefix index are dropped (KV is not
+        migrated: re-prefill).
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
+        from sgl_elastic.executor.cpu import InPlaceFailed
 
         if self.layout is None:
             raise ValueError("no model held; LoadModel first")
         check_plan(plan, self.layout, set(self.weights))
         survivors = {r: s for r, s in self.weights.items() if r not in set(plan.change.failed)}
         # Step 1: build the new shards (survivors untouched).
-        with SafetensorsCheckpoint(self.checkpoint) as ckpt:
-            new, report = run_plan(self.memory, plan, survivors, ckpt,
-                                   label=f"d{self.instance}-weights-e{self.epoch + 1}")
+        try:
+            with SafetensorsCheckpoint(self.checkpoint) as ckpt:
+                new, report = run_plan(self.memory, plan, survivors, ckpt,
+                                       label=f"d{self.instance}-weights-e{self.epoch + 1}")
+        except InPlaceFailed as e:
+            if not e.corrupted:
+                raise
+            with swap_lock or contextlib.nullcontext():
+                dropped = [*self.weights.values(), *self.kv.values(), *self.params.values()]
+                self.weights, self.kv, self.kv_spec, self.index = {}, {}, None, None
+                self.params, self.params_ready, self.layout, self.pids = {}, set(), None, {}
+            for seg in dropped:
+                seg.close()
+            raise ModelDropped(f"{e}; the shards of old ranks {e.ranks} had been partly moved in place, so the"
+                               " model was dropped (no layout held): LoadModel again") from e
         # Step 2: swap in the new layout.
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new

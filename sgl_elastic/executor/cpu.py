@@ -5,6 +5,18 @@ reloads (``preadv`` of the needed byte ranges straight into the destination) on 
 the keep/peer copies (numpy copies between shared-memory arenas, GIL released) on copy workers,
 concurrently, each queue longest-first. Step 3 runs the stage-1 fan-out copies, which read data the
 reloads just wrote. The old arenas may live in other processes (attached by handle).
+
+In place (``in_place=True``, the daemon's default): a new rank whose kept bytes all come from one
+surviving old rank whose arena this process created, and all move towards higher offsets (a rank
+that gains units after a failure: every tensor at least as wide, so every offset at least as far),
+is not allocated anew. Its arena's file is extended to the new size, and only the extension gets
+new pages (the lost rank's share instead of the whole model: on this VM page allocation, not
+copying, is what a migration costs). Its kept bytes are moved inside the file first, in decreasing
+address order (a move never overwrites a source not yet moved; a block whose source and
+destination overlap goes through a small staging buffer), then the reloads and peer copies write
+the rest. Peer copies out of such an arena are staged before the moves. The cost: the old layout
+is gone once the moves start, so a failure after that leaves the arena neither old nor new
+(``InPlaceFailed``, ``corrupted`` set); before it, the file is given back as it was.
 """
 
 from __future__ import annotations
@@ -25,10 +37,20 @@ from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology
 
-__all__ = ["CpuExecutor", "allocate_rank_arenas", "load_rank_from_checkpoint"]
+__all__ = ["CpuExecutor", "allocate_rank_arenas", "load_rank_from_checkpoint", "InPlaceFailed"]
 
 
 _PREFAULT_CHUNK = 256 << 20
+_STAGE_BYTES = 32 << 20
+
+
+class InPlaceFailed(RuntimeError):
+    """An in-place migration failed; ``corrupted``: it had started moving bytes, so the old arenas
+    of ``ranks`` (old ranks) hold neither layout (the caller must reload them)."""
+
+    def __init__(self, msg: str, corrupted: bool, ranks: list[int]) -> None:
+        super().__init__(msg)
+        self.corrupted, self.ranks = corrupted, ranks
 
 
 def _prefault_range(arena: ShmArena, start: int, end: int) -> None:
@@ -44,10 +66,15 @@ def _prefault_range(arena: ShmArena, start: int, end: int) -> None:
     np.frombuffer(arena._shm.buf, dtype=np.uint8)[start:end:4096] = 0  # type: ignore[attr-defined]
 
 
-def _prefault(arenas: list[ShmArena]) -> None:
-    """Fault every page of ``arenas`` in now, in parallel chunks over the cores, so the copies
-    measure copying, not page allocation (one thread faulting 2 GB of tmpfs took 1-4 s here)."""
-    chunks = [(a, off, min(off + _PREFAULT_CHUNK, a.nbytes)) for a in arenas for off in range(0, a.nbytes, _PREFAULT_CHUNK)]
+def _prefault(arenas: list[ShmArena], ranges: list[tuple[ShmArena, int, int]] = ()) -> None:
+    """Fault every page of ``arenas`` (and the byte ``ranges`` of others) in now, in parallel chunks
+    over the cores, so the copies measure copying, not page allocation (one thread faulting 2 GB of
+    tmpfs took 1-4 s here)."""
+    spans = [(a, 0, a.nbytes) for a in arenas] + list(ranges)
+    chunks = [(a, off, min(off + _PREFAULT_CHUNK, end)) for a, start, end in spans
+              for off in range(start, end, _PREFAULT_CHUNK)]
+    if not chunks:
+        return
     workers = max(1, min(len(chunks), os.cpu_count() or 1))
     lock, errors = threading.Lock(), []
 
@@ -107,64 +134,203 @@ class CpuExecutor:
         topology: bandwidths for the cost model (``Topology.single_node`` with measured figures).
         reload_workers / copy_workers: threads per queue (the model assumes the measured bandwidths
             are what these workers get in all).
+        in_place: regrow the survivors' own arenas where the plan allows it (module docstring);
+            False: every destination is a new arena and the old ones are only read.
     """
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, topology: Topology, *, reload_workers: int = 1,
-                 copy_workers: int = 1) -> None:
+                 copy_workers: int = 1, in_place: bool = False) -> None:
         self.checkpoint = checkpoint
         self.topology = topology
         self.reload_workers = reload_workers
         self.copy_workers = copy_workers
+        self.in_place = in_place
         self.copy_gbps = topology.node_copy_gbps[0] if topology.node_copy_gbps else 0.0
 
     def run(self, plan: MigrationPlan, old: dict[int, ShmArena], label: str = "mig") -> tuple[dict[int, ShmArena], ExecReport]:
         """Execute ``plan``: ``old`` maps old rank -> its arena (survivors only). Returns new rank ->
-        arena (caller closes them) and the report."""
+        arena (caller closes them; an arena regrown in place is the old one's file, and the old
+        arena object no longer unlinks it) and the report."""
         missing = [s for s in range(plan.old_layout.tp_size) if s not in plan.change.failed and s not in old]
         if missing:
             raise ValueError(f"no arena for surviving old ranks {missing}; pass one per survivor")
         t0 = time.perf_counter()
-        # Step 1: every destination buffer, once, before any copy.
-        new = allocate_rank_arenas(plan.new_layout, label)
-        t_alloc = time.perf_counter()
         reloads, copies, fanout = split_queues(plan)
-        shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
-        read0 = self.checkpoint.bytes_read
+        moves = in_place_moves(plan, old, copies) if self.in_place else {}
+        new: dict[int, ShmArena] = {}
+        grown: dict[int, int] = {}  # new rank -> old rank whose file it regrew
+        moved = False
         try:
+            # Step 1: every destination buffer, once, before any copy (in place: only the extension).
+            ranges = []
+            for d in range(plan.new_layout.tp_size):
+                specs = [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)]
+                if d in moves:
+                    src = moves[d][0]
+                    before = old[src].nbytes
+                    new[d] = old[src].regrow(specs)
+                    grown[d] = src
+                    ranges.append((new[d], before, new[d].nbytes))
+                else:
+                    new[d] = ShmArena.create(f"{label}-r{d}", specs)
+            _prefault([a for d, a in new.items() if d not in grown], ranges)
+            t_alloc = time.perf_counter()
+            # Step 2a (in place): stage what peers read out of a regrown arena, then move the kept bytes.
+            staged: dict[int, np.ndarray] = {}
+            in_place_src = set(grown.values())
+            if grown:
+                for op in copies:
+                    if op.kind != KEEP and op.src_rank in in_place_src:
+                        staged[id(op)] = np.array(shard_view(old[op.src_rank].array(op.tensor), op, op.src_offset))
+                moved = True
+                stage = np.empty(_STAGE_BYTES, dtype=np.uint8)
+                for d, (src, runs) in moves.items():
+                    buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
+                    for run in runs:
+                        _move(buf, *run, stage)
+                    del buf
+            t_moved = time.perf_counter()
+            read0 = self.checkpoint.bytes_read
+
             # Step 2: reloads and copies concurrently (reload workers first: the slowest resource).
             def do_reload(op: CopyOp) -> None:
                 dst = shard_view(new[op.dst_rank].array(op.tensor), op, op.dst_offset)
                 self.checkpoint.read_region(op.tensor, dst, *full_region(shapes[op.tensor], op))
 
             def do_copy(op: CopyOp) -> None:
-                src_arena = new[op.src_rank] if op.stage == 1 else old[op.src_rank]
-                src = shard_view(src_arena.array(op.tensor), op, op.src_offset)
+                src = staged.get(id(op))
+                if src is None:
+                    src_arena = new[op.src_rank] if op.stage == 1 else old[op.src_rank]
+                    src = shard_view(src_arena.array(op.tensor), op, op.src_offset)
                 dst = shard_view(new[op.dst_rank].array(op.tensor), op, op.dst_offset)
                 np.copyto(dst, src)
 
+            shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
+            left = [op for op in copies if not (op.kind == KEEP and op.dst_rank in grown)]
             spans: dict[str, float] = {}
             threads = _start(reloads, do_reload, self.reload_workers, "reload", spans) + \
-                _start(copies, do_copy, self.copy_workers, "copy", spans)
+                _start(left, do_copy, self.copy_workers, "copy", spans)
             _join(threads)
             # Step 3: fan-out copies read what the reloads wrote.
             t_fan = time.perf_counter()
             _join(_start(fanout, do_copy, self.copy_workers, "fanout", spans))
             t_end = time.perf_counter()
-        except BaseException:
-            for a in new.values():
-                a.close()
+        except BaseException as e:
+            for d, a in new.items():
+                if d in grown:
+                    a.give_back(old[grown[d]])
+                else:
+                    a.close()
+            if grown:
+                raise InPlaceFailed(f"in-place migration failed ({type(e).__name__}: {e})", moved,
+                                    sorted(grown.values())) from e
             raise
         keep_gbps = self.copy_gbps
         report = ExecReport(
             backend="cpu-shm", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans.get("reload", 0.0),
-            copy_s=spans.get("copy", 0.0), fanout_s=t_end - t_fan,
+            copy_s=spans.get("copy", 0.0) + (t_moved - t_alloc), fanout_s=t_end - t_fan,
             keep_bytes=sum(op.nbytes for op in copies if op.kind == KEEP),
             peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout),
             reload_bytes=sum(op.nbytes for op in reloads), file_bytes_read=self.checkpoint.bytes_read - read0,
             num_ops=len(reloads) + len(copies) + len(fanout),
             predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps),
+            in_place_ranks=len(grown), alloc_bytes=sum(a.nbytes for d, a in new.items() if d not in grown)
+            + sum(new[d].nbytes - old[s].nbytes for d, s in grown.items()),
         )
         return new, report
+
+
+Move = tuple[int, int, int, int, int, int]  # (src byte, dst byte, run bytes, src stride, dst stride, runs)
+
+
+def in_place_moves(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[CopyOp]) -> dict[int, tuple[int, list[Move]]]:
+    """New rank -> (old rank whose arena it regrows, its kept bytes as moves in execution order), for
+    every new rank that may be migrated in place (module docstring); the others are absent."""
+    keeps: dict[int, list[CopyOp]] = {}
+    for op in copies:
+        if op.kind == KEEP:
+            keeps.setdefault(op.dst_rank, []).append(op)
+    out = {}
+    for d, ops in keeps.items():
+        srcs = {op.src_rank for op in ops}
+        if len(srcs) != 1:
+            continue
+        s = srcs.pop()
+        arena = old.get(s)
+        if arena is None or not arena.owner or plan.old2new_rank[s] != d:
+            continue
+        new_shards, new_size = ShmArena.place(
+            [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)])
+        if new_size < arena.nbytes:
+            continue
+        placed = {sp.name: sp for sp in new_shards}
+        runs, ok, dim1 = [], True, set()
+        for op in ops:
+            a, b = arena.shards[op.tensor], placed[op.tensor]
+            if op.dim == 1:
+                if op.tensor in dim1:  # two column blocks of one tensor interleave: no safe order
+                    ok = False
+                    break
+                dim1.add(op.tensor)
+            f0, run, ss, n = op.byte_runs(a.shape, op.src_offset, a.itemsize)
+            g0, run2, sd, n2 = op.byte_runs(b.shape, op.dst_offset, b.itemsize)
+            src, dst = a.offset + f0, b.offset + g0
+            if run != run2 or n != n2 or dst < src or dst + (n - 1) * sd < src + (n - 1) * ss:
+                ok = False
+                break
+            if n > 1 and ss < run:
+                ok = False
+                break
+            runs.append((src, dst, run, ss, sd, n))
+        if ok:
+            out[d] = (s, sorted(runs, key=lambda m: -m[0]))
+    return out
+
+
+def _move(buf: np.ndarray, src: int, dst: int, run: int, ss: int, sd: int, n: int, stage: np.ndarray) -> None:
+    """Move ``n`` runs of ``run`` bytes (strides ``ss`` -> ``sd``) inside ``buf`` towards higher
+    addresses, last run first, so that no byte is overwritten before it is moved."""
+    if src == dst and (ss == sd or n == 1):
+        return
+    if n == 1 or run > stage.size:
+        for k in range(n - 1, -1, -1):
+            _move_contiguous(buf, src + k * ss, dst + k * sd, run, stage)
+        return
+    from numpy.lib.stride_tricks import as_strided
+
+    def rows(base: int, stride: int, k0: int, k1: int) -> np.ndarray:
+        return as_strided(buf[base + k0 * stride:], shape=(k1 - k0, run), strides=(stride, 1))
+
+    per_stage = max(1, stage.size // run)
+    k1 = n
+    while k1 > 0:
+        # the largest block [k0, k1) whose destination starts past the end of its source
+        top = src + (k1 - 1) * ss + run
+        k0 = max(0, -(-(top - dst) // sd)) if sd > 0 else k1
+        if k0 < k1:
+            np.copyto(rows(dst, sd, k0, k1), rows(src, ss, k0, k1))
+        else:  # overlapping: through the staging buffer
+            k0 = max(0, k1 - per_stage)
+            tmp = stage[:(k1 - k0) * run].reshape(k1 - k0, run)
+            np.copyto(tmp, rows(src, ss, k0, k1))
+            np.copyto(rows(dst, sd, k0, k1), tmp)
+        k1 = k0
+
+
+def _move_contiguous(buf: np.ndarray, src: int, dst: int, run: int, stage: np.ndarray) -> None:
+    """``buf[dst:dst+run] = buf[src:src+run]`` for ``dst >= src``, last chunk first."""
+    if dst == src:
+        return
+    if dst >= src + run:
+        buf[dst:dst + run] = buf[src:src + run]
+        return
+    end = run
+    while end > 0:
+        a = max(0, end - stage.size)
+        c = end - a
+        stage[:c] = buf[src + a:src + end]
+        buf[dst + a:dst + end] = stage[:c]
+        end = a
 
 
 def _start(queue: list[CopyOp], fn: Callable[[CopyOp], None], workers: int, name: str,

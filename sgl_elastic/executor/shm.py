@@ -78,13 +78,49 @@ class ShmArena:
     @classmethod
     def create(cls, label: str, specs: list[ShardSpec] | tuple[ShardSpec, ...]) -> "ShmArena":
         """Allocate one segment for ``specs`` (offsets assigned here, 64-byte aligned)."""
+        placed, size = cls.place(specs)
+        name = f"sgle-{os.getpid()}-{secrets.token_hex(4)}-{label}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        return cls(shm, placed, owner=True)
+
+    @staticmethod
+    def place(specs) -> tuple[tuple[ShardSpec, ...], int]:
+        """Offsets of ``specs`` in one segment (64-byte aligned, in order) and the segment's size."""
         placed, off = [], 0
         for s in specs:
             placed.append(ShardSpec(s.name, tuple(s.shape), s.itemsize, off))
             off += -(-s.nbytes // _ALIGN) * _ALIGN
-        name = f"sgle-{os.getpid()}-{secrets.token_hex(4)}-{label}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=max(off, 1))
-        return cls(shm, tuple(placed), owner=True)
+        return tuple(placed), max(off, 1)
+
+    def regrow(self, specs) -> "ShmArena":
+        """The same file under a new shard table: extended (``ftruncate``) to the new size, never
+        shrunk, mapped anew. The returned arena owns the name; this one keeps its (old-size) mapping
+        but no longer unlinks. Nothing is copied: the caller moves the bytes (``CpuExecutor``'s
+        in-place migration). ``give_back`` undoes the ownership transfer."""
+        if not self.owner:
+            raise ValueError(f"{self.handle.shm_name}: only the creator of an arena may regrow it")
+        placed, size = self.place(specs)
+        fd = getattr(self._shm, "_fd", -1)
+        if fd < 0:
+            raise ValueError(f"{self.handle.shm_name}: no file descriptor to extend")
+        if size > self.nbytes:
+            os.ftruncate(fd, size)
+        shm = _attach_untracked(self.handle.shm_name)
+        grown = ShmArena(shm, placed, owner=True)
+        self.owner = False
+        return grown
+
+    def give_back(self, old: "ShmArena") -> None:
+        """Undo ``regrow`` (``self`` is the grown arena): ``old`` owns the name again, the file has
+        its old size again, and this mapping is closed."""
+        self.owner, old.owner = False, True
+        fd = getattr(old._shm, "_fd", -1)
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, old.nbytes)
+            except OSError:
+                pass
+        self.close()
 
     @classmethod
     def attach(cls, handle: ArenaHandle, *, populate: bool = True) -> "ShmArena":

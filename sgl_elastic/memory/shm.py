@@ -108,12 +108,14 @@ class ShmMemory(DeviceMemory):
         return ShmSegment(rank, kind, arena, dtypes)
 
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
-        """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly and returns new
-        arenas (allocated before any copy)."""
+        """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a
+        survivor's own file in place where it can (only the lost share gets new pages) and
+        allocating the other destinations before any copy."""
         from sgl_elastic.executor.cpu import CpuExecutor
 
         dtypes = segment_dtypes(old.values(), ckpt)
-        new_arenas, report = CpuExecutor(ckpt, topo).run(plan, {r: s.arena for r, s in old.items()}, label=label)
+        new_arenas, report = CpuExecutor(ckpt, topo, in_place=True).run(plan, {r: s.arena for r, s in old.items()},
+                                                                        label=label)
         return {r: self.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
 
 

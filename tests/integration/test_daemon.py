@@ -207,7 +207,14 @@ def test_migration_runs_through_executor(loaded, ckpt, change):
     assert summary.epoch == s.epoch == 1 and s.state == "ready"
     assert summary.reload_bytes == plan.reload_bytes and summary.file_bytes_read == plan.reload_bytes
     assert s.checkpoint_bytes_read == before.checkpoint_bytes_read + plan.reload_bytes
-    assert not set(old_segments) & set(segments_of_pid(d.pid)), "old shards not freed"
+    # the dead rank's shards are freed; a survivor's file is either freed or regrown in place as
+    # its new rank's segment (2 -> 1: rank 0 gains rank 1's units, so it is)
+    now = set(segments_of_pid(d.pid))
+    weights_now = {ref.locator for r in range(plan.new_layout.tp_size) for ref in c.export_weights(r).segments}
+    assert not (set(old_segments) & now) - {f"/dev/shm/{n}" for n in weights_now}, "old shards not freed"
+    assert summary.in_place_ranks == sum(1 for n in weights_now if f"/dev/shm/{n}" in old_segments)
+    if change.failed:
+        assert summary.in_place_ranks == 1 and summary.alloc_bytes < plan.keep_bytes + plan.reload_bytes
     with SafetensorsCheckpoint(ckpt) as ck:
         for rank in range(plan.new_layout.tp_size):
             with c.attach_weights(rank) as a:

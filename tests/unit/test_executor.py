@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sgl_elastic.executor import CpuExecutor, SafetensorsCheckpoint, ShardSpec, ShmArena, load_rank_from_checkpoint
 from sgl_elastic.executor.cpu import allocate_rank_arenas
@@ -87,27 +89,30 @@ def test_arena_names_are_unique_and_cleaned_up():
         assert not os.path.exists(f"/dev/shm/{n}")
 
 
-@pytest.mark.parametrize("kind,nkv,tp,failed,added,ep", [
-    ("qwen3_moe", 4, 4, (1,), 0, False),
-    ("qwen3_moe", 2, 4, (2, 3), 1, False),   # replicated KV heads, a lost head
-    ("qwen3_moe", 2, 4, (2, 3), 2, False),   # ... needed by two new replicas: reloaded once, fanned out
-    ("qwen3", 4, 3, (), 1, False),          # scale-up
-    ("qwen3_moe", 4, 3, (0,), 0, True),     # expert parallel
-])
-def test_cpu_executor_rebuilds_new_shards(tmp_path, kind, nkv, tp, failed, added, ep):
-    old = ElasticLayout.from_hf_config(toy_config(kind, nkv), tp, mlp_unit=8, vocab_unit=8, expert_parallel=ep)
-    full = write_checkpoint(tmp_path, old)
+def migrate_and_check(tmp: Path, old: ElasticLayout, failed: tuple, added: int, in_place: bool):
+    """Load ``old`` from a random checkpoint, migrate, check every new shard bitwise against the
+    checkpoint's region; returns (plan, report)."""
+    full = write_checkpoint(tmp, old)
     plan = plan_migration(old, ClusterChange(failed=failed, added=added))
-    with SafetensorsCheckpoint(tmp_path) as ck:
+    with SafetensorsCheckpoint(tmp) as ck:
         arenas = allocate_rank_arenas(old, "old")
         try:
             for r, a in arenas.items():
                 load_rank_from_checkpoint(old, r, ck, a)
             survivors = {r: a for r, a in arenas.items() if r not in failed}
-            topo = Topology.single_node(tp + added, read_gbps=1.0, copy_gbps=4.0)
+            names = {r: a.handle.shm_name for r, a in survivors.items()}
+            topo = Topology.single_node(old.tp_size + added, read_gbps=1.0, copy_gbps=4.0)
             ck.bytes_read = 0
-            new, report = CpuExecutor(ck, topo).run(plan, survivors)
+            new, report = CpuExecutor(ck, topo, in_place=in_place).run(plan, survivors)
             try:
+                if not in_place:
+                    assert report.in_place_ranks == 0
+                for d, a in new.items():  # a regrown arena is its survivor's file, and only it unlinks it
+                    reused = [s for s, n in names.items() if n == a.handle.shm_name]
+                    if reused:
+                        assert in_place and plan.old2new_rank[reused[0]] == d
+                        assert a.owner and not survivors[reused[0]].owner
+                assert sum(1 for a in new.values() if a.handle.shm_name in names.values()) == report.in_place_ranks
                 if added == 2:
                     assert any(op.stage == 1 for op in plan.ops)
                 assert report.file_bytes_read == plan.reload_bytes == report.reload_bytes
@@ -125,6 +130,96 @@ def test_cpu_executor_rebuilds_new_shards(tmp_path, kind, nkv, tp, failed, added
         finally:
             for a in arenas.values():
                 a.close()
+        left = [n for n in names.values() if os.path.exists(f"/dev/shm/{n}")]
+        assert not left, f"arenas not unlinked: {left}"
+    return plan, report
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-arenas", "in-place"])
+@pytest.mark.parametrize("kind,nkv,tp,failed,added,ep,grown", [
+    ("qwen3_moe", 4, 4, (1,), 0, False, 3),
+    ("qwen3_moe", 4, 3, (0,), 0, False, 2),  # rank 0 lost: every survivor shifts down a rank
+    ("qwen3", 8, 5, (1, 3), 0, False, 3),
+    ("qwen3_moe", 2, 4, (2, 3), 1, False, None),   # replicated KV heads, a lost head
+    ("qwen3_moe", 2, 4, (2, 3), 2, False, None),   # ... needed by two new replicas: reloaded once, fanned out
+    ("qwen3", 4, 3, (), 1, False, None),       # scale-up
+    ("qwen3_moe", 4, 3, (0,), 0, True, 2),     # expert parallel
+])
+def test_cpu_executor_rebuilds_new_shards(tmp_path, kind, nkv, tp, failed, added, ep, grown, in_place):
+    """Every new shard equals the checkpoint's region, whether the destinations are new arenas or
+    the survivors' own files regrown in place (``grown``: how many new ranks are, None: not checked)."""
+    old = ElasticLayout.from_hf_config(toy_config(kind, nkv), tp, mlp_unit=8, vocab_unit=8, expert_parallel=ep)
+    _, report = migrate_and_check(tmp_path, old, failed, added, in_place)
+    if in_place and grown is not None:
+        assert report.in_place_ranks == grown
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_in_place_migration_of_any_layout_gives_the_checkpoints_bytes(data):
+    """Property: whatever the model shape, rank count and failures, the in-place migration leaves
+    exactly the checkpoint's regions (the moves never overwrite a byte before it moved)."""
+    import tempfile
+
+    kind = data.draw(st.sampled_from(["qwen3", "qwen3_moe"]))
+    nkv = data.draw(st.sampled_from([1, 2, 4, 8]))
+    tp = data.draw(st.integers(2, 6))
+    ep = kind == "qwen3_moe" and tp <= 6 and data.draw(st.booleans())
+    cfg = toy_config(kind, nkv)
+    cfg.hidden_size = data.draw(st.sampled_from([16, 24, 40]))
+    cfg.num_attention_heads = 8
+    failed = tuple(sorted(data.draw(st.sets(st.integers(0, tp - 1), min_size=1, max_size=tp - 1))))
+    old = ElasticLayout.from_hf_config(cfg, tp, mlp_unit=4, vocab_unit=8, expert_parallel=ep)
+    with tempfile.TemporaryDirectory() as tmp:
+        migrate_and_check(Path(tmp), old, failed, 0, True)
+
+
+@pytest.mark.parametrize("when", ["prefault", "reload"])
+def test_in_place_failure_gives_the_files_back(tmp_path, when):
+    """A failure before the moves leaves each survivor's file as it was (its size, its bytes, owned by
+    the old arena); one after them says the old arenas are corrupted. Either way nothing leaks."""
+    from sgl_elastic.executor import cpu as cpu_mod
+    from sgl_elastic.executor.cpu import InPlaceFailed
+
+    old = ElasticLayout.from_hf_config(toy_config(), 3, mlp_unit=8, vocab_unit=8)
+    full = write_checkpoint(tmp_path, old)
+    plan = plan_migration(old, ClusterChange(failed=(1,)))
+    mine = lambda: {n for n in os.listdir("/dev/shm") if n.startswith(f"sgle-{os.getpid()}-")}  # noqa: E731
+    before = mine()
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        arenas = allocate_rank_arenas(old, "old")
+        try:
+            for r, a in arenas.items():
+                load_rank_from_checkpoint(old, r, ck, a)
+            survivors = {r: arenas[r] for r in (0, 2)}
+            sizes = {r: os.path.getsize(f"/dev/shm/{a.handle.shm_name}") for r, a in survivors.items()}
+
+            def boom(*args, **kwargs):
+                raise OSError(28, f"injected failure at {when}")
+
+            patch = pytest.MonkeyPatch()
+            if when == "prefault":
+                patch.setattr(cpu_mod, "_prefault", boom)
+            else:
+                patch.setattr(ck, "read_region", boom)
+            try:
+                with pytest.raises(InPlaceFailed, match="injected failure") as info:
+                    CpuExecutor(ck, Topology.single_node(3, read_gbps=1, copy_gbps=1), in_place=True).run(plan, survivors)
+            finally:
+                patch.undo()
+            assert info.value.corrupted == (when == "reload") and info.value.ranks == [0, 2]
+            for r, a in survivors.items():
+                assert a.owner
+                assert os.path.getsize(f"/dev/shm/{a.handle.shm_name}") == sizes[r]
+                if when == "prefault":  # nothing moved: the old shards are intact
+                    for t in old.tensors():
+                        want = expected_shard(full, old, r, t)
+                        if want is not None:
+                            np.testing.assert_array_equal(a.array(t.name).view(np.float32), want)
+        finally:
+            for a in arenas.values():
+                a.close()
+    assert mine() <= before
 
 
 def test_cpu_executor_across_processes(tmp_path):
