@@ -36,6 +36,7 @@ TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW = 24
+LONG = 96  # streams long enough to be mid-decode when the rank dies
 
 
 @pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream[, "ep": expert parallelism])
@@ -49,6 +50,11 @@ def case(request):
 @pytest.fixture(scope="module")
 def want(tiny_models, case):
     return hf_greedy(str(tiny_models[case[0]]), PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def want_long(tiny_models, case):
+    return hf_greedy(str(tiny_models[case[0]]), PROMPTS[:2], LONG)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +95,10 @@ def _generate(url, ids, n=MAX_NEW):
     return r.json()["output_ids"]
 
 
-def _generate_stream(url, ids, n=MAX_NEW):
+def _generate_stream(url, ids, n=MAX_NEW, started=None):
     """Streaming /generate: the output ids of the last chunk (each chunk carries all so far), after
-    checking that every chunk extends the one before by what it adds (no token twice or lost)."""
+    checking that every chunk extends the one before by what it adds (no token twice or lost).
+    ``started`` (an Event) is set once some tokens have streamed: the request is being decoded."""
     import json
 
     r = requests.post(url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
@@ -103,6 +110,8 @@ def _generate_stream(url, ids, n=MAX_NEW):
             ids_now = json.loads(line[5:])["output_ids"]
             assert ids_now[:len(out)] == out, f"stream went back: {out} then {ids_now}"
             out = ids_now
+            if started is not None and len(out) >= 4:
+                started.set()
     return out
 
 
@@ -164,7 +173,7 @@ def _openai_stream(url, prompt):
     return "".join(c.choices[0].text for c in chunks if c.choices)
 
 
-def test_kill_rank_mid_stream(server, want, case):
+def test_kill_rank_mid_stream(server, want, want_long, case):
     url, victim = server.url, case[2]
     assert _generate(url, PROMPTS[0]) == want[0]  # tp 3 before any failure
     text_before = _openai_stream(url, "hello world")
@@ -185,11 +194,14 @@ def test_kill_rank_mid_stream(server, want, case):
 
     threads = [threading.Thread(target=run, args=(i, _generate, url, p)) for i, p in enumerate(PROMPTS)]
     threads += [threading.Thread(target=run, args=(f"s{i}", _generate_stream, url, p)) for i, p in enumerate(PROMPTS)]
+    decoding = threading.Event()
+    threads += [threading.Thread(target=run, args=(f"long{i}", _generate_stream, url, p, LONG, decoding))
+                for i, p in enumerate(PROMPTS[:2])]
     threads.append(threading.Thread(target=run, args=("openai", _openai_stream, url, "hello world")))
     threads.append(threading.Thread(target=run, args=("sgl", _frontend_program, url)))
     for t in threads:
         t.start()
-    time.sleep(1.0)  # the requests are being decoded
+    assert decoding.wait(120), f"no long stream started decoding within 120 s: {errors}"
     os.kill(_rank_pid(url, victim), signal.SIGKILL)
     late = [threading.Thread(target=run, args=(f"late{i}", _generate, url, p)) for i, p in enumerate(PROMPTS)]
     for t in late:  # sent while the rank's death is being handled
@@ -203,6 +215,7 @@ def test_kill_rank_mid_stream(server, want, case):
     assert [results[i] for i in range(len(PROMPTS))] == want
     assert [results[f"s{i}"] for i in range(len(PROMPTS))] == want
     assert [results[f"late{i}"] for i in range(len(PROMPTS))] == want
+    assert [results[f"long{i}"] for i in range(2)] == want_long
     assert results["openai"] == text_before
     assert results["sgl"] == sgl_before
     assert not bad_health, f"/health failed during the failover: {bad_health} ({probe.count} probes)"
@@ -211,8 +224,13 @@ def test_kill_rank_mid_stream(server, want, case):
     assert len(after["widths"]) == tp - 1 and sum(after["widths"]) == sum(before["widths"])
     rec = after["recoveries"][-1]
     assert rec["outcome"] == "ok" and rec["failed_ranks"] == [victim] and rec["tp_after"] == tp - 1
+    assert rec["resumed_requests"] >= 1, rec  # the long streams were mid-decode: they resumed
     assert {"frozen", "planning", "migrating", "reconfiguring", "resuming"} <= set(rec["phases_s"])
     assert rec["migration"]["reload_bytes"] > 0 and rec["migration"]["file_bytes_read"] > 0
+    # every survivor gains units: its segment is regrown in place, only the lost share is new memory
+    assert rec["migration"]["in_place_ranks"] == tp - 1, rec["migration"]
+    m = rec["migration"]
+    assert 0 < m["alloc_bytes"] < m["keep_bytes"] + m["peer_bytes"] + m["reload_bytes"], m  # < a whole copy
     assert rec["tfs_s"] is not None and rec["tfs_s"] >= rec["recovery_s"]
     metrics = requests.get(url + "/metrics", timeout=30).text
     assert 'sgl_elastic_recoveries_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
