@@ -731,7 +731,7 @@ class FailoverController:
                 rec.migration = {"seconds": round(time.monotonic() - t0, 4), "keep_bytes": summary.keep_bytes,
                                  "peer_bytes": summary.peer_bytes, "reload_bytes": summary.reload_bytes,
                                  "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
-                                 "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s,
+                                 "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s, "move_s": summary.move_s,
                                  "predicted_s": summary.predicted_s, "in_place_ranks": summary.in_place_ranks,
                                  "alloc_bytes": summary.alloc_bytes}
                 self.daemon.layout = plan.new_layout

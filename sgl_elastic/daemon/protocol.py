@@ -308,6 +308,7 @@ class MigrationSummary(msgspec.Struct, kw_only=True):
     reload_s: float = 0.0  # wall time of the host-reload workers
     copy_s: float = 0.0  # wall time of the keep / peer copy workers (overlapping the reloads)
     predicted_s: float = 0.0  # the executor's cost model for this plan (achieved / modelled in reports)
+    move_s: float = 0.0  # in-place moves of the kept bytes (CPU; beside the reloads)
     in_place_ranks: int = 0  # new ranks whose segment is a survivor's, regrown in place (CPU)
     alloc_bytes: int = 0  # new memory the migration took (in place: only the extensions)
 

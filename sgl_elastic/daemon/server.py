@@ -476,7 +476,7 @@ class Daemon:
                 self.last_migration = P.MigrationSummary(
                     epoch=self.store.epoch, keep_bytes=rep.keep_bytes, peer_bytes=rep.peer_bytes,
                     reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
-                    alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s,
+                    alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s, move_s=rep.move_s,
                     predicted_s=rep.predicted.predicted_s, in_place_ranks=rep.in_place_ranks,
                     alloc_bytes=rep.alloc_bytes)
                 logger.info("migration done: %d of %d ranks in place, %.1f MB of new memory, %.3f s",

@@ -11,10 +11,12 @@ surviving old rank whose arena this process created, and all move towards higher
 that gains units after a failure: every tensor at least as wide, so every offset at least as far),
 is not allocated anew. Its arena's file is extended to the new size, and only the extension gets
 new pages (the lost rank's share instead of the whole model: on this VM page allocation, not
-copying, is what a migration costs). Its kept bytes are moved inside the file first, in decreasing
-address order (a move never overwrites a source not yet moved; a block whose source and
-destination overlap goes through a small staging buffer), then the reloads and peer copies write
-the rest. Peer copies out of such an arena are staged before the moves. The cost: the old layout
+copying, is what a migration costs). Its kept bytes are moved inside the file in decreasing address
+order (a move never overwrites a source not yet moved; a block whose source and destination
+overlap goes through a small staging buffer) by one mover thread, while the reloads and peer copies
+write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
+moves go top-down, so the ops high in the file start first). Peer copies out of such an arena are
+staged before the moves. The cost: the old layout
 is gone once the moves start, so a failure after that leaves the arena neither old nor new
 (``InPlaceFailed``, ``corrupted`` set); before it, the file is given back as it was.
 """
@@ -175,21 +177,14 @@ class CpuExecutor:
                     new[d] = ShmArena.create(f"{label}-r{d}", specs)
             _prefault([a for d, a in new.items() if d not in grown], ranges)
             t_alloc = time.perf_counter()
-            # Step 2a (in place): stage what peers read out of a regrown arena, then move the kept bytes.
+            # Step 2a (in place): stage what peers read out of a regrown arena (before any move).
             staged: dict[int, np.ndarray] = {}
             in_place_src = set(grown.values())
-            if grown:
-                for op in copies:
-                    if op.kind != KEEP and op.src_rank in in_place_src:
-                        staged[id(op)] = np.array(shard_view(old[op.src_rank].array(op.tensor), op, op.src_offset))
-                moved = True
-                stage = np.empty(_STAGE_BYTES, dtype=np.uint8)
-                for d, (src, runs) in moves.items():
-                    buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
-                    for run in runs:
-                        _move(buf, *run, stage)
-                    del buf
-            t_moved = time.perf_counter()
+            for op in copies:
+                if op.kind != KEEP and op.src_rank in in_place_src:
+                    staged[id(op)] = np.array(shard_view(old[op.src_rank].array(op.tensor), op, op.src_offset))
+            moved = bool(grown)
+            gate = _Gate({d: moves[d][1] for d in grown})
             read0 = self.checkpoint.bytes_read
 
             # Step 2: reloads and copies concurrently (reload workers first: the slowest resource).
@@ -205,11 +200,31 @@ class CpuExecutor:
                 dst = shard_view(new[op.dst_rank].array(op.tensor), op, op.dst_offset)
                 np.copyto(dst, src)
 
+            def do_moves(d: int) -> None:  # a regrown rank's kept bytes, the gate lowered as they go
+                buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
+                try:
+                    runs = moves[d][1]
+                    for k, run in enumerate(runs):
+                        _move(buf, *run, stage)
+                        gate.lower(d, _src_end(runs[k + 1]) if k + 1 < len(runs) else 0)
+                finally:
+                    del buf
+
+            def first_byte(op: CopyOp) -> tuple[int, int]:  # (rank, first byte the op writes)
+                if op.dst_rank not in grown:
+                    return op.dst_rank, 0
+                sh = new[op.dst_rank].shards[op.tensor]
+                return op.dst_rank, sh.offset + op.byte_runs(sh.shape, op.dst_offset, sh.itemsize)[0]
+
             shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
             left = [op for op in copies if not (op.kind == KEEP and op.dst_rank in grown)]
+            stage = np.empty(_STAGE_BYTES if grown else 0, dtype=np.uint8)
             spans: dict[str, float] = {}
-            threads = _start(reloads, do_reload, self.reload_workers, "reload", spans) + \
-                _start(left, do_copy, self.copy_workers, "copy", spans)
+            # Reloads and copies run beside the moves: an op into a regrown rank waits at the gate until
+            # no source not yet moved lies at or above the first byte it writes.
+            threads = _start(sorted(grown), do_moves, 1, "move", spans, gate=gate) + \
+                _start(reloads, do_reload, self.reload_workers, "reload", spans, gate=gate, where=first_byte) + \
+                _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte)
             _join(threads)
             # Step 3: fan-out copies read what the reloads wrote.
             t_fan = time.perf_counter()
@@ -228,7 +243,7 @@ class CpuExecutor:
         keep_gbps = self.copy_gbps
         report = ExecReport(
             backend="cpu-shm", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans.get("reload", 0.0),
-            copy_s=spans.get("copy", 0.0) + (t_moved - t_alloc), fanout_s=t_end - t_fan,
+            copy_s=spans.get("copy", 0.0), move_s=spans.get("move", 0.0), fanout_s=t_end - t_fan,
             keep_bytes=sum(op.nbytes for op in copies if op.kind == KEEP),
             peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout),
             reload_bytes=sum(op.nbytes for op in reloads), file_bytes_read=self.checkpoint.bytes_read - read0,
@@ -333,26 +348,68 @@ def _move_contiguous(buf: np.ndarray, src: int, dst: int, run: int, stage: np.nd
         end = a
 
 
-def _start(queue: list[CopyOp], fn: Callable[[CopyOp], None], workers: int, name: str,
-           spans: dict[str, float]) -> list[threading.Thread]:
-    """Start ``workers`` threads draining ``queue`` in order; record the queue's wall span."""
+class _Gate:
+    """Where the in-place moves are: ``level[rank]`` is the end of the highest source not yet moved
+    in that rank's file (0: all moved). A write starting at or above it overwrites only bytes that
+    are no longer anyone's source (the moves run in decreasing address order). ``errors`` is shared
+    by every worker: one failure stops them all, waiting ones included."""
+
+    def __init__(self, runs: dict[int, list]) -> None:
+        self.cv = threading.Condition()
+        self.level = {d: _src_end(r[0]) if r else 0 for d, r in runs.items()}
+        self.errors: list[BaseException] = []
+
+    def lower(self, rank: int, level: int) -> None:
+        with self.cv:
+            self.level[rank] = level
+            self.cv.notify_all()
+
+    def fail(self, e: BaseException) -> None:
+        with self.cv:
+            self.errors.append(e)
+            self.cv.notify_all()
+
+    def take(self, queue: list, where) -> object | None:
+        """Pop the first op of ``queue`` free to run now (waiting for the moves if none is); None
+        when the queue is empty or a worker failed."""
+        with self.cv:
+            while queue and not self.errors:
+                for i, op in enumerate(queue):
+                    if where is None:
+                        return queue.pop(i)
+                    rank, first = where(op)
+                    if first >= self.level.get(rank, 0):
+                        return queue.pop(i)
+                self.cv.wait(1.0)  # the mover lowers the level (or fails) and notifies
+            return None
+
+
+def _src_end(run) -> int:
+    src, _, length, ss, _, n = run
+    return src + (n - 1) * ss + length
+
+
+def _start(queue: list, fn: Callable, workers: int, name: str, spans: dict[str, float], gate: _Gate | None = None,
+           where=None) -> list[threading.Thread]:
+    """Start ``workers`` threads draining ``queue`` in order (with ``gate``: an op when ``where(op)``
+    says the moves let it run); record the queue's wall span."""
     if not queue:
         return []
+    gate = gate or _Gate({})
+    queue = list(queue)
     lock = threading.Lock()
-    state = {"next": 0, "t0": time.perf_counter(), "left": workers}
-    errors: list[BaseException] = []
+    state = {"t0": time.perf_counter(), "left": workers}
+    errors = gate.errors
 
     def worker() -> None:
         try:
             while True:
-                with lock:
-                    i = state["next"]
-                    state["next"] += 1
-                if i >= len(queue) or errors:
+                op = gate.take(queue, where)
+                if op is None:
                     break
-                fn(queue[i])
+                fn(op)
         except BaseException as e:  # re-raised by _join
-            errors.append(e)
+            gate.fail(e)
         finally:
             with lock:
                 state["left"] -= 1

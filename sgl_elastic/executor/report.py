@@ -14,8 +14,8 @@ class ExecReport(msgspec.Struct, frozen=True, kw_only=True):
 
     ``efficiency`` = predicted_s / achieved_s (1.0: the run is as fast as the model's lower bound).
     ``alloc_s``: destination allocation (once, before any copy); ``reload_s``/``copy_s``: wall time of
-    the reload and copy workers (they overlap; ``copy_s`` includes the in-place moves, which run
-first); ``fanout_s``: stage-1 copies after the reloads.
+    the reload and copy workers (they overlap, and overlap the in-place moves, ``move_s``);
+``fanout_s``: stage-1 copies after the reloads.
     """
 
     backend: str
@@ -30,6 +30,7 @@ first); ``fanout_s``: stage-1 copies after the reloads.
     file_bytes_read: int
     num_ops: int
     predicted: CostEstimate
+    move_s: float = 0.0  # wall time of the in-place moves (beside the reloads and copies)
     in_place_ranks: int = 0  # new ranks whose arena is a survivor's, regrown (CPU executor)
     alloc_bytes: int = 0  # bytes of new memory the destinations took (0: not reported)
 

@@ -222,6 +222,36 @@ def test_in_place_failure_gives_the_files_back(tmp_path, when):
     assert mine() <= before
 
 
+def test_gate_lets_a_write_run_only_above_every_source_not_yet_moved():
+    """The in-place gate: a write into a regrown rank starting below the highest unmoved source
+    waits until the mover lowers the level past it; other ranks' writes never wait; a failure of
+    any worker releases the waiting ones (they stop, they do not run)."""
+    import threading
+
+    from sgl_elastic.executor.cpu import _Gate
+
+    runs = [(1000, 1500, 100, 100, 100, 1), (200, 300, 50, 50, 50, 1)]  # sources [1000,1100), [200,250)
+    gate = _Gate({0: runs})
+    assert gate.level == {0: 1100}
+    where = lambda op: op  # noqa: E731 - ops are (rank, first byte)
+    queue = [(0, 250), (0, 1200), (1, 0)]
+    assert gate.take(queue, where) == (0, 1200) and gate.take(queue, where) == (1, 0)
+    got = []
+    t = threading.Thread(target=lambda: got.append(gate.take(queue, where)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not got  # (0, 250) waits: the source at [200, 250) has not moved
+    gate.lower(0, 250)  # the first move is done
+    t.join(5)
+    assert got == [(0, 250)] and not queue
+    gate2, q2 = _Gate({0: runs}), [(0, 10)]
+    t = threading.Thread(target=lambda: got.append(gate2.take(q2, where)))
+    t.start()
+    gate2.fail(RuntimeError("mover failed"))
+    t.join(5)
+    assert not t.is_alive() and got[-1] is None and q2 == [(0, 10)]
+
+
 def test_cpu_executor_across_processes(tmp_path):
     """Old shards live in another process (shared memory); the executor attaches and migrates."""
     old = ElasticLayout.from_hf_config(toy_config(), 3, mlp_unit=8, vocab_unit=8)
