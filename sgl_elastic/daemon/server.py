@@ -469,10 +469,12 @@ class Daemon:
         check_plan(plan, self.store.layout, set(self.store.weights))
         self._to(DaemonState.MIGRATING, plan.change.label(plan.old_layout.tp_size))
 
+        freed: list = []
+
         def work() -> None:
             reason, after = "migrated", DaemonState.READY
             try:
-                rep = self.store.migrate(plan, self._lock)
+                rep = self.store.migrate(plan, self._lock, freed)
                 self.last_migration = P.MigrationSummary(
                     epoch=self.store.epoch, keep_bytes=rep.keep_bytes, peer_bytes=rep.peer_bytes,
                     reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
@@ -492,6 +494,11 @@ class Daemon:
             with self._lock:
                 if self.state is DaemonState.MIGRATING:
                     self.state = transition(self.state, after, reason)
+            t_free = time.perf_counter()  # READY first: the old layout's memory is freed off the recovery's path
+            for seg in freed:
+                seg.close()
+            if freed:
+                logger.info("freed the old layout's %d segments in %.3f s", len(freed), time.perf_counter() - t_free)
 
         self._worker = threading.Thread(target=work, name="sgle-daemon-migrate", daemon=True)
         self._worker.start()

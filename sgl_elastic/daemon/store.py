@@ -99,7 +99,7 @@ class ModelStore:
             self.bytes_read += read
             self.load_s = time.perf_counter() - t0
 
-    def migrate(self, plan: MigrationPlan, swap_lock=None) -> ExecReport:
+    def migrate(self, plan: MigrationPlan, swap_lock=None, freed: list | None = None) -> ExecReport:
         """Apply ``plan`` through the executor; returns its report.
 
         The failed ranks' segments are never read (their memory is lost with the device): the plan
@@ -107,7 +107,8 @@ class ModelStore:
         the lock and swapped in under ``swap_lock``; on failure nothing changed, except when the CPU
         executor had started moving a survivor's bytes in place (``executor.cpu``): then the model
         is dropped (``ModelDropped``). KV pools and the prefix index are dropped (KV is not
-        migrated: re-prefill).
+        migrated: re-prefill). ``freed``: the old segments are appended there for the caller to
+        close (after it has answered: unmapping gigabytes takes ~0.1 s) instead of closed here.
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
         from sgl_elastic.executor.cpu import InPlaceFailed
@@ -142,8 +143,12 @@ class ModelStore:
             self.bytes_read += report.file_bytes_read
             self.pids = {}
         # Step 3: free the old shards and KV (other processes' mappings stay valid until unmapped).
-        for seg in [*old.values(), *old_kv.values(), *old_params.values()]:
-            seg.close()
+        olds = [*old.values(), *old_kv.values(), *old_params.values()]
+        if freed is not None:
+            freed.extend(olds)
+        else:
+            for seg in olds:
+                seg.close()
         return report
 
     # ---- published parameters (SGLang's own tensors after loading) --------------------------------
