@@ -226,6 +226,37 @@ def test_migration_runs_through_executor(loaded, ckpt, change):
     assert e.value.code == "not_found"
 
 
+def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt, tmp_path):
+    """The checkpoint loses its data after the load (truncated), so the migration's reloads fail
+    while the survivor's kept bytes are being moved in place: the daemon may not claim the old
+    shards are intact. It drops the model (state empty, a clear last_error), refuses exports,
+    frees every segment, and a new LoadModel works again."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    c = daemon.client()
+    try:
+        old = layout_of(str(copy), 2)
+        c.load_model(str(copy), old)
+        c.wait_ready(60)
+        for f in glob.glob(str(copy / "*.safetensors")):
+            with open(f, "r+b") as fh:  # keep the header, lose the tensors
+                n = int.from_bytes(fh.read(8), "little")
+                fh.truncate(8 + n + 64)
+        with pytest.raises(DaemonError, match="dropped"):
+            c.apply_migration(plan_migration(old, ClusterChange(failed=(1,))), timeout=60)
+        s = c.stats()
+        assert s.state == "empty" and "partly moved in place" in s.last_error, s
+        assert wait_gone(lambda: segments_of_pid(daemon.pid)) == [], "the dropped model's segments were not freed"
+        with pytest.raises(DaemonError):
+            c.export_weights(0)
+        c.load_model(ckpt, layout_of(ckpt, 1))  # the intact checkpoint: serving can start again
+        assert c.wait_ready(60).state == "ready"
+    finally:
+        c.close()
+
+
 def test_expert_parallel_migration_gives_the_dead_ranks_experts_their_dtype(daemon, ckpt):
     """Under expert parallelism a survivor receives experts that only the dead rank held (reloaded
     from the checkpoint): the new segments must describe them too (they once lacked their dtype, so
