@@ -68,6 +68,7 @@ class ModelStore:
         self.epoch = 0
         self.weights: dict[int, Segment] = {}
         self.kv: dict[int, Segment] = {}
+        self.kv_spare: dict[int, Segment] = {}  # new rank -> its survivor's old KV pool, regrown by alloc_kv
         self.params: dict[int, Segment] = {}  # rank -> SGLang's loaded parameters (PublishParams)
         self.params_ready: set[int] = set()  # ranks whose params segment is committed
         self.kv_spec: KvSpec | None = None
@@ -126,7 +127,8 @@ class ModelStore:
             if not e.corrupted:
                 raise
             with swap_lock or contextlib.nullcontext():
-                dropped = [*self.weights.values(), *self.kv.values(), *self.params.values()]
+                dropped = [*self.weights.values(), *self.kv.values(), *self.params.values(), *self.kv_spare.values()]
+                self.kv_spare = {}
                 self.weights, self.kv, self.kv_spec, self.index = {}, {}, None, None
                 self.params, self.params_ready, self.layout, self.pids = {}, set(), None, {}
             for seg in dropped:
@@ -137,13 +139,20 @@ class ModelStore:
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new
             old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
+            # a survivor's old pool is regrown as its new rank's by the next AllocKv (its pages are
+            # resident: only the extension needs new ones); its contents are stale, never read
+            # (SGLang writes a slot before it reads it, and the prefix index starts empty)
+            old_spare, self.kv_spare = self.kv_spare, {}
+            for s, seg in list(old_kv.items()):
+                if plan.old2new_rank[s] >= 0:
+                    self.kv_spare[plan.old2new_rank[s]] = old_kv.pop(s)
             old_params, self.params, self.params_ready = self.params, {}, set()
             self.layout = plan.new_layout
             self.epoch += 1
             self.bytes_read += report.file_bytes_read
             self.pids = {}
         # Step 3: free the old shards and KV (other processes' mappings stay valid until unmapped).
-        olds = [*old.values(), *old_kv.values(), *old_params.values()]
+        olds = [*old.values(), *old_kv.values(), *old_params.values(), *old_spare.values()]
         if freed is not None:
             freed.extend(olds)
         else:
@@ -199,13 +208,20 @@ class ModelStore:
         self.memory.check_fits({r: spec.rank_bytes(r) for r in ranks}, "the KV pools")
         index = PrefixIndex(spec.num_slots, budget_slots or None, page_size)
         built: dict[int, Segment] = {}
+        spare, self.kv_spare = self.kv_spare, {}
         try:
             for r in ranks:
-                built[r] = self.memory.allocate(r, "kv", kv_allocs(spec, r))
+                old = spare.pop(r, None)
+                seg = self.memory.regrow(old, r, kv_allocs(spec, r)) if old is not None else None
+                if seg is None and old is not None:
+                    old.close()
+                built[r] = seg or self.memory.allocate(r, "kv", kv_allocs(spec, r))
         except BaseException:
-            for s in built.values():
+            for s in [*built.values(), *spare.values()]:
                 s.close()
             raise
+        for s in spare.values():
+            s.close()
         self.kv, self.kv_spec, self.index = built, spec, index
         for seg in built.values():
             seg.reserve_async()
@@ -245,6 +261,9 @@ class ModelStore:
     def close(self) -> None:
         """Free every segment (unlink on CPU)."""
         self.drop_kv()
+        for seg in self.kv_spare.values():
+            seg.close()
+        self.kv_spare = {}
         for seg in [*self.weights.values(), *self.params.values()]:
             seg.close()
         self.weights, self.params, self.params_ready = {}, {}, set()

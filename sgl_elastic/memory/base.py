@@ -112,6 +112,12 @@ class DeviceMemory(abc.ABC):
 
     shared_pool: bool = False  # True: every rank allocates from one pool (CPU: /dev/shm)
 
+    def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> Segment | None:
+        """``seg``'s memory as ``rank``'s, under a new tensor table (``specs``, contents undefined), extended if
+        needed, or None when this device cannot (then the caller frees ``seg`` and allocates).
+        The returned segment owns the memory; ``seg`` must not be used again. Default: None."""
+        return None
+
     def check_fits(self, sizes: dict[int, int], what: str) -> None:
         """Raise ValueError when ``sizes`` (rank -> bytes) do not fit in the free memory."""
         if self.shared_pool:

@@ -33,9 +33,10 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 class ShmSegment(Segment):
     """One ``ShmArena`` plus the torch dtype of each tensor (the arena knows only item sizes)."""
 
-    def __init__(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str]) -> None:
+    def __init__(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str], resident: int = 0) -> None:
         self.rank, self.kind, self.arena, self.dtypes = rank, kind, arena, dtypes
         self.nbytes = arena.nbytes
+        self.resident = resident  # the first bytes already have their pages (a regrown file)
 
     def refs(self) -> list[SegmentRef]:
         h = self.arena.handle
@@ -73,7 +74,7 @@ class ShmSegment(Segment):
 
         def work() -> None:
             try:
-                for off in range(0, size, 64 << 20):
+                for off in range(self.resident, size, 64 << 20):
                     os.posix_fallocate(own, off, min(64 << 20, size - off))
             except OSError:
                 pass  # no room: the pages come at first write, as before
@@ -102,6 +103,16 @@ class ShmMemory(DeviceMemory):
         arena = ShmArena.create(f"d{self.instance}-{kind}-r{rank}",
                                 [ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
         return ShmSegment(rank, kind, arena, {s.name: s.dtype for s in specs})
+
+    def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> ShmSegment | None:
+        """The same file, extended to fit ``specs`` (never shrunk: a smaller table gets None)."""
+        _, size = ShmArena.place([ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+        if not isinstance(seg, ShmSegment) or not seg.arena.owner or size < seg.arena.nbytes:
+            return None
+        resident = seg.arena.nbytes
+        grown = seg.arena.regrow([ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+        seg.arena.close()  # the old object's mapping; the file is the grown arena's now
+        return ShmSegment(rank, seg.kind, grown, {s.name: s.dtype for s in specs}, resident=resident)
 
     def wrap(self, rank: int, kind: str, arena: ShmArena, dtypes: dict[str, str]) -> ShmSegment:
         """Adopt an arena the executor allocated (migration destinations)."""

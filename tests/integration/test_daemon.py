@@ -199,10 +199,20 @@ time.sleep(60)
 def test_migration_runs_through_executor(loaded, ckpt, change):
     d, c = loaded
     old = layout_of(ckpt, 2)
+    c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32")
+    old_kv = {r: c.export_kv(r).segments[0].locator for r in range(2)}
     before = c.stats()
     old_segments = segments_of_pid(d.pid)
     plan = plan_migration(old, change)
     summary = c.apply_migration(plan, timeout=60)
+    # the next pool of a rank that survives is its old pool's file, regrown (its pages are resident)
+    c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32")
+    new_kv = {r: c.export_kv(r).segments[0].locator for r in range(plan.new_layout.tp_size)}
+    for s_old, d_new in enumerate(plan.old2new_rank):
+        if d_new >= 0 and change.failed:
+            assert new_kv[d_new] == old_kv[s_old]
+    assert old_kv[1] not in new_kv.values() or not change.failed
+    old_segments = [p for p in old_segments if os.path.basename(p) not in new_kv.values()]
     s = c.stats()
     assert summary.epoch == s.epoch == 1 and s.state == "ready"
     assert summary.reload_bytes == plan.reload_bytes and summary.file_bytes_read == plan.reload_bytes
