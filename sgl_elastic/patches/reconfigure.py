@@ -516,12 +516,13 @@ class _RebuildFailed(Exception):
     pass
 
 
-def _await_listening(host: str, port: int, timeout_s: float = 5.0) -> None:
+def _await_listening(host: str, port: int, timeout_s: float = 1.0) -> None:
     """Wait (bounded; then go on regardless) until rank 0's rendezvous store listens on ``port``.
 
     torch's TCPStore client that finds no listener backs off with growing delays: a rank that
     reached the rendezvous 20-100 ms before rank 0 lost 0.4-0.8 s here (measured), half the
-    rebuild. A plain connect every 5 ms costs nothing and lets torch's first attempt succeed.
+    rebuild. A plain connect every 5 ms costs nothing and lets torch's first attempt succeed. The
+    bound is short: a dead rank 0 (a second failure) must not delay the rebuild's failure much.
     """
     import socket
 
