@@ -10,7 +10,7 @@ In place (``in_place=True``, the daemon's default): a new rank whose kept bytes 
 surviving old rank whose arena this process created, and all move towards higher offsets (a rank
 that gains units after a failure: every tensor at least as wide, so every offset at least as far),
 is not allocated anew. Its arena's file is extended to the new size, and only the extension gets
-new pages (the lost rank's share instead of the whole model: on this VM page allocation, not
+new pages (``posix_fallocate`` in the background, beside the moves: it never writes data) (the lost rank's share instead of the whole model: on this VM page allocation, not
 copying, is what a migration costs). Its kept bytes are moved inside the file in decreasing address
 order (a move never overwrites a source not yet moved; a block whose source and destination
 overlap goes through a small staging buffer) by one mover thread, while the reloads and peer copies
@@ -66,6 +66,26 @@ def _prefault_range(arena: ShmArena, start: int, end: int) -> None:
         except OSError:
             pass
     np.frombuffer(arena._shm.buf, dtype=np.uint8)[start:end:4096] = 0  # type: ignore[attr-defined]
+
+
+def _reserve(ranges: list[tuple[ShmArena, int, int]]) -> threading.Thread:
+    """A started thread giving the byte ``ranges`` their pages (``posix_fallocate``, 64 MiB at a
+    time): unlike ``_prefault`` it writes nothing, so it may run while the moves and reloads write
+    there (a page they touch first is simply allocated by their fault instead)."""
+    def work() -> None:
+        for a, start, end in ranges:
+            fd = getattr(a._shm, "_fd", -1)  # type: ignore[attr-defined]
+            if fd < 0 or not hasattr(os, "posix_fallocate"):
+                return
+            for off in range(start, end, 64 << 20):
+                try:
+                    os.posix_fallocate(fd, off, min(64 << 20, end - off))
+                except OSError:
+                    return  # no room: the writes fault the pages in (check_fits ran before)
+
+    t = threading.Thread(target=work, name="sgle-reserve-ext", daemon=True)
+    t.start()
+    return t
 
 
 def _prefault(arenas: list[ShmArena], ranges: list[tuple[ShmArena, int, int]] = ()) -> None:
@@ -175,7 +195,8 @@ class CpuExecutor:
                     ranges.append((new[d], before, new[d].nbytes))
                 else:
                     new[d] = ShmArena.create(f"{label}-r{d}", specs)
-            _prefault([a for d, a in new.items() if d not in grown], ranges)
+            _prefault([a for d, a in new.items() if d not in grown])
+            reserving = _reserve(ranges)  # the extensions' pages, beside the moves (never writes data)
             t_alloc = time.perf_counter()
             # Step 2a (in place): stage what peers read out of a regrown arena (before any move).
             staged: dict[int, np.ndarray] = {}
@@ -226,11 +247,14 @@ class CpuExecutor:
                 _start(reloads, do_reload, self.reload_workers, "reload", spans, gate=gate, where=first_byte) + \
                 _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte)
             _join(threads)
+            reserving.join()
             # Step 3: fan-out copies read what the reloads wrote.
             t_fan = time.perf_counter()
             _join(_start(fanout, do_copy, self.copy_workers, "fanout", spans))
             t_end = time.perf_counter()
         except BaseException as e:
+            if "reserving" in locals():
+                reserving.join()
             for d, a in new.items():
                 if d in grown:
                     a.give_back(old[grown[d]])
