@@ -10,8 +10,9 @@ In place (``in_place=True``, the daemon's default): a new rank whose kept bytes 
 surviving old rank whose arena this process created, and all move towards higher offsets (a rank
 that gains units after a failure: every tensor at least as wide, so every offset at least as far),
 is not allocated anew. Its arena's file is extended to the new size, and only the extension gets
-new pages (``posix_fallocate`` in the background, beside the moves: it never writes data) (the lost rank's share instead of the whole model: on this VM page allocation, not
-copying, is what a migration costs). Its kept bytes are moved inside the file in decreasing address
+new pages: the lost rank's share instead of the whole model (on this VM page allocation, not
+copying, is what a migration costs), reserved by ``posix_fallocate`` in the background beside the
+moves (it never writes data). Its kept bytes are moved inside the file in decreasing address
 order (a move never overwrites a source not yet moved; a block whose source and destination
 overlap goes through a small staging buffer) by one mover thread, while the reloads and peer copies
 write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
@@ -34,7 +35,7 @@ from sgl_elastic.executor.ops import full_region, shard_view, split_queues
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.layout.geometry import rank_tensors
-from sgl_elastic.executor.shm import ShardSpec, ShmArena
+from sgl_elastic.executor.shm import ShardSpec, ShmArena, fallocate_range
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology
@@ -59,12 +60,7 @@ def _prefault_range(arena: ShmArena, start: int, end: int) -> None:
     """Allocate and map the pages of ``[start, end)`` of ``arena`` (a worker thread: both calls
     release the GIL). ``posix_fallocate`` gives tmpfs its pages without a fault each; the strided
     write then maps them."""
-    fd = getattr(arena._shm, "_fd", -1)  # type: ignore[attr-defined]
-    if fd >= 0 and hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, start, end - start)
-        except OSError:
-            pass
+    fallocate_range(getattr(arena._shm, "_fd", -1), start, end, chunk=max(1, end - start))  # type: ignore[attr-defined]
     np.frombuffer(arena._shm.buf, dtype=np.uint8)[start:end:4096] = 0  # type: ignore[attr-defined]
 
 
@@ -74,27 +70,17 @@ def _reserve(ranges: list[tuple[ShmArena, int, int]]) -> threading.Thread:
     there (a page they touch first is simply allocated by their fault instead)."""
     def work() -> None:
         for a, start, end in ranges:
-            fd = getattr(a._shm, "_fd", -1)  # type: ignore[attr-defined]
-            if fd < 0 or not hasattr(os, "posix_fallocate"):
-                return
-            for off in range(start, end, 64 << 20):
-                try:
-                    os.posix_fallocate(fd, off, min(64 << 20, end - off))
-                except OSError:
-                    return  # no room: the writes fault the pages in (check_fits ran before)
+            fallocate_range(getattr(a._shm, "_fd", -1), start, end)  # type: ignore[attr-defined]
 
     t = threading.Thread(target=work, name="sgle-reserve-ext", daemon=True)
     t.start()
     return t
 
 
-def _prefault(arenas: list[ShmArena], ranges: list[tuple[ShmArena, int, int]] = ()) -> None:
-    """Fault every page of ``arenas`` (and the byte ``ranges`` of others) in now, in parallel chunks
-    over the cores, so the copies measure copying, not page allocation (one thread faulting 2 GB of
-    tmpfs took 1-4 s here)."""
-    spans = [(a, 0, a.nbytes) for a in arenas] + list(ranges)
-    chunks = [(a, off, min(off + _PREFAULT_CHUNK, end)) for a, start, end in spans
-              for off in range(start, end, _PREFAULT_CHUNK)]
+def _prefault(arenas: list[ShmArena]) -> None:
+    """Fault every page of ``arenas`` in now, in parallel chunks over the cores, so the copies
+    measure copying, not page allocation (one thread faulting 2 GB of tmpfs took 1-4 s here)."""
+    chunks = [(a, off, min(off + _PREFAULT_CHUNK, a.nbytes)) for a in arenas for off in range(0, a.nbytes, _PREFAULT_CHUNK)]
     if not chunks:
         return
     workers = max(1, min(len(chunks), os.cpu_count() or 1))
@@ -181,7 +167,7 @@ class CpuExecutor:
         moves = in_place_moves(plan, old, copies) if self.in_place else {}
         new: dict[int, ShmArena] = {}
         grown: dict[int, int] = {}  # new rank -> old rank whose file it regrew
-        moved = False
+        moved, reserving = False, None
         try:
             # Step 1: every destination buffer, once, before any copy (in place: only the extension).
             ranges = []
@@ -253,7 +239,7 @@ class CpuExecutor:
             _join(_start(fanout, do_copy, self.copy_workers, "fanout", spans))
             t_end = time.perf_counter()
         except BaseException as e:
-            if "reserving" in locals():
+            if reserving is not None:
                 reserving.join()
             for d, a in new.items():
                 if d in grown:

@@ -19,7 +19,20 @@ import numpy as np
 
 from sgl_elastic.executor.safetensors_io import MADV_POPULATE_READ, RAW_DTYPE
 
-__all__ = ["ShardSpec", "ArenaHandle", "ShmArena"]
+__all__ = ["ShardSpec", "ArenaHandle", "ShmArena", "fallocate_range"]
+
+
+def fallocate_range(fd: int, start: int, end: int, chunk: int = 64 << 20) -> None:
+    """Give bytes ``[start, end)`` of the file ``fd`` their pages (``posix_fallocate``, ``chunk`` at a
+    time; never writes data). No room (or no ``posix_fallocate``): stops quietly, and the pages
+    come at first write instead."""
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        for off in range(start, end, chunk):
+            os.posix_fallocate(fd, off, min(chunk, end - off))
+    except OSError:
+        pass
 
 _ALIGN = 64
 

@@ -20,7 +20,7 @@ import os
 import re
 
 from sgl_elastic.executor.safetensors_io import MADV_POPULATE_READ
-from sgl_elastic.executor.shm import ShardSpec, ShmArena
+from sgl_elastic.executor.shm import ShardSpec, ShmArena, fallocate_range
 from sgl_elastic.memory.base import DeviceMemory, Segment, TensorAlloc, segment_dtypes
 from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
@@ -70,14 +70,11 @@ class ShmSegment(Segment):
         fd = getattr(self.arena._shm, "_fd", -1)  # type: ignore[attr-defined]
         if fd < 0 or not hasattr(os, "posix_fallocate"):
             return
-        own, size = os.dup(fd), self.nbytes
+        own, start, size = os.dup(fd), self.resident, self.nbytes
 
         def work() -> None:
             try:
-                for off in range(self.resident, size, 64 << 20):
-                    os.posix_fallocate(own, off, min(64 << 20, size - off))
-            except OSError:
-                pass  # no room: the pages come at first write, as before
+                fallocate_range(own, start, size)
             finally:
                 os.close(own)
 
@@ -106,11 +103,12 @@ class ShmMemory(DeviceMemory):
 
     def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> ShmSegment | None:
         """The same file, extended to fit ``specs`` (never shrunk: a smaller table gets None)."""
-        _, size = ShmArena.place([ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+        shards = [ShardSpec(s.name, s.shape, s.itemsize) for s in specs]
+        _, size = ShmArena.place(shards)
         if not isinstance(seg, ShmSegment) or not seg.arena.owner or size < seg.arena.nbytes:
             return None
         resident = seg.arena.nbytes
-        grown = seg.arena.regrow([ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+        grown = seg.arena.regrow(shards)
         seg.arena.close()  # the old object's mapping; the file is the grown arena's now
         return ShmSegment(rank, seg.kind, grown, {s.name: s.dtype for s in specs}, resident=resident)
 
