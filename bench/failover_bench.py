@@ -11,10 +11,14 @@ Qwen3-MoE) at ``--tp`` (default 3), each mode ``--repeats`` times on a fresh ser
 3. TFS = from the kill to the first streamed token of a request that succeeds, received by a client
    more than 50 ms after the kill (earlier chunks were produced before the fault and were in the
    pipes; a request that ends in an error does not count), on the client's clock;
+   Also "all clients": from the kill until every client had such a token (the last interrupted
+   stream going again);
 4. ``--after-s`` seconds later the load stops; requests that failed are counted.
 
 Modes:
 - ``elastic``: ``launch_server`` with its defaults (state daemon + in-place failover on the survivors);
+- ``batched``: the same with ``--elastic-resume-batch 0``: the resumed requests re-prefilled in one
+  batch (SGLang's batching) instead of one per batch, shortest first (the CPU default);
 - ``restart``: ``--no-elastic-failover`` (every scheduler restarted from the daemon: today's fallback);
 - ``reload``: restart-and-reload, what users do today: our launcher with ``--no-elastic-daemon``
   (vanilla SGLang's sharding and failure path: the server tears itself down), then a new server on
@@ -72,6 +76,7 @@ class Load:
     def __init__(self, url: str, clients: int, prompt_len: int, max_new: int, seed: int, max_id: int = 1000) -> None:
         self.url, self.stop_ev = url, threading.Event()
         self.tokens: list[float] = []  # arrival time of every streamed chunk of a request that succeeded
+        self.client_tokens: list[list[float]] = [[] for _ in range(clients)]  # the same, per client
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
@@ -85,7 +90,7 @@ class Load:
             t.start()
         return self
 
-    def _one(self, ids) -> None:
+    def _one(self, ids, i: int) -> None:
         r = requests.post(self.url + "/generate", stream=True, timeout=600, json={
             "input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": self.max_new, "temperature": 0, "ignore_eos": True}})
@@ -102,12 +107,13 @@ class Load:
             arrivals.append(time.perf_counter())
         with self.lock:  # only a request that succeeded counts as a success
             self.tokens.extend(arrivals)
+            self.client_tokens[i].extend(arrivals)
 
     def _run(self, i: int) -> None:
         k = i
         while not self.stop_ev.is_set():
             try:
-                self._one(self.prompts[k % len(self.prompts)])
+                self._one(self.prompts[k % len(self.prompts)], i)
                 with self.lock:
                     self.ok += 1
             except Exception as e:  # noqa: BLE001 - counted; the "user" retries
@@ -124,6 +130,13 @@ class Load:
         with self.lock:
             later = [x for x in self.tokens if x > t + IN_TRANSIT_S]
         return min(later) - t if later else None
+
+    def every_client_after(self, t: float) -> float | None:
+        """Seconds from ``t`` until every client had a token after it (``first_token_after`` per
+        client, the largest): when the last interrupted stream was going again. None if one had none."""
+        with self.lock:
+            firsts = [min((x for x in ts if x > t + IN_TRANSIT_S), default=None) for ts in self.client_tokens]
+        return None if any(f is None for f in firsts) else max(firsts) - t
 
     def finish(self) -> None:
         self.stop_ev.set()
@@ -216,15 +229,17 @@ def _no_tfs_why(srv: ServerProcess) -> str:
             else "no token of a successful request after the kill within the timeout") + f"; log {srv.log_path}"
 
 
-def run_elastic(model: str, args, rep: int) -> dict:
+def run_elastic(model: str, args, rep: int, mode: str = "elastic") -> dict:
     """``--steps`` failures in a row on one elastic server at ``--tp``, under one client load.
 
     Returns the first step's fields at the top level (as with one step) and ``steps``: one dict per
     step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
     extra = list(FLAGS) + (["--elastic-standby", "1"] if args.add_rank == "standby" else [])
+    if mode == "batched":
+        extra += ["--elastic-resume-batch", "0"]
     srv = ServerProcess(model, tp_size=args.tp, extra_args=extra, start_timeout_s=1800)
     srv.start()
-    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
+    res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
     load: Load | None = None
     peak: ShmPeak | None = None
     try:
@@ -262,6 +277,7 @@ def run_elastic(model: str, args, rep: int) -> dict:
                         resumed_requests=rec.get("resumed_requests"))
             # Step 3: steady load at the new tp before the next kill (or --after-s after the last one).
             time.sleep(args.warm_s if i + 1 < args.steps else args.after_s)
+            step["every_client_s"] = load.every_client_after(t_kill)
             step["requests_failed"] = load.failed - failed_before  # attempts, kill -> next kill (or end)
             step["shm_rest_after"] = _daemon_shm_bytes(srv.log_path)
         add_ok = args.add_rank and all("error" not in st for st in steps)
@@ -280,7 +296,8 @@ def run_elastic(model: str, args, rep: int) -> dict:
         peak.join(5)
         first = steps[0]
         ok0, failed0, errors0 = carried if add_ok else (0, 0, [])  # the kills' load, before the scale-up's
-        res.update(tfs_s=first["tfs_s"], requests_ok=ok0 + load.ok, requests_failed=failed0 + load.failed,
+        res.update(tfs_s=first["tfs_s"], every_client_s=first.get("every_client_s"), requests_ok=ok0 + load.ok,
+                   requests_failed=failed0 + load.failed,
                    errors=errors0 + load.errors)
         res["killed_rank"] = args.kill_rank
         res["steps"] = steps
@@ -371,6 +388,7 @@ def run_once(mode: str, model: str, args, rep: int, tp: int | None = None, *, me
         if res["tfs_s"] is None:
             raise RuntimeError(_no_tfs_why(second or srv))
         time.sleep(args.after_s)
+        res["every_client_s"] = load.every_client_after(t_kill)
         load.finish()
         res.update(requests_ok=load.ok, requests_failed=load.failed, errors=load.errors)  # failed: attempts
         if mode == "reload" and measure_tput:
@@ -494,15 +512,19 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             print(f"[bench] {mode} repeat {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                run = {"elastic": run_elastic, "reload": run_reload_steps}.get(mode)
-                rows.append(run(model, args, rep) if run else run_once(mode, model, args, rep))
+                if mode in ("elastic", "batched"):
+                    rows.append(run_elastic(model, args, rep, mode))
+                elif mode == "reload":
+                    rows.append(run_reload_steps(model, args, rep))
+                else:
+                    rows.append(run_once(mode, model, args, rep))
             except Exception as e:  # noqa: BLE001 - kept in the results, the run goes on
                 rows.append({"mode": mode, "repeat": rep, "error": f"{type(e).__name__}: {e}"})
             print(f"[bench]   {json.dumps(rows[-1])[:400]}", file=sys.stderr, flush=True)
     summary = {}
     for mode in args.modes.split(","):
         rs = [r for r in rows if r["mode"] == mode and "error" not in r]
-        summary[mode] = {k: _med(rs, k) for k in ("tfs_s", "recovery_s", "decode_tok_s_after", "start_s",
+        summary[mode] = {k: _med(rs, k) for k in ("tfs_s", "every_client_s", "recovery_s", "decode_tok_s_after", "start_s",
                                                   "shm_rest_before", "shm_peak", "shm_rest_after")}
         summary[mode]["requests_failed"] = sum(r.get("requests_failed", 0) for r in rs)
         summary[mode]["requests_ok"] = sum(r.get("requests_ok", 0) for r in rs)
@@ -520,11 +542,12 @@ def main(argv: list[str] | None = None) -> int:
           f" medians of {args.repeats} (JSON: {args.json})")
     if args.steps > 1:
         print(f"(first of {args.steps} steps; failed/ok: whole runs; decode after: tp {args.tp - args.steps})")
-    print(f"{'mode':<9} {'TFS s':>8} {'recovery s':>11} {'failed':>7} {'ok':>5} {'decode tok/s after':>19}")
+    print(f"{'mode':<9} {'TFS s':>8} {'all clients s':>14} {'recovery s':>11} {'failed':>7} {'ok':>5}"
+          f" {'decode tok/s after':>19}")
     for mode in args.modes.split(","):
         m = summary[mode]
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-        print(f"{mode:<9} {f(m['tfs_s']):>8} {f(m['recovery_s']):>11} {m['requests_failed']:>7} {m['requests_ok']:>5}"
+        print(f"{mode:<9} {f(m['tfs_s']):>8} {f(m['every_client_s']):>14} {f(m['recovery_s']):>11} {m['requests_failed']:>7} {m['requests_ok']:>5}"
               f" {f(m['decode_tok_s_after'], 1):>19}")
     for k in ("tfs_ratio_reload_over_elastic", "decode_after_elastic_over_vanilla"):
         if k in summary:

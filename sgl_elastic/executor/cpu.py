@@ -24,6 +24,7 @@ is gone once the moves start, so a failure after that leaves the arena neither o
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -349,13 +350,12 @@ def _move_contiguous(buf: np.ndarray, src: int, dst: int, run: int, stage: np.nd
     if dst >= src + run:
         buf[dst:dst + run] = buf[src:src + run]
         return
-    end = run
-    while end > 0:
-        a = max(0, end - stage.size)
-        c = end - a
-        stage[:c] = buf[src + a:src + end]
-        buf[dst + a:dst + end] = stage[:c]
-        end = a
+    # Overlapping: libc's memmove copies backwards in one pass (GIL released by ctypes), half the
+    # memory traffic of going through the staging buffer; bounds checked here, not by numpy.
+    if not (0 <= src and dst + run <= buf.size):
+        raise IndexError(f"move [{src}, +{run}) -> {dst} outside a buffer of {buf.size} bytes")
+    base = buf.ctypes.data
+    ctypes.memmove(base + dst, base + src, run)
 
 
 class _Gate:

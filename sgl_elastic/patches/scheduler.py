@@ -63,13 +63,38 @@ def process_input_requests(original, self, recv_reqs):
         raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
     if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
         return original(self, recv_reqs)
-    rest = []
+    rest, resumed = [], []
     for r in recv_reqs:
         if isinstance(r, rc.ResumeReq):
             rc.resume(self, r)
+            resumed.append(r.tokenized.rid)
         else:
             rest.append(r)
+    rc.stage(self, resumed)
     return original(self, rest)
+
+
+_tokenizers: dict = {}  # (args, kwargs) -> the tokenizer loaded once in this scheduler process
+
+
+def get_tokenizer(original, *args, **kwargs):
+    """``get_tokenizer`` as the scheduler and its TP worker call it: loaded once per process.
+
+    SGLang loads the same tokenizer twice per scheduler (``Scheduler.init_tokenizer`` and
+    ``TpModelWorker``), and a rebuilt scheduler would load it twice more: 0.1-0.16 s of a survivor's
+    rebuild on the bench model (py-spy), on its critical path. The arguments are the server's
+    (tokenizer path, mode, revision...), equal across a process's schedulers, so the object is
+    shared. Pass-through when in-place failover is off."""
+    if not rc.enabled():
+        return original(*args, **kwargs)
+    try:
+        key = (args, tuple(sorted(kwargs.items())))
+        hash(key)
+    except TypeError:  # an argument that is not hashable: no memo
+        return original(*args, **kwargs)
+    if key not in _tokenizers:
+        _tokenizers[key] = original(*args, **kwargs)
+    return _tokenizers[key]
 
 
 def _maybe_raise() -> None:
