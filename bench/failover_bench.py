@@ -17,8 +17,6 @@ Qwen3-MoE) at ``--tp`` (default 3), each mode ``--repeats`` times on a fresh ser
 
 Modes:
 - ``elastic``: ``launch_server`` with its defaults (state daemon + in-place failover on the survivors);
-- ``batched``: the same with ``--elastic-resume-batch 0``: the resumed requests re-prefilled in one
-  batch (SGLang's batching) instead of one per batch, shortest first (the CPU default);
 - ``restart``: ``--no-elastic-failover`` (every scheduler restarted from the daemon: today's fallback);
 - ``reload``: restart-and-reload, what users do today: our launcher with ``--no-elastic-daemon``
   (vanilla SGLang's sharding and failure path: the server tears itself down), then a new server on
@@ -229,17 +227,15 @@ def _no_tfs_why(srv: ServerProcess) -> str:
             else "no token of a successful request after the kill within the timeout") + f"; log {srv.log_path}"
 
 
-def run_elastic(model: str, args, rep: int, mode: str = "elastic") -> dict:
+def run_elastic(model: str, args, rep: int) -> dict:
     """``--steps`` failures in a row on one elastic server at ``--tp``, under one client load.
 
     Returns the first step's fields at the top level (as with one step) and ``steps``: one dict per
     step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
     extra = list(FLAGS) + (["--elastic-standby", "1"] if args.add_rank == "standby" else [])
-    if mode == "batched":
-        extra += ["--elastic-resume-batch", "0"]
     srv = ServerProcess(model, tp_size=args.tp, extra_args=extra, start_timeout_s=1800)
     srv.start()
-    res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
+    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
     load: Load | None = None
     peak: ShmPeak | None = None
     try:
@@ -297,8 +293,7 @@ def run_elastic(model: str, args, rep: int, mode: str = "elastic") -> dict:
         first = steps[0]
         ok0, failed0, errors0 = carried if add_ok else (0, 0, [])  # the kills' load, before the scale-up's
         res.update(tfs_s=first["tfs_s"], every_client_s=first.get("every_client_s"), requests_ok=ok0 + load.ok,
-                   requests_failed=failed0 + load.failed,
-                   errors=errors0 + load.errors)
+                   requests_failed=failed0 + load.failed, errors=errors0 + load.errors)
         res["killed_rank"] = args.kill_rank
         res["steps"] = steps
         if "error" in first:
@@ -512,20 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             print(f"[bench] {mode} repeat {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                if mode in ("elastic", "batched"):
-                    rows.append(run_elastic(model, args, rep, mode))
-                elif mode == "reload":
-                    rows.append(run_reload_steps(model, args, rep))
-                else:
-                    rows.append(run_once(mode, model, args, rep))
+                run = {"elastic": run_elastic, "reload": run_reload_steps}.get(mode)
+                rows.append(run(model, args, rep) if run else run_once(mode, model, args, rep))
             except Exception as e:  # noqa: BLE001 - kept in the results, the run goes on
                 rows.append({"mode": mode, "repeat": rep, "error": f"{type(e).__name__}: {e}"})
             print(f"[bench]   {json.dumps(rows[-1])[:400]}", file=sys.stderr, flush=True)
     summary = {}
     for mode in args.modes.split(","):
         rs = [r for r in rows if r["mode"] == mode and "error" not in r]
-        summary[mode] = {k: _med(rs, k) for k in ("tfs_s", "every_client_s", "recovery_s", "decode_tok_s_after", "start_s",
-                                                  "shm_rest_before", "shm_peak", "shm_rest_after")}
+        summary[mode] = {k: _med(rs, k) for k in ("tfs_s", "every_client_s", "recovery_s", "decode_tok_s_after",
+                                                  "start_s", "shm_rest_before", "shm_peak", "shm_rest_after")}
         summary[mode]["requests_failed"] = sum(r.get("requests_failed", 0) for r in rs)
         summary[mode]["requests_ok"] = sum(r.get("requests_ok", 0) for r in rs)
         summary[mode]["runs"] = len(rs)
@@ -547,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         m = summary[mode]
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-        print(f"{mode:<9} {f(m['tfs_s']):>8} {f(m['every_client_s']):>14} {f(m['recovery_s']):>11} {m['requests_failed']:>7} {m['requests_ok']:>5}"
+        print(f"{mode:<9} {f(m['tfs_s']):>8} {f(m['every_client_s']):>14} {f(m['recovery_s']):>11}"
+              f" {m['requests_failed']:>7} {m['requests_ok']:>5}"
               f" {f(m['decode_tok_s_after'], 1):>19}")
     for k in ("tfs_ratio_reload_over_elastic", "decode_after_elastic_over_vanilla"):
         if k in summary:

@@ -44,7 +44,6 @@ class ElasticArgs:
     checkin_timeout_s: float = 10.0
     hung_timeout_s: float = 5.0
     standby: int | None = None
-    resume_batch: int | None = None
 
     def __post_init__(self):
         if not self.checkin_timeout_s > 0:
@@ -53,9 +52,6 @@ class ElasticArgs:
             raise ValueError(f"--elastic-standby {self.standby}: give 0..8 standby processes")
         if not self.hung_timeout_s >= 0:
             raise ValueError(f"--elastic-hung-timeout {self.hung_timeout_s}: give a number of seconds >= 0 (0: off)")
-        if self.resume_batch is not None and self.resume_batch < 0:
-            raise ValueError(f"--elastic-resume-batch {self.resume_batch}: give a number of requests >= 0"
-                             " (0: SGLang's own prefill batching)")
         if self.width_policy not in WIDTH_POLICIES:
             raise ValueError(
                 f"--elastic-width-policy {self.width_policy!r}: choose one of {', '.join(WIDTH_POLICIES)}"
@@ -115,14 +111,6 @@ class ElasticArgs:
                  " the machine has >= 8 cores and >= 32 GiB available, else 0",
         )
 
-        group.add_argument(
-            "--elastic-resume-batch", type=int, default=None, metavar="N",
-            help="after a failover, prefill the resumed requests at most N per batch, shortest first, so the"
-                 " first interrupted streams continue before the last is re-prefilled (0: SGLang's own"
-                 " batching, all at once). Default: 1 on CPU, where prefill time grows with the tokens of a"
-                 " batch; 0 on GPU, where a batch of short re-prefills costs about as much as one",
-        )
-
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
         widths = parse_widths(args.elastic_tp_widths) if args.elastic_tp_widths else None
@@ -135,5 +123,4 @@ class ElasticArgs:
             checkin_timeout_s=args.elastic_checkin_timeout,
             hung_timeout_s=args.elastic_hung_timeout,
             standby=args.elastic_standby,
-            resume_batch=args.elastic_resume_batch,
         )

@@ -166,7 +166,6 @@ class FailoverController:
         self._spare_hellos: dict[int, bytes] = {}  # hellos of processes no recovery waited for yet (a new rank)
         self._spawn = None  # spawn(slot, standby) -> started Process of a new rank (the launcher's)
         self.standby_target = 0  # warm standby processes to keep (--elastic-standby)
-        self.resume_batch = 0  # resumed requests per prefill batch after a recovery (--elastic-resume-batch)
         self.standby: list = []  # warm standby processes (imported, waiting for orders)
         self._joiners: list = []  # new rank processes not serving yet
         self._slot_of: dict[int, int] = {}  # pid -> device slot (GPU index offset) of every rank process
@@ -175,22 +174,21 @@ class FailoverController:
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
-            hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0, resume_batch: int = 0) -> str:
+            hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
         this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
         ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat);
         ``spawn(slot, standby) -> Process``: start a new rank process on device slot ``slot``
-        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep;
-        ``resume_batch``: the survivors prefill the resumed requests at most this many per batch (0: all at once).
+        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep.
         """
         import zmq
 
         self.layout, self.daemon = layout, daemon
         self.checkin_timeout_s = checkin_timeout_s
         self.hung_timeout_s = hung_timeout_s
-        self._spawn, self.standby_target, self.resume_batch = spawn, standby, resume_batch
+        self._spawn, self.standby_target = spawn, standby
         self._delays = wire.parse_delays(os.environ.get(wire.ENV_TEST_DELAYS))
         self._on_new_layout = on_new_layout or (lambda layout: None)
         self._omp_bind = omp_bind or (lambda tp: "")
@@ -663,7 +661,7 @@ class FailoverController:
                 self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
                     epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
                     omp_bind=bind, takeover=takeover if new_rank == 0 else b"", daemon_dir=daemon_dir,
-                    resume_batch=self.resume_batch, gpu_slot=self._joiner_slot if p is joiner else -1))])
+                    gpu_slot=self._joiner_slot if p is joiner else -1))])
             readies: dict[int, wire.RankReady] = {}
             failed_builds: dict[int, str] = {}
             try:

@@ -107,7 +107,6 @@ class Reconfigure(msgspec.Struct, tag="reconfigure", frozen=True, kw_only=True):
     # it still waits for (what to re-submit, and where each stream stands). Empty otherwise.
     takeover: bytes = b""
     daemon_dir: str = ""  # the daemon was replaced (the old one died): attach to this run dir
-    resume_batch: int = 0  # resumed requests per prefill batch until all are prefilled (0: SGLang's batching)
     gpu_slot: int = -1  # a new rank only: its device slot (GPU base_gpu_id + slot * gpu_id_step); -1: keep
 
 

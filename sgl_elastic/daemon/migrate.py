@@ -14,7 +14,8 @@ from sgl_elastic.planner.topology import Topology
 
 __all__ = ["check_plan", "run_plan"]
 
-# Bandwidths only feed the executor's predicted time (reported, never used for decisions here).
+# Bandwidths only feed the executor's predicted time (reported, never used for decisions here):
+# the figures the daemon measured after its load (``DeviceMemory.measure_bandwidths``), else these.
 _CPU_READ_GBPS, _CPU_COPY_GBPS = 2.0, 5.0
 
 
@@ -35,9 +36,11 @@ def check_plan(plan: MigrationPlan, layout, held_ranks: set[int]) -> None:
 
 
 def run_plan(memory: DeviceMemory, plan: MigrationPlan, old: dict[int, Segment], ckpt: SafetensorsCheckpoint,
-             label: str) -> tuple[dict[int, Segment], ExecReport]:
+             label: str, bandwidths: tuple[float, float] | None = None) -> tuple[dict[int, Segment], ExecReport]:
     """Execute ``plan``; ``old`` maps surviving old rank -> its weight segment. Returns new rank ->
-    segment (the caller frees ``old``) and the executor's report."""
+    segment (the caller frees ``old``) and the executor's report. ``bandwidths``: measured (reload,
+    copy) GB/s for the report's modelled time."""
     num_slots = plan.old_layout.tp_size + plan.change.added
-    topo = Topology.single_node(num_slots, read_gbps=_CPU_READ_GBPS, copy_gbps=_CPU_COPY_GBPS)
+    read_gbps, copy_gbps = bandwidths or (_CPU_READ_GBPS, _CPU_COPY_GBPS)
+    topo = Topology.single_node(num_slots, read_gbps=read_gbps, copy_gbps=copy_gbps)
     return memory.run_plan(plan, old, ckpt, topo, label=label)

@@ -12,6 +12,7 @@ ceil_align(size + page_size, page_size)`` its ``k_buffer[l]`` is ``kv.<l>[0, :si
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.planner.plan import MigrationPlan
 
 __all__ = ["ModelStore", "KvSpec", "kv_allocs", "ModelDropped"]
+
+logger = logging.getLogger("sgl_elastic.daemon")
 
 
 class ModelDropped(RuntimeError):
@@ -75,6 +78,7 @@ class ModelStore:
         self.index: PrefixIndex | None = None
         self.bytes_read = 0
         self.load_s = 0.0
+        self.bandwidths: tuple[float, float] | None = None  # measured (reload, copy) GB/s, for the cost model
         self.pids: dict[int, set[int]] = {}  # rank -> registered worker pids
 
     # ---- weights ---------------------------------------------------------------------------------
@@ -95,6 +99,15 @@ class ModelStore:
                                    "the weight shards")
             built = load_ranks(self.memory, layout, ranks, ckpt, cancel)
             read = ckpt.bytes_read
+            if self.bandwidths is None:
+                try:
+                    self.bandwidths = self.memory.measure_bandwidths(ckpt)
+                except Exception as e:  # noqa: BLE001 - only the report's modelled time depends on it
+                    logger.warning("could not measure this host's bandwidths (%s: %s); the cost model uses"
+                                   " built-in figures", type(e).__name__, e)
+                if self.bandwidths is not None:
+                    logger.info("bandwidths while both run: reload %.2f GB/s, copy %.2f GB/s (cost model)",
+                                *self.bandwidths)
         with swap_lock or contextlib.nullcontext():
             self.weights, self.layout, self.checkpoint = built, layout, os.path.abspath(checkpoint)
             self.bytes_read += read
@@ -122,7 +135,7 @@ class ModelStore:
         try:
             with SafetensorsCheckpoint(self.checkpoint) as ckpt:
                 new, report = run_plan(self.memory, plan, survivors, ckpt,
-                                       label=f"d{self.instance}-weights-e{self.epoch + 1}")
+                                       label=f"d{self.instance}-weights-e{self.epoch + 1}", bandwidths=self.bandwidths)
         except InPlaceFailed as e:
             if not e.corrupted:
                 raise

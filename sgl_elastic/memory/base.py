@@ -112,6 +112,11 @@ class DeviceMemory(abc.ABC):
 
     shared_pool: bool = False  # True: every rank allocates from one pool (CPU: /dev/shm)
 
+    def measure_bandwidths(self, ckpt) -> tuple[float, float] | None:
+        """(reload GB/s, copy GB/s) this device gets from ``ckpt`` and between its own buffers while
+        both run (what the executor's cost model needs), measured now; None: the built-in figures."""
+        return None
+
     def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> Segment | None:
         """``seg``'s memory as ``rank``'s, under a new tensor table (``specs``, contents undefined), extended if
         needed, or None when this device cannot (then the caller frees ``seg`` and allocates).

@@ -116,6 +116,14 @@ class ShmMemory(DeviceMemory):
         """Adopt an arena the executor allocated (migration destinations)."""
         return ShmSegment(rank, kind, arena, dtypes)
 
+    def measure_bandwidths(self, ckpt) -> tuple[float, float]:
+        """A reload worker and a copy worker side by side for ~0.1-0.3 s over 128 MiB of fresh shared
+        memory each (``executor.bandwidth.measure_concurrent_gbps``): on a host with few cores they
+        share the CPU and the memory bandwidth, as the migration's reloads and moves do."""
+        from sgl_elastic.executor.bandwidth import measure_concurrent_gbps
+
+        return measure_concurrent_gbps(ckpt, nbytes=128 << 20)
+
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
         """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a
         survivor's own file in place where it can (only the lost share gets new pages) and

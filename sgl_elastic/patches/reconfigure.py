@@ -37,7 +37,7 @@ import time
 from sgl_elastic.controller import wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
-           "take_channels", "resume", "stage", "start_heartbeat", "drop_resubmitted", "note_channels",
+           "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels",
            "join", "Regroup", "RegroupRequested", "maybe_regroup"]
 
 _control_addr: str | None = None  # read once at plugin load
@@ -50,7 +50,6 @@ _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
 _reuse_channels = None  # rank 0 -> rank 0: the old scheduler's ZMQ channels, for the new one
 _built_channels: list = []  # channels made by a rebuild that then failed (closed before the next attempt)
-_resume_batch = 0  # this epoch's cap on resumed requests per prefill batch (Reconfigure.resume_batch)
 _resubmitted: set[str] = set()  # new rank 0 after rank 0 died: rids re-submitted (a copy from the socket is dropped)
 
 HELLO_TIMEOUT_S = 60.0  # how long a torn-down rank waits for its orders before giving up
@@ -212,44 +211,6 @@ def resume(sched, r: ResumeReq) -> None:
     if r.delivered is not None:
         _align(req, r.delivered)
     req.is_retracted = True
-
-
-def stage(sched, rids: list[str]) -> None:
-    """Prefill the resumed requests ``rids`` at most ``_resume_batch`` per batch (0: SGLang's batching).
-
-    All at once, every interrupted stream waits for the re-prefill of all of them (on CPU, ~0.9 s
-    for four requests of ~75 tokens on the bench model): prefill time there grows with the tokens of
-    a batch, so the first stream could go on after a quarter of it, and the mean pause is shorter
-    (rank 0 sends them shortest first). The cap is SGLang's own ``PrefillAdder(prefill_max_requests)``
-    on the adders this scheduler makes while a resumed request still waits; then SGLang's batching
-    is back. Every rank runs it on the same queue: the same batches everywhere."""
-    if _resume_batch <= 0 or not rids:
-        return
-    waiting, cap, own = set(rids), _resume_batch, type(sched).get_prefill_adder_class
-
-    def adder_class():
-        base = own(sched)
-        if not any(q.rid in waiting for q in sched.waiting_queue):
-            sched.__dict__.pop("get_prefill_adder_class", None)
-            return base
-        return _capped(base, cap)
-
-    sched.get_prefill_adder_class = adder_class
-
-
-_capped_classes: dict = {}
-
-
-def _capped(base, cap: int):
-    key = (base, cap)
-    if key not in _capped_classes:
-        def __init__(self, *args, **kwargs):
-            limit = kwargs.get("prefill_max_requests")
-            kwargs["prefill_max_requests"] = cap if limit is None else min(cap, limit)
-            base.__init__(self, *args, **kwargs)
-
-        _capped_classes[key] = type(f"ResumeCapped{base.__name__}", (base,), {"__init__": __init__})
-    return _capped_classes[key]
 
 
 def _align(req, delivered: list[int]) -> None:
@@ -577,7 +538,7 @@ def _await_listening(host: str, port: int, timeout_s: float = 1.0) -> None:
 
 
 def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0, wait_s):
-    global _epoch, _inject, _reuse_channels, _resume_batch
+    global _epoch, _inject, _reuse_channels
     import copy
 
     from sglang.srt.managers.scheduler import Scheduler
@@ -640,10 +601,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         if order.rank == 0 and order.takeover:
             records, resub, dropped = _take_over(records, order.takeover)
             took = f"; took over rank 0's intake: {resub} requests re-submitted, {dropped} finished ones dropped"
-        _resume_batch = order.resume_batch
         if order.rank == 0:
-            if _resume_batch > 0:  # shortest re-prefill first (stage): the first streams go on soonest
-                records.sort(key=lambda r: len(r.tokenized.input_ids or ()) + len(r.output_ids))
             _inject = list(records) + pending
         log(f"epoch {order.epoch}: rank {old_rank} -> {order.rank} of {order.tp_size}; teardown {t_down - t0:.3f} s,"
             f" waited {t_order - t_down:.3f} s, rebuilt {t_built - t_order:.3f} s;"

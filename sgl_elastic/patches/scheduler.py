@@ -63,14 +63,12 @@ def process_input_requests(original, self, recv_reqs):
         raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
     if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
         return original(self, recv_reqs)
-    rest, resumed = [], []
+    rest = []
     for r in recv_reqs:
         if isinstance(r, rc.ResumeReq):
             rc.resume(self, r)
-            resumed.append(r.tokenized.rid)
         else:
             rest.append(r)
-    rc.stage(self, resumed)
     return original(self, rest)
 
 

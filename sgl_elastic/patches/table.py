@@ -157,8 +157,7 @@ PATCHES: tuple[Patch, ...] = (
           "keep each request's tokenized input on its Req, to resume it in the next epoch"),
     Patch("sglang.srt.managers.scheduler.Scheduler.process_input_requests", "around",
           f"{_P}.scheduler.process_input_requests",
-          "resumed requests are re-created with the output ids they had (retraction semantics), then"
-          " prefilled --elastic-resume-batch per batch (the scheduler's own get_prefill_adder_class, capped)"),
+          "resumed requests are re-created with the output ids they had (retraction semantics)"),
     Patch("sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
           "around", f"{_P}.request_receiver.pull_raw_reqs",
           "the new rank 0's first broadcast carries the resumed requests to every survivor"),
