@@ -22,7 +22,11 @@ def _arena(label: str, nbytes: int) -> ShmArena:
     from sgl_elastic.executor.cpu import _prefault
 
     a = ShmArena.create(label, [ShardSpec("x", (nbytes,), 1)])
-    _prefault(a)
+    try:
+        _prefault([a])
+    except BaseException:
+        a.close()
+        raise
     return a
 
 
@@ -73,9 +77,10 @@ def measure_read_gbps(ckpt: SafetensorsCheckpoint, max_bytes: int = 256 << 20) -
 def measure_concurrent_gbps(ckpt: SafetensorsCheckpoint, nbytes: int = 256 << 20,
                             chunk_bytes: int = 8 << 20) -> tuple[float, float]:
     """(read GB/s, copy GB/s) that a reload worker and a copy worker each get *while both run*, as in
-    the executor: one thread reads checkpoint tensors into fresh shared memory, another copies between
-    two arenas; each rate is its bytes over the window in which both ran (the first to finish its
-    ``nbytes`` ends the window).
+    the executor: one thread copies ``nbytes`` between two arenas, which sets the window; another reads
+    checkpoint tensors (up to ``nbytes`` of them, again from the first when it runs out) into fresh
+    shared memory meanwhile (a read begun in the window counts whole, and extends it). Each rate is
+    its bytes over the window.
 
     On a host with few (or busy) cores the two share CPU time and memory bandwidth, so these are the
     figures an overlapped cost model must use.
@@ -85,35 +90,36 @@ def measure_concurrent_gbps(ckpt: SafetensorsCheckpoint, nbytes: int = 256 << 20
     counts = {"read": 0, "copy": 0}
     stop = threading.Event()
     barrier = threading.Barrier(2)
+    window = {}
     with _arena("bwc-r", total) as r, _arena("bwc-a", nbytes) as a, _arena("bwc-b", nbytes) as b:
         rbuf, src, dst = r.array("x"), a.array("x"), b.array("x")
         src[::4096] = 1
 
         def reader() -> None:
             barrier.wait()
-            off = 0
-            for name, e in chosen:
-                if stop.is_set():
-                    break
-                counts["read"] += ckpt.read_region(name, rbuf[off:off + e.nbytes])
-                off += e.nbytes
-            stop.set()
+            while True:  # at least one read, even if the copier is done before this thread runs
+                off = 0
+                for name, e in chosen:
+                    counts["read"] += ckpt.read_region(name, rbuf[off:off + e.nbytes])
+                    window["read_end"] = time.perf_counter()  # a read begun in the window counts whole
+                    off += e.nbytes
+                    if stop.is_set():
+                        return
 
         def copier() -> None:
             barrier.wait()
+            window["t0"] = time.perf_counter()
             for off in range(0, nbytes - chunk_bytes + 1, chunk_bytes):
-                if stop.is_set():
-                    break
                 np.copyto(dst[off:off + chunk_bytes], src[off:off + chunk_bytes])
                 counts["copy"] += chunk_bytes
+            window["copy_end"] = time.perf_counter()
             stop.set()
 
         threads = [threading.Thread(target=reader), threading.Thread(target=copier)]
-        t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - t0
         del rbuf, src, dst
-    return counts["read"] / elapsed / 1e9, counts["copy"] / elapsed / 1e9
+    span = max(window["copy_end"], window.get("read_end", 0.0)) - window["t0"]
+    return counts["read"] / span / 1e9, counts["copy"] / span / 1e9

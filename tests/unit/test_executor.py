@@ -89,6 +89,22 @@ def test_arena_names_are_unique_and_cleaned_up():
         assert not os.path.exists(f"/dev/shm/{n}")
 
 
+def test_bandwidth_probes_measure_and_leave_nothing(tmp_path):
+    """The daemon's cost-model figures (``ShmMemory.measure_bandwidths``) come from these probes."""
+    from sgl_elastic.executor.bandwidth import measure_concurrent_gbps, measure_copy_gbps, measure_read_gbps
+    from sgl_elastic.memory.shm import ShmMemory
+
+    write_checkpoint(tmp_path, ElasticLayout.from_hf_config(toy_config(), 2))
+    before = {e.name for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{os.getpid()}-")}
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        read, copy = measure_concurrent_gbps(ck, nbytes=4 << 20, chunk_bytes=1 << 20)
+        assert read > 0 and copy > 0
+        assert measure_read_gbps(ck, max_bytes=4 << 20) > 0 and measure_copy_gbps(4 << 20, 1 << 20) > 0
+        assert all(x > 0 for x in ShmMemory("bwtest").measure_bandwidths(ck))
+    after = {e.name for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{os.getpid()}-")}
+    assert after == before, f"probe arenas left in /dev/shm: {after - before}"
+
+
 def migrate_and_check(tmp: Path, old: ElasticLayout, failed: tuple, added: int, in_place: bool):
     """Load ``old`` from a random checkpoint, migrate, check every new shard bitwise against the
     checkpoint's region; returns (plan, report)."""
