@@ -117,12 +117,15 @@ class ShmMemory(DeviceMemory):
         return ShmSegment(rank, kind, arena, dtypes)
 
     def measure_bandwidths(self, ckpt) -> tuple[float, float]:
-        """A reload worker and a copy worker side by side for ~0.1-0.3 s over 128 MiB of fresh shared
-        memory each (``executor.bandwidth.measure_concurrent_gbps``): on a host with few cores they
-        share the CPU and the memory bandwidth, as the migration's reloads and moves do."""
+        """A reload worker and a copy worker side by side for ~0.1-0.3 s over up to 128 MiB (at most
+        the checkpoint's size) of fresh shared memory each (``executor.bandwidth.
+        measure_concurrent_gbps``): on a host with few cores they share the CPU and the memory
+        bandwidth, as the migration's reloads and moves do."""
         from sgl_elastic.executor.bandwidth import measure_concurrent_gbps
 
-        return measure_concurrent_gbps(ckpt, nbytes=128 << 20)
+        size = sum(e.nbytes for e in ckpt.entries.values())  # a small model gets a small probe
+        return measure_concurrent_gbps(ckpt, nbytes=max(4 << 20, min(128 << 20, size)) // (1 << 20) << 20,
+                                       chunk_bytes=1 << 20)
 
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
         """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a
