@@ -13,9 +13,9 @@ is not allocated anew. Its arena's file is extended to the new size, and only th
 new pages: the lost rank's share instead of the whole model (on this VM page allocation, not
 copying, is what a migration costs), reserved by ``posix_fallocate`` in the background beside the
 moves (it never writes data). Its kept bytes are moved inside the file in decreasing address
-order (a move never overwrites a source not yet moved; a block whose source and destination
-overlap goes through a small staging buffer) by one mover thread, while the reloads and peer copies
-write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
+order (a move never overwrites a source not yet moved; a contiguous block whose source and
+destination overlap is one ``memmove``, a strided one goes through a small staging buffer) by one
+mover thread, while the reloads and peer copies write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
 moves go top-down, so the ops high in the file start first). Peer copies out of such an arena are
 staged before the moves. The cost: the old layout
 is gone once the moves start, so a failure after that leaves the arena neither old nor new
@@ -320,7 +320,7 @@ def _move(buf: np.ndarray, src: int, dst: int, run: int, ss: int, sd: int, n: in
         return
     if n == 1 or run > stage.size:
         for k in range(n - 1, -1, -1):
-            _move_contiguous(buf, src + k * ss, dst + k * sd, run, stage)
+            _move_contiguous(buf, src + k * ss, dst + k * sd, run)
         return
     from numpy.lib.stride_tricks import as_strided
 
@@ -343,16 +343,12 @@ def _move(buf: np.ndarray, src: int, dst: int, run: int, ss: int, sd: int, n: in
         k1 = k0
 
 
-def _move_contiguous(buf: np.ndarray, src: int, dst: int, run: int, stage: np.ndarray) -> None:
-    """``buf[dst:dst+run] = buf[src:src+run]`` for ``dst >= src``, last chunk first."""
+def _move_contiguous(buf: np.ndarray, src: int, dst: int, run: int) -> None:
+    """``buf[dst:dst+run] = buf[src:src+run]``, overlapping or not: libc's ``memmove`` (one pass,
+    backwards when the ranges overlap; the GIL is released by ctypes). Bounds checked here, not by numpy."""
     if dst == src:
         return
-    if dst >= src + run:
-        buf[dst:dst + run] = buf[src:src + run]
-        return
-    # Overlapping: libc's memmove copies backwards in one pass (GIL released by ctypes), half the
-    # memory traffic of going through the staging buffer; bounds checked here, not by numpy.
-    if not (0 <= src and dst + run <= buf.size):
+    if not (0 <= src and 0 <= dst and max(src, dst) + run <= buf.size):
         raise IndexError(f"move [{src}, +{run}) -> {dst} outside a buffer of {buf.size} bytes")
     base = buf.ctypes.data
     ctypes.memmove(base + dst, base + src, run)

@@ -123,9 +123,9 @@ class ShmMemory(DeviceMemory):
         bandwidth, as the migration's reloads and moves do."""
         from sgl_elastic.executor.bandwidth import measure_concurrent_gbps
 
+        mib = 1 << 20
         size = sum(e.nbytes for e in ckpt.entries.values())  # a small model gets a small probe
-        return measure_concurrent_gbps(ckpt, nbytes=max(4 << 20, min(128 << 20, size)) // (1 << 20) << 20,
-                                       chunk_bytes=1 << 20)
+        return measure_concurrent_gbps(ckpt, nbytes=max(4, min(128, size // mib)) * mib, chunk_bytes=mib)
 
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
         """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a
