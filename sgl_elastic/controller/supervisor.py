@@ -127,6 +127,14 @@ class Supervisor:
         self.ensure_daemon = None  # callable(): make sure a daemon holds the model (launcher)
         self.on_teardown = None  # callable(): SGLang is about to kill the whole process tree
         self._shm_inodes: set[int] = set()
+        self.restart_done_at = float("-inf")  # monotonic time the last restart ended
+
+    def sigquit_is_stale(self, grace_s: float = 30.0) -> bool:
+        """A SIGQUIT handled within ``grace_s`` after a restart ended was sent by a rank the restart
+        replaced: Python runs signal handlers in the main thread only, so one sent while the restart
+        ran (possibly in that thread) is handled after it. A scheduler that fails also exits, so a
+        real failure of a new one is still seen by the watchdog."""
+        return time.monotonic() - self.restart_done_at < grace_s
 
     def _move(self, target: SupervisorState, reason: str = "") -> None:
         self.state = transition(self.state, target, reason)
@@ -149,8 +157,17 @@ class Supervisor:
         if self.init_result is None:
             self.init_result = result
 
-    def any_dead(self) -> bool:
-        return any(not p.is_alive() for p in self.procs)
+    def any_dead(self, wait_s: float = 0.0) -> bool:
+        """Whether a scheduler process has ended; with ``wait_s``, wait up to that long for one to
+        end (a peer's SIGQUIT can come before the kernel has reaped a SIGKILLed rank: its sockets
+        close while its memory is still being torn down)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if any(not p.is_alive() for p in self.procs):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def note_shm(self) -> None:
         """Remember the /dev/shm files the schedulers map (to remove what a killed one leaves)."""
@@ -236,6 +253,7 @@ class Supervisor:
             except BaseException as e:
                 self._move(SupervisorState.FAILED, f"{type(e).__name__}: {e}")
                 raise
+            self.restart_done_at = time.monotonic()
             self._move(SupervisorState.WATCHING, f"restart {self.restarts} done")
             return self.procs
 

@@ -19,7 +19,7 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
         return None
     sv = supervisor()  # with failover armed, the restart is the controller's own fallback, not this path
     if not fc.armed and sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
-            sv.state is SupervisorState.RESTARTING or sv.any_dead()):
+            sv.state is SupervisorState.RESTARTING or sv.sigquit_is_stale() or sv.any_dead(wait_s=3.0)):
         _log("SIGQUIT from a scheduler after a rank failure: handled by the restart")
         return None
     if sv.enabled and sv.on_teardown is not None:  # SGLang kills the whole tree next: free the daemon first

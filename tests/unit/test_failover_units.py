@@ -320,3 +320,41 @@ def test_peer_failure_tells_a_peer_from_a_rank_of_its_own():
            "RuntimeError: SGLE_TEST_RAISE: injected error of TP rank 1 (tests only)",
            "IndexError: index 7 is out of bounds for dimension 0 with size 4", ""]
     assert all(peer_failure(r) for r in peer) and not any(peer_failure(r) for r in own)
+
+
+def _sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_sigquit_waits_for_the_killed_rank_to_be_reaped_and_ignores_stale_ones():
+    """A peer's SIGQUIT may be handled before the SIGKILLed rank is reaped (its sockets close while
+    its memory is torn down): the restart path waits, bounded, for a death instead of tearing the
+    server down; one handled just after a restart ended is stale."""
+    import multiprocessing as mp
+    import time
+
+    from sgl_elastic.controller.supervisor import Supervisor
+
+    ctx = mp.get_context("spawn")
+    short, long = ctx.Process(target=_sleep, args=(1.0,)), ctx.Process(target=_sleep, args=(60.0,))
+    short.start()
+    long.start()
+    try:
+        sv = Supervisor()
+        sv.procs = [long]
+        t = time.monotonic()
+        assert not sv.any_dead(wait_s=0.3)  # bounded: nobody died
+        assert 0.25 < time.monotonic() - t < 5
+        sv.procs = [short, long]
+        assert not sv.any_dead()
+        assert sv.any_dead(wait_s=30)  # the short one ends within the wait
+        assert not sv.sigquit_is_stale()
+        sv.restart_done_at = time.monotonic()
+        assert sv.sigquit_is_stale() and not sv.sigquit_is_stale(grace_s=0.0)
+    finally:
+        for p in (short, long):
+            p.kill()
+            p.join(timeout=10)
+        assert not short.is_alive() and not long.is_alive()
