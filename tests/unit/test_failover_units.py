@@ -322,12 +322,6 @@ def test_peer_failure_tells_a_peer_from_a_rank_of_its_own():
     assert all(peer_failure(r) for r in peer) and not any(peer_failure(r) for r in own)
 
 
-def _sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
-
-
 def test_sigquit_waits_for_the_killed_rank_to_be_reaped_and_ignores_stale_ones():
     """A peer's SIGQUIT may be handled before the SIGKILLed rank is reaped (its sockets close while
     its memory is torn down): the restart path waits, bounded, for a death instead of tearing the
@@ -338,7 +332,7 @@ def test_sigquit_waits_for_the_killed_rank_to_be_reaped_and_ignores_stale_ones()
     from sgl_elastic.controller.supervisor import Supervisor
 
     ctx = mp.get_context("spawn")
-    short, long = ctx.Process(target=_sleep, args=(1.0,)), ctx.Process(target=_sleep, args=(60.0,))
+    short, long = ctx.Process(target=time.sleep, args=(1.0,)), ctx.Process(target=time.sleep, args=(60.0,))
     short.start()
     long.start()
     try:
