@@ -10,6 +10,11 @@ Vocabulary (used by the planner and executor too):
 - *widths*: units per rank, in rank order; rank r holds the contiguous units
   ``[unit_offsets()[r], unit_offsets()[r + 1])``.
 
+Experts may instead be *placed* (``placement``, set by the expert rebalancer): per MoE layer, the
+rank that holds each logical expert. Every layer gives rank r exactly ``widths[r]`` experts, held in
+ascending expert order (the order of its fused parameters); with no placement rank r holds the
+contiguous experts of its unit range in every layer.
+
 Attention with fewer KV heads than ranks is *replicated* (as SGLang does): every rank holds exactly
 one KV head (width 1), the ranks holding head h form a contiguous group (``kv_head_of_rank``), and
 the query heads of head h are split among its replicas as equally as possible. Rank intervals may
@@ -43,6 +48,9 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             non-decreasing, every head present.
         q_widths: replicated attention only, optional: query heads per rank ``[tp]`` (each group of
             replicas splits its ``q_per_kv`` heads; default: as equal as possible, extra to the lowest).
+        placement: experts only, optional: ``[num_layers][num_units]`` owner rank of every expert of
+            every model layer (see module docstring; rows of dense layers are ignored). Empty:
+            contiguous. ``placed`` builds one and drops it when it is the contiguous one.
     """
 
     name: str
@@ -57,6 +65,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
     q_per_kv: int = 0
     kv_head_of_rank: tuple[int, ...] = ()
     q_widths: tuple[int, ...] = ()
+    placement: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in FAMILY_NAMES:
@@ -85,6 +94,23 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             if self.kv_head_of_rank:
                 raise ValueError(f"{self.name}: kv_head_of_rank is only for replicated attention")
             validate_widths(self.widths, self.num_units, self.name)
+        if self.placement:
+            self._validate_placement()
+
+    def _validate_placement(self) -> None:
+        if self.name != "experts":
+            raise ValueError(f"{self.name}: only the experts family can have a placement")
+        tp = len(self.widths)
+        for i, row in enumerate(self.placement):
+            if len(row) != self.num_units:
+                raise ValueError(f"experts: placement of layer {i} has {len(row)} entries for {self.num_units} experts")
+            bad = [r for r in row if not 0 <= r < tp]
+            if bad:
+                raise ValueError(f"experts: placement of layer {i} names ranks {sorted(set(bad))} outside 0..{tp - 1}")
+            counts = tuple(row.count(r) for r in range(tp))
+            if counts != self.widths:
+                raise ValueError(f"experts: placement of layer {i} gives the ranks {counts} experts but the widths"
+                                 f" are {self.widths}")
 
     def _validate_replicated(self) -> None:
         tp = len(self.widths)
@@ -155,6 +181,32 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         a, b = self.rank_dim_range(rank)
         return b - a
 
+    # ---- placed experts ------------------------------------------------------------------------
+    def rank_experts(self, rank: int, layer: int) -> tuple[int, ...]:
+        """Experts of model layer ``layer`` held by ``rank``, ascending (experts only)."""
+        self._check_rank(rank)
+        if self.placement:
+            return tuple(e for e, r in enumerate(self.placement[layer]) if r == rank)
+        a, b = self.rank_unit_range(rank)
+        return tuple(range(a, b))
+
+    def expert_owner(self, layer: int, expert: int) -> int:
+        """The rank holding ``expert`` of model layer ``layer``."""
+        if self.placement:
+            return self.placement[layer][expert]
+        offs = self.unit_offsets()
+        return next(r for r in range(self.num_ranks) if offs[r] <= expert < offs[r + 1])
+
+    def placed(self, placement) -> "FamilyLayout":
+        """Same widths, experts placed by ``placement`` (``[layers][experts]`` owner ranks; validated).
+        A placement equal to the contiguous one in every layer is stored as none."""
+        rows = tuple(tuple(int(r) for r in row) for row in placement)
+        offs = self.unit_offsets()
+        contiguous = tuple(r for r in range(self.num_ranks) for _ in range(offs[r], offs[r + 1]))
+        if all(row == contiguous for row in rows):
+            rows = ()
+        return msgspec.structs.replace(self, placement=rows)
+
     # ---- attention heads -----------------------------------------------------------------------
     def rank_kv_head_range(self, rank: int) -> tuple[int, int]:
         """KV heads ``[start, end)`` held by ``rank`` (attn only)."""
@@ -195,7 +247,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         """Same family, new split (validated)."""
         return msgspec.structs.replace(
             self, widths=tuple(widths), kv_head_of_rank=tuple(kv_head_of_rank), replicated=bool(kv_head_of_rank),
-            q_widths=tuple(q_widths),
+            q_widths=tuple(q_widths), placement=(),
         )
 
     def _check_rank(self, rank: int) -> None:
@@ -208,6 +260,8 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     def describe(self) -> str:
         noun = UNIT_NOUNS.get(self.name, "units")
+        if self.placement:
+            return f"{self.name}: {self.num_units} {noun} placed per layer, widths {self.widths}"
         if self.replicated:
             return f"{self.name}: {self.num_units} {noun} replicated over {self.num_ranks} ranks {self.kv_head_of_rank}"
         return f"{self.name}: {self.num_units} {noun} x {self.unit_size} -> widths {self.widths}"

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from sgl_elastic.layout import ElasticLayout, FamilyLayout, capacity_widths
 from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS, TensorSpec
+from sgl_elastic.planner.experts import choose_placement, expert_ops, is_placed, moe_layers
 from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, RankTotals
 from sgl_elastic.planner.topology import Topology
 
@@ -359,6 +360,8 @@ def plan_migration(
     *,
     max_orders: int = 512,
     exhaustive_max_ranks: int = 5,
+    expert_loads=None,
+    expert_capacity: Sequence[float] | None = None,
 ) -> MigrationPlan:
     """Plan the recovery from ``old_layout`` after ``change`` (failed ranks and/or added devices).
 
@@ -370,6 +373,12 @@ def plan_migration(
         exhaustive_max_ranks: up to this many new ranks every device order is tried (exact);
             above it, CMM orders refined by alternating an assignment (order) and the DP (widths),
             which ends in an order that is optimal for the chosen widths.
+        expert_loads: ``[num_layers, num_experts]`` tokens routed per expert (expert parallelism
+            only): the new layout places the experts of every MoE layer by ``moe.rebalance_experts``
+            (``planner.experts``); None keeps the old placement (contiguous when there is none,
+            else each device keeps its experts and the lost ones fill free slots).
+        expert_capacity: ``[new tp]`` relative capacity of each new rank for that rebalance
+            (default: from the new attention split, ``moe.expert_budget``).
 
     Returns a MigrationPlan whose reload bytes equal the lower bound (bytes no survivor holds) when
     every needed byte held by a survivor is reachable, and whose peer bytes are then minimal.
@@ -391,6 +400,11 @@ def plan_migration(
             f"got {len(change.capacities)}"
         )
     weights = family_granule_bytes(old_layout)
+    placing = "experts" in old_layout.families and (expert_loads is not None or is_placed(old_layout))
+    if expert_loads is not None and "experts" not in old_layout.families:
+        raise ValueError("expert loads given but the layout has no expert-parallel family (use --ep-size == --tp)")
+    if placing:  # placed experts are chosen after the order (planner.experts): no say in it
+        weights = {k: (0 if k[0] == "experts" else v) for k, v in weights.items()}
 
     # Step 2: per family, a cost oracle from the old holdings (planned once, for all layers).
     costs = {name: _FamilyCost(old_layout, name, survivors, topo, weights) for name in old_layout.families}
@@ -429,6 +443,16 @@ def plan_migration(
     _, order, fams = best
     new_layout = ElasticLayout(tp_size=n_new, families=fams, model=old_layout.model,
                                expert_parallel=old_layout.expert_parallel, policy=policy)
+    if placing:
+        cap = expert_capacity
+        if expert_loads is not None and cap is None:
+            from sgl_elastic.moe import expert_budget
+
+            cap = expert_budget(new_layout, [1 << 40] * n_new, 1).capacity
+        fams = dict(fams)
+        fams["experts"] = choose_placement(old_layout, fams["experts"], order, survivors,
+                                           expert_loads, cap if expert_loads is not None else None)
+        new_layout = new_layout.with_families(fams)
     return build_plan(old_layout, change, new_layout, order, topo)
 
 
@@ -449,6 +473,13 @@ def build_plan(old_layout: ElasticLayout, change: ClusterChange, new_layout: Ela
     peer_out: dict[int, int] = {}
     lower_bound = 0
     for name in list(old_layout.families) + ["full"]:
+        if name == "experts" and (is_placed(old_layout) or is_placed(new_layout)):
+            w_layer = weights[("experts", "e")] // max(1, len(moe_layers(old_layout)))
+            got, lb = expert_ops(old_layout, new_layout, order, survivors, topology, w_layer, peer_out,
+                                 allow_keep, allow_peer)
+            ops.extend(got)
+            lower_bound += lb
+            continue
         for sd in FAMILY_SUBDIMS[name] if name != "full" else ("",):
             w = weights.get((name, sd), 0)
             if name == "full":

@@ -58,7 +58,8 @@ class FamilyOp(msgspec.Struct, frozen=True, array_like=True):
 
     ``src_slot``: device holding the source (HOST for reload); ``src_rank``: its old rank
     (or new rank for stage-1 fan-out; -1 for HOST); ``dst_rank``: new rank; ``[start, end)``: global
-    granules; ``nbytes``: bytes over all tensors of the sub-dim.
+    granules; ``nbytes``: bytes over all tensors of the sub-dim. ``layer`` >= 0: the op moves only
+    that model layer's tensors (placed experts, ``planner.experts``); -1: every layer.
     """
 
     family: str
@@ -71,6 +72,7 @@ class FamilyOp(msgspec.Struct, frozen=True, array_like=True):
     end: int
     nbytes: int
     stage: int = 0
+    layer: int = -1
 
 
 class CopyOp(msgspec.Struct, frozen=True):
@@ -178,6 +180,8 @@ def expand_tensor_ops(plan: MigrationPlan, kinds: tuple[str, ...]) -> Iterator[C
         for t in by_subdim.get((op.family, op.subdim), ()):
             if t.dim < 0:
                 if op.family == "experts" and not (op.start <= t.expert < op.end):
+                    continue
+                if op.layer >= 0 and t.layer != op.layer:
                     continue
                 yield CopyOp(t.name, -1, op.kind, op.src_slot, op.src_rank, op.dst_rank, 0, 1, 0, 0, t.nbytes, op.stage)
                 continue

@@ -105,11 +105,11 @@ def test_bandwidth_probes_measure_and_leave_nothing(tmp_path):
     assert after == before, f"probe arenas left in /dev/shm: {after - before}"
 
 
-def migrate_and_check(tmp: Path, old: ElasticLayout, failed: tuple, added: int, in_place: bool):
-    """Load ``old`` from a random checkpoint, migrate, check every new shard bitwise against the
-    checkpoint's region; returns (plan, report)."""
+def migrate_and_check(tmp: Path, old: ElasticLayout, failed: tuple, added: int, in_place: bool, loads=None):
+    """Load ``old`` from a random checkpoint, migrate (``loads``: rebalance the experts), check every
+    new shard bitwise against the checkpoint's region; returns (plan, report)."""
     full = write_checkpoint(tmp, old)
-    plan = plan_migration(old, ClusterChange(failed=failed, added=added))
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added), expert_loads=loads)
     with SafetensorsCheckpoint(tmp) as ck:
         arenas = allocate_rank_arenas(old, "old")
         try:
@@ -168,6 +168,31 @@ def test_cpu_executor_rebuilds_new_shards(tmp_path, kind, nkv, tp, failed, added
     _, report = migrate_and_check(tmp_path, old, failed, added, in_place)
     if in_place and grown is not None:
         assert report.in_place_ranks == grown
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-arenas", "in-place"])
+def test_expert_rebalance_then_failure_moves_only_experts(tmp_path, in_place):
+    """A rebalance (skewed loads, no failure) moves experts between ranks by peer copies only, and a
+    failure of the placed layout reloads exactly the lost rank's experts; every shard stays the
+    checkpoint's bytes."""
+    old = ElasticLayout.from_hf_config(toy_config(), 3, mlp_unit=8, vocab_unit=8, expert_parallel=True)
+    loads = np.ones((2, 6))
+    loads[0, :2] = 50.0  # layer 0: experts 0 and 1 (both on rank 0) hot
+    loads[1, 4:] = 30.0  # layer 1: experts 4 and 5 (both on rank 2) hot
+    (tmp_path / "a").mkdir()
+    plan, report = migrate_and_check(tmp_path / "a", old, (), 0, in_place, loads)
+    placed = plan.new_layout.family("experts")
+    assert placed.placement and placed.widths == (2, 2, 2)
+    assert placed.expert_owner(0, 0) != placed.expert_owner(0, 1) and placed.expert_owner(1, 4) != placed.expert_owner(1, 5)
+    assert plan.reload_bytes == 0 < plan.peer_bytes and report.peer_bytes == plan.peer_bytes
+    assert all(op.layer >= 0 for op in plan.ops if op.family == "experts")
+    assert {op.family for op in plan.ops if op.kind != "keep"} == {"experts"}
+    (tmp_path / "b").mkdir()
+    plan2, _ = migrate_and_check(tmp_path / "b", plan.new_layout, (1,), 0, in_place)
+    lost = sum(t.nbytes for t in old.tensors() if t.family == "experts" and placed.expert_owner(t.layer, t.expert) == 1)
+    assert plan2.reload_bytes == plan2.lower_bound_reload_bytes
+    assert sum(op.nbytes for op in plan2.ops if op.family == "experts" and op.kind == "reload") == lost
+    assert plan2.new_layout.family("experts").placement  # survivors kept their experts where they were
 
 
 @settings(max_examples=25, deadline=None)

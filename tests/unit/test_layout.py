@@ -161,6 +161,29 @@ def test_from_hf_config_families_and_roundtrip():
     assert cap.family("attn").widths == (2, 2, 4)
 
 
+def test_placed_experts_geometry_validation_and_roundtrip():
+    from sgl_elastic.layout.geometry import rank_tensors
+
+    ep = ElasticLayout.from_hf_config(mixtral_8x22b(), 3, expert_parallel=True)
+    fam = ep.family("experts")  # widths 3, 3, 2
+    row = (2, 0, 1, 0, 1, 0, 2, 1)
+    placed = fam.placed([row] * 56)
+    assert placed.rank_experts(0, 5) == (1, 3, 5) and placed.expert_owner(9, 6) == 2
+    assert fam.placed([(0, 0, 0, 1, 1, 1, 2, 2)] * 56).placement == ()  # the contiguous one is stored as none
+    lay = ep.with_families({**ep.families, "experts": placed})
+    assert ElasticLayout.from_bytes(lay.to_bytes()) == lay
+    held = {t.expert for t, _ in rank_tensors(lay, 2) if t.family == "experts" and t.layer == 0}
+    assert held == {0, 6}
+    with pytest.raises(ValueError, match="gives the ranks"):
+        fam.placed([(0,) * 8] * 56)
+    with pytest.raises(ValueError, match="outside"):
+        fam.placed([(5, 0, 1, 0, 1, 0, 2, 1)] * 56)
+    with pytest.raises(ValueError, match="56"):
+        ep.with_families({**ep.families, "experts": fam.placed([row] * 3)})
+    with pytest.raises(ValueError, match="only the experts"):
+        ep.family("attn").placed([row])
+
+
 def test_tensor_names_follow_checkpoints():
     names = {t.name for t in ElasticLayout.from_hf_config(mixtral_8x22b(), 2).tensors()}
     assert "model.layers.3.block_sparse_moe.experts.7.w2.weight" in names

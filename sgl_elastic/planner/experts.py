@@ -1,0 +1,163 @@
+"""Placed experts in a migration: which rank holds which expert of each MoE layer, and the moves.
+
+Used by ``cmm.plan_migration`` / ``cmm.build_plan`` when the old layout's experts are placed
+(``FamilyLayout.placement``) or the caller passes expert loads (a rebalance). Granules are single
+experts of single layers, so the contiguous-range machinery of the other families does not apply:
+
+- *Choice* (``choose_placement``). With loads: ``moe.rebalance_experts`` over the new ranks' widths
+  (slots, one replica per expert) and capacities gives each new rank a group of experts per layer;
+  which rank takes which group is then an assignment (Hungarian, per layer) among ranks of equal
+  width and capacity that maximises the experts a device already holds. Without loads (a failure of
+  a placed layout): every device keeps what it held, up to its new width, and the orphans (a dead
+  rank's experts, and a shrunk rank's extra ones) fill the free slots in expert order.
+- *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
+  from the holder with the fastest link (then the least loaded), else a host reload; consecutive
+  experts with the same source and destination merge into one op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sgl_elastic.layout import ElasticLayout, FamilyLayout
+from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, FamilyOp
+from sgl_elastic.planner.topology import Topology
+
+__all__ = ["choose_placement", "expert_ops", "moe_layers", "is_placed"]
+
+
+def moe_layers(layout: ElasticLayout) -> tuple[int, ...]:
+    if layout.model is None:
+        raise ValueError("placing experts needs a layout with a model shape")
+    return layout.model.moe_layers
+
+
+def is_placed(layout: ElasticLayout) -> bool:
+    return "experts" in layout.families and bool(layout.family("experts").placement)
+
+
+def _holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[int, int]:
+    """expert -> surviving slot (= old rank) that holds it in ``layer``."""
+    live = set(survivors)
+    out = {}
+    for e in range(fam.num_units):
+        r = fam.expert_owner(layer, e)
+        if r in live:
+            out[e] = r
+    return out
+
+
+def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
+                     loads=None, capacity: Sequence[float] | None = None) -> FamilyLayout:
+    """``new_fam`` (its widths chosen) with a placement for new ranks on slots ``order``.
+
+    ``loads``: ``[num_layers, num_experts]`` tokens routed per expert (rows of dense layers ignored),
+    or None; ``capacity``: ``[new tp]`` relative capacity of each new rank (None: all equal).
+    """
+    old_fam = old.family("experts")
+    layers = moe_layers(old)
+    n, E = new_fam.num_ranks, new_fam.num_units
+    widths = new_fam.widths
+    cap = [1.0] * n if capacity is None else [float(c) for c in capacity]
+    if len(cap) != n:
+        raise ValueError(f"{len(cap)} expert capacities for {n} new ranks")
+    rows: list[tuple[int, ...]] = []
+    groups_all = None
+    if loads is not None:
+        import torch
+
+        from sgl_elastic.moe import rebalance_experts
+
+        w = torch.as_tensor(np.asarray(loads, dtype=np.float64))
+        if w.ndim != 2 or w.shape[1] != E or w.shape[0] != old.model.num_layers:
+            raise ValueError(f"expert loads of shape {tuple(w.shape)}; need [{old.model.num_layers} layers, {E} experts]")
+        if (w < 0).any():
+            raise ValueError("expert loads must be >= 0")
+        phy2log, _, _ = rebalance_experts(w[list(layers)], list(widths), cap)
+        offs = np.concatenate([[0], np.cumsum(widths)])
+        groups_all = [[tuple(int(x) for x in phy2log[i, offs[r]:offs[r + 1]]) for r in range(n)]
+                      for i in range(len(layers))]
+    moe_rows = {}
+    for i, layer in enumerate(layers):
+        held = _holders(old_fam, layer, survivors)
+        own = [{e for e, s in held.items() if s == order[r]} for r in range(n)]
+        if groups_all is not None:
+            owner = _assign_groups(groups_all[i], own, widths, cap)
+        else:
+            owner = _keep_then_fill(own, widths, E)
+        moe_rows[layer] = tuple(owner)
+    filler = moe_rows[layers[0]] if layers else tuple(r for r in range(n) for _ in range(widths[r]))
+    for layer in range(old.model.num_layers):
+        rows.append(moe_rows.get(layer, filler))
+    return new_fam.placed(rows)
+
+
+def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int) -> list[int]:
+    owner = [-1] * E
+    free = []
+    for r, mine in enumerate(own):
+        kept = sorted(mine)[: widths[r]]
+        for e in kept:
+            owner[e] = r
+        free += [r] * (widths[r] - len(kept))
+    orphans = [e for e in range(E) if owner[e] < 0]
+    for e, r in zip(orphans, free):
+        owner[e] = r
+    return owner
+
+
+def _assign_groups(groups: list[tuple[int, ...]], own: list[set[int]], widths: Sequence[int],
+                   cap: Sequence[float]) -> list[int]:
+    """Owner of every expert when new rank r may take group g of a rank with the same width and
+    capacity (the balance is unchanged), choosing the assignment that keeps the most experts."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = len(groups)
+    big = 10 * (sum(len(g) for g in groups) + 1)
+    cost = np.full((n, n), float(big))
+    for r in range(n):
+        for g in range(n):
+            if widths[r] == widths[g] and abs(cap[r] - cap[g]) <= 1e-9:
+                cost[r, g] = -len(own[r] & set(groups[g]))
+    rr, gg = linear_sum_assignment(cost)
+    owner = [-1] * sum(len(g) for g in groups)
+    for r, g in zip(rr, gg):
+        for e in groups[g]:
+            owner[e] = int(r)
+    return owner
+
+
+def expert_ops(old: ElasticLayout, new: ElasticLayout, order: Sequence[int], survivors: Sequence[int],
+               topo: Topology, w_layer: int, peer_out: dict[int, int], allow_keep: bool = True,
+               allow_peer: bool = True) -> tuple[list[FamilyOp], int]:
+    """Per-layer expert ops turning ``old`` into ``new`` (new rank r on slot ``order[r]``), and the
+    reload lower bound (bytes of experts no survivor holds). ``w_layer``: bytes of one expert of one layer."""
+    old_fam, new_fam = old.family("experts"), new.family("experts")
+    ops: list[FamilyOp] = []
+    lower = 0
+    for layer in moe_layers(old):
+        held = _holders(old_fam, layer, survivors)
+        lower += w_layer * (old_fam.num_units - len(held))
+        last: list | None = None  # [kind, src_slot, src_rank, dst_rank, start, end]
+        pieces: list[list] = []
+        for e in range(new_fam.num_units):
+            r = new_fam.expert_owner(layer, e)
+            slot = order[r]
+            src = held.get(e)
+            if not allow_keep or src is None or (src != slot and (not allow_peer or not topo.reachable(src, slot))):
+                piece = [RELOAD, HOST, -1, r]
+            elif src == slot:
+                piece = [KEEP, slot, slot, r]
+            else:
+                piece = [PEER, src, src, r]
+                peer_out[src] = peer_out.get(src, 0) + w_layer
+            if last is not None and last[:4] == piece and last[5] == e:
+                last[5] = e + 1
+            else:
+                last = piece + [e, e + 1]
+                pieces.append(last)
+        for kind, src, src_rank, dst, a, b in pieces:
+            ops.append(FamilyOp("experts", "e", kind, src, src_rank, dst, a, b, (b - a) * w_layer, 0, layer))
+    return ops, lower
