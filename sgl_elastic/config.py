@@ -34,6 +34,8 @@ class ElasticArgs:
     admin_token: token for the ``/elastic/*`` admin API (None: generated at start).
     daemon: whether the state daemon holds weights and KV (None: decided by the launcher, on at tp > 1).
     failover: in-place failover on the survivors when a rank dies (needs the daemon).
+    eplb: expert parallelism: place the experts by their measured loads at every recovery.
+    eplb_interval_s: expert parallelism: also rebalance every this many seconds (0: only at recoveries).
     """
 
     tp_widths: tuple[int, ...] | None = None
@@ -44,8 +46,14 @@ class ElasticArgs:
     checkin_timeout_s: float = 10.0
     hung_timeout_s: float = 5.0
     standby: int | None = None
+    eplb: bool = True
+    eplb_interval_s: float = 0.0
 
     def __post_init__(self):
+        if not self.eplb_interval_s >= 0:
+            raise ValueError(f"--elastic-eplb-interval {self.eplb_interval_s}: give a number of seconds >= 0 (0: off)")
+        if self.eplb_interval_s and not self.eplb:
+            raise ValueError("--elastic-eplb-interval needs load-driven placement: drop --no-elastic-eplb")
         if not self.checkin_timeout_s > 0:
             raise ValueError(f"--elastic-checkin-timeout {self.checkin_timeout_s}: give a positive number of seconds")
         if self.standby is not None and not 0 <= self.standby <= 8:
@@ -111,6 +119,19 @@ class ElasticArgs:
                  " the machine has >= 8 cores and >= 32 GiB available, else 0",
         )
 
+        group.add_argument(
+            "--elastic-eplb", action=argparse.BooleanOptionalAction, default=True,
+            help="with expert parallelism (--ep-size == --tp): at every recovery, place each MoE layer's experts"
+                 " by the loads rank 0 measured (capacity-weighted rebalancer), moving only what must move"
+                 " (default on; --no-elastic-eplb keeps each survivor's experts and spreads the lost ones)",
+        )
+        group.add_argument(
+            "--elastic-eplb-interval", type=float, default=0.0, metavar="SECONDS",
+            help="with expert parallelism: also rebalance the experts every this many seconds while serving,"
+                 " when that lowers the busiest rank's load by >= 5%% (requests pause for the move; default 0:"
+                 " off). POST /elastic/rebalance asks for one now",
+        )
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
         widths = parse_widths(args.elastic_tp_widths) if args.elastic_tp_widths else None
@@ -123,4 +144,6 @@ class ElasticArgs:
             checkin_timeout_s=args.elastic_checkin_timeout,
             hung_timeout_s=args.elastic_hung_timeout,
             standby=args.elastic_standby,
+            eplb=args.elastic_eplb,
+            eplb_interval_s=args.elastic_eplb_interval,
         )

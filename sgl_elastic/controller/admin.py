@@ -94,6 +94,17 @@ def install_routes(app, token: AdminToken, controller) -> None:
         return JSONResponse({"accepted": True, "epoch": controller.epoch,
                              "detail": "a new rank is starting; the scale-up shows in /elastic/status"}, status_code=202)
 
+    async def rebalance(request: Request):
+        if not token.check(_presented(request)):
+            return _deny()
+        err, code = controller.request_rebalance()
+        if err:
+            return JSONResponse({"error": err}, status_code=code)
+        return JSONResponse({"accepted": True, "epoch": controller.epoch,
+                             "detail": "the experts are placed by their measured loads; /elastic/status shows"
+                                       " the decision (eplb.last) and the move (recoveries)"}, status_code=202)
+
     app.add_api_route("/elastic/status", status, methods=["GET"])
+    app.add_api_route("/elastic/rebalance", rebalance, methods=["POST"])
     app.add_api_route("/elastic/add_rank", add_rank, methods=["POST"])
     app.add_api_route("/elastic/inject_failure", inject_failure, methods=["POST"])

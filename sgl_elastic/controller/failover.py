@@ -171,17 +171,26 @@ class FailoverController:
         self._slot_of: dict[int, int] = {}  # pid -> device slot (GPU index offset) of every rank process
         self._grow_requested = False
         self.falling_back = False  # the fallback restart runs (a retired rank's SIGQUIT is part of it)
+        self.eplb = False  # expert parallelism: place experts by measured loads (--elastic-eplb)
+        self.eplb_interval_s = 0.0  # and rebalance this often while serving (0: only at recoveries)
+        self._loads = None  # moe.loads.LoadReader of rank 0's counts
+        self._eplb_t = time.monotonic()  # last periodic rebalance check (or the last recovery)
+        self._rebalance_requested = False
+        self.eplb_last: dict = {}  # the last rebalance decision, for /elastic/status
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
-            hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0) -> str:
+            hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0, eplb: bool = True,
+            eplb_interval_s: float = 0.0) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
         this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
         ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat);
         ``spawn(slot, standby) -> Process``: start a new rank process on device slot ``slot``
-        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep.
+        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep; ``eplb``:
+        with expert parallelism, rank 0 counts expert loads and every recovery places the experts by
+        them; ``eplb_interval_s``: also rebalance this often while serving (0: off).
         """
         import zmq
 
@@ -200,6 +209,13 @@ class FailoverController:
         self._sock.bind(addr)
         os.environ[wire.ENV_CONTROL] = addr
         os.environ[wire.ENV_HEARTBEAT] = str(hung_timeout_s / 5) if hung_timeout_s > 0 else ""
+        self.eplb = bool(eplb and layout.expert_parallel and "experts" in layout.families)
+        self.eplb_interval_s = eplb_interval_s if self.eplb else 0.0
+        if self.eplb:
+            from sgl_elastic.moe.loads import LoadReader, loads_path
+
+            os.environ[wire.ENV_EXPERT_LOADS] = loads_path(addr)
+            self._loads = LoadReader(loads_path(addr))
         self.enabled = True
         return addr
 
@@ -258,6 +274,9 @@ class FailoverController:
                 "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive()} for r, p in enumerate(self.ranks)],
                 "widths": widths,
                 "standby": [p.pid for p in self.standby if p.is_alive()],
+                "eplb": {"enabled": self.eplb, "interval_s": self.eplb_interval_s,
+                         "placed": bool(self.layout is not None and "experts" in self.layout.families
+                                        and self.layout.family("experts").placement), "last": self.eplb_last},
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
             }
 
@@ -340,6 +359,14 @@ class FailoverController:
                     return
                 if msg == b"stop":
                     return
+                if msg == b"rebalance" and self.enabled:
+                    try:
+                        self._rebalance(forced=True)
+                    except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
+                        _log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
+                    finally:
+                        self._rebalance_requested = False
+                    continue
                 if msg == b"grow" and self.enabled:
                     try:
                         self._grow()
@@ -354,6 +381,12 @@ class FailoverController:
                 self._keep_standby(live)
                 if time.monotonic() - self._shm_noted_at > SHM_NOTE_S:
                     self._note_shm(live)
+                if self.eplb_interval_s and time.monotonic() - self._eplb_t >= self.eplb_interval_s:
+                    self._eplb_t = time.monotonic()
+                    try:
+                        self._rebalance(forced=False)
+                    except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
+                        _log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
                 try:
                     self._check_self_reported(live)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
@@ -391,6 +424,58 @@ class FailoverController:
             self._grow_requested = True
         self._wake_w.send(b"grow")
         return None, 202
+
+    # ---- expert rebalance -------------------------------------------------------------------------------
+    def request_rebalance(self) -> tuple[str | None, int]:
+        """``POST /elastic/rebalance``: (error, http status); None: accepted, it runs in the controller's
+        thread (a recovery in /elastic/status when experts move, else ``eplb.last`` says why not)."""
+        with self.lock:
+            if not self.enabled or self._wake_w is None:
+                return "in-place failover is off (--no-elastic-failover, or tp 1 at start): no rebalance", 409
+            if not self.eplb:
+                return "expert rebalancing needs expert parallelism (--ep-size == --tp) and --elastic-eplb", 409
+            if self.phase is not Phase.SERVING or self._rebalance_requested or self._grow_requested:
+                return f"a recovery or scale-up is in progress (phase {self.phase.value}); try again when serving", 409
+            self._rebalance_requested = True
+        self._wake_w.send(b"rebalance")
+        return None, 202
+
+    def _eplb_loads(self):
+        """Rank 0's expert loads since the last placement, or None (off, or nothing routed yet)."""
+        if not self.eplb or self._loads is None:
+            return None
+        loads = self._loads.loads()
+        return loads if loads is not None and loads.sum() > 0 else None
+
+    def _rebalance(self, forced: bool) -> None:
+        """Place the experts by the loads measured since the last placement, and move them (a recovery
+        with no failure: the ranks regroup) when that lowers the imbalance by >= 5 % (``forced``: at all)."""
+        from sgl_elastic.planner.cmm import plan_migration
+        from sgl_elastic.planner.experts import default_capacity, expert_imbalance
+        from sgl_elastic.planner.plan import ClusterChange
+
+        t0 = time.monotonic()
+        loads = self._eplb_loads()
+        if loads is None:
+            self.eplb_last = {"decision": "skipped", "why": "no expert loads measured since the last placement"}
+            _log(f"expert rebalance: {self.eplb_last['why']}")
+            return
+        plan = plan_migration(self.layout, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+        cap = default_capacity(self.layout)
+        before, after = expert_imbalance(self.layout, loads, cap), expert_imbalance(plan.new_layout, loads, cap)
+        moved = plan.peer_bytes + plan.reload_bytes
+        self.eplb_last = {"imbalance_before": round(before, 4), "imbalance_after": round(after, 4),
+                          "tokens": float(loads.sum()), "moved_bytes": moved,
+                          "plan_s": round(time.monotonic() - t0, 4)}
+        if moved == 0 or after >= before or (not forced and after > 0.95 * before):
+            self.eplb_last |= {"decision": "skipped", "why": "the placement is already as good (within 5 %)"
+                               if moved else "the experts are already placed so"}
+            _log(f"expert rebalance skipped: imbalance {before:.3f} -> {after:.3f}, {moved / 1e6:.1f} MB to move")
+            return
+        self.eplb_last["decision"] = "moving"
+        self._recover([], plan=plan, reason=f"expert rebalance: imbalance {before:.3f} -> {after:.3f} over"
+                                         f" {loads.sum():.0f} routed tokens, moving {moved / 1e6:.1f} MB")
+        self.eplb_last["decision"] = "moved" if self.recoveries[-1].outcome == "ok" else "failed"
 
     def _free_slot(self) -> int:
         with self.lock:
@@ -590,9 +675,11 @@ class FailoverController:
 
     # ---- recovery -------------------------------------------------------------------------------------
     def _recover(self, dead: list, hellos: dict[int, bytes] | None = None, checkin_s: float | None = None,
-                 joiner=None) -> None:
+                 joiner=None, plan=None, reason: str = "") -> None:
         """Recover from the death of ``dead`` (processes of the current ranks), or, with ``joiner``
-        (a new rank process that said hello), grow by one rank: the ranks are asked to regroup."""
+        (a new rank process that said hello), grow by one rank, or, with neither, apply ``plan`` (an
+        expert rebalance); with no death the ranks are asked to regroup. Without ``plan`` the
+        planner places the experts by the measured loads (``--elastic-eplb``)."""
         from sgl_elastic.planner.cmm import plan_migration
         from sgl_elastic.planner.plan import ClusterChange
 
@@ -610,13 +697,15 @@ class FailoverController:
             why += f"; fenced after an error of their own: {own}"
         if joiner is not None:
             why = f"scale-up: a new rank (pid {joiner.pid}) joins the {len(ranks)} serving"
+        elif not dead:
+            why = reason or "the ranks regroup"
         rec = Recovery(epoch=epoch, reason=why,
                        failed_ranks=failed, tp_before=len(ranks), t_fault=t_fault)
         self.recoveries.append(rec)
         survivors = [p for i, p in enumerate(ranks) if i not in failed] + ([joiner] if joiner is not None else [])
-        plan = None
+        given, plan = plan, None
         self._to(rec, Phase.FROZEN, rec.reason)
-        if joiner is not None:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
+        if joiner is not None or not dead:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
             with open(wire.regroup_path(self._addr), "w") as f:
                 f.write(str(epoch))
         try:
@@ -624,14 +713,26 @@ class FailoverController:
                 raise RuntimeError("no rank survived")
             # planning
             self._to(rec, Phase.PLANNING, f"{len(survivors)} survivors")
-            plan = plan_migration(self.layout, ClusterChange(failed=tuple(failed), added=1 if joiner is not None else 0))
-            # migrating (survivors tear down meanwhile and check in)
+            loads = None if given is not None else self._eplb_loads()
+            plan = given or plan_migration(self.layout, ClusterChange(failed=tuple(failed), added=1 if joiner is not None else 0),
+                                           expert_loads=loads)
+            if loads is not None and plan.new_layout.family("experts").placement:
+                _log(f"experts placed by the loads of {loads.sum():.0f} routed tokens (capacity-weighted)")
+            # migrating (after a failure the survivors tear down meanwhile and check in)
             self._to(rec, Phase.MIGRATING, f"plan: keep {plan.keep_bytes / 1e6:.1f} MB, peer"
                      f" {plan.peer_bytes / 1e6:.1f} MB, reload {plan.reload_bytes / 1e6:.1f} MB"
                      f" (lower bound {plan.lower_bound_reload_bytes / 1e6:.1f} MB)")
             alive = {p.pid for p in survivors}
             hellos = {pid: self._spare_hellos.pop(pid) for pid in list(self._spare_hellos) if pid in alive} | {
                 pid: ident for pid, ident in (hellos or {}).items() if pid in alive}
+            if not dead:  # a regroup: the ranks serve until they take the marker, from the very shards the
+                # migration moves in place: it waits until every one has stopped and checked in
+                try:
+                    self._collect(hellos, alive, epoch, checkin_s or self.checkin_timeout_s, "hello")
+                except _Stragglers as s:
+                    s = self._fence_hung_first(s, hellos, alive, epoch)
+                    straggle = (s, self.layout, list(ranks), hellos, self.checkin_timeout_s)
+                    raise _Retry() from None
             daemon_dir = self._migrate(rec, plan)
             # reconfiguring
             self._to(rec, Phase.RECONFIGURING, f"migrated in {rec.migration['seconds']:.3f} s")
@@ -696,6 +797,9 @@ class FailoverController:
             self._to(rec, Phase.RESUMING, f"{new_tp} ranks rebuilt; {rec.resumed_requests} requests resumed")
             rec.recovery_s = round(time.monotonic() - t_fault, 4)
             rec.outcome = "ok"
+            if self._loads is not None and (given is not None or loads is not None):
+                self._loads.mark()  # loads start again under the new placement
+            self._eplb_t = time.monotonic()
             self._pending_tfs = rec
             self._to(rec, Phase.SERVING, f"epoch {epoch} at tp {new_tp}, widths {rec.widths_after},"
                      f" {rec.recovery_s:.3f} s after the fault")
@@ -733,7 +837,8 @@ class FailoverController:
                                  "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
                                  "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s, "move_s": summary.move_s,
                                  "predicted_s": summary.predicted_s, "in_place_ranks": summary.in_place_ranks,
-                                 "alloc_bytes": summary.alloc_bytes}
+                                 "alloc_bytes": summary.alloc_bytes,
+                                 "lower_bound_reload_bytes": plan.lower_bound_reload_bytes}
                 self.daemon.layout = plan.new_layout
                 return ""
             except (DaemonUnavailable, DaemonError, OSError) as e:

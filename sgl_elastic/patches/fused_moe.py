@@ -7,13 +7,15 @@ marks the layer pre-sharded; the ``_load_w13`` / ``_load_w2`` hooks hand SGLang'
 this rank's slice of each checkpoint tensor, so every layout-specific detail of those loaders
 (gate/up order, padding on CPU) stays SGLang's.
 
-Expert parallelism (layout family "experts", ``--ep-size == --tp``): rank r holds the whole
-experts ``[start, end)`` of the layout (e.g. 3, 3, 2 of 8). SGLang asserts ``experts % ep == 0``
-and places experts by ``rank * num_local``; the hook builds the layer for this rank's experts
-only (``num_experts = width`` under a view with EP of one rank, so SGLang allocates exactly
-``width`` experts), then restores the global expert count and real EP rank, maps global expert ids
-with this rank's offset (loader and dispatcher), and skips SGLang's expert-location metadata
-(its placement assumes equal experts per rank; see ``expert_location``).
+Expert parallelism (layout family "experts", ``--ep-size == --tp``): rank r holds ``width``
+whole experts of every MoE layer: the contiguous ``[start, end)`` of the layout (e.g. 3, 3, 2 of
+8), or, once the rebalancer placed them, the layer's own set (``FamilyLayout.rank_experts``). SGLang
+asserts ``experts % ep == 0`` and places experts by ``rank * num_local``; the hook builds the layer
+for this rank's experts only (``num_experts = width`` under a view with EP of one rank, so SGLang
+allocates exactly ``width`` experts), then restores the global expert count and real EP rank, maps
+global expert ids to local slots in ascending expert order (loader and dispatcher), and skips
+SGLang's expert-location metadata (its placement assumes equal experts per rank; see
+``expert_location``).
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import logging
 import os
 import time
 
-from sgl_elastic.controller.wire import ENV_TEST_HOLD_DISPATCH
+from sgl_elastic.controller.wire import ENV_EXPERT_LOADS, ENV_TEST_HOLD_DISPATCH
 from sgl_elastic.patches import state
 
 logger = logging.getLogger(__name__)
 
 _ATTR = "_sgl_elastic_moe_slice"  # (start, size) of this rank's intermediate columns
-_EXPERTS_ATTR = "_sgl_elastic_experts"  # (start, end) of this rank's global expert ids
+_EXPERTS_ATTR = "_sgl_elastic_experts"  # this rank's global expert id -> local slot
 _MAP_EPOCH_ATTR = "_sgl_elastic_map_epoch"  # recovery epoch of the layout this layer's expert map follows
 _HOLD_DIR = os.environ.get(ENV_TEST_HOLD_DISPATCH) or None  # tests only, read once
+_LOADS_PATH = os.environ.get(ENV_EXPERT_LOADS) or None  # --elastic-eplb: EP rank 0 counts expert loads
+_counter = None  # moe.loads.LoadCounter of this process (EP rank 0 only)
 
 
 def fused_moe_init(original, self, *args, **kwargs):
@@ -105,9 +109,12 @@ def _expert_parallel_init(original, self, *args, **kwargs):
             f"(shared: {b.arguments.get('num_fused_shared_experts', 0)}) but the layout has {fam.dim_size} routed experts"
         )
     rank = par.moe_ep_rank
-    start, end = fam.rank_dim_range(rank)
+    layer_id = b.arguments.get("layer_id")
+    if fam.placement and not isinstance(layer_id, int):
+        raise ValueError(f"FusedMoE {b.arguments.get('prefix', '')!r}: placed experts need the layer id, got {layer_id!r}")
+    held = fam.rank_experts(rank, layer_id if fam.placement else 0)
     # Step 1: build a layer of exactly this rank's experts, as if it were the only EP rank.
-    b.arguments["num_experts"] = end - start
+    b.arguments["num_experts"] = len(held)
     with parallel_view(original, moe_ep_size=1, moe_ep_rank=0):
         original(*b.args, **b.kwargs)
     # Step 2: global expert ids and the real EP rank back.
@@ -115,7 +122,7 @@ def _expert_parallel_init(original, self, *args, **kwargs):
     self.moe_runner_config.num_experts = num_experts
     self.moe_ep_size, self.moe_ep_rank, self._expert_storage_rank = par.moe_ep_size, rank, rank
     self.uses_expert_location = False
-    setattr(self, _EXPERTS_ATTR, (start, end))
+    setattr(self, _EXPERTS_ATTR, {e: i for i, e in enumerate(held)})
     setattr(self, _MAP_EPOCH_ATTR, state.map_epoch())
     # Step 3: the dispatcher maps global ids to local ones (-1: another rank's expert).
     disp = self.dispatcher
@@ -124,10 +131,23 @@ def _expert_parallel_init(original, self, *args, **kwargs):
     disp.num_experts = num_experts
     disp.moe_ep_size, disp.moe_ep_rank = par.moe_ep_size, rank
     mapping = torch.full((num_experts,), -1, dtype=torch.int32, device=self.w13_weight.device)
-    mapping[start:end] = torch.arange(end - start, dtype=torch.int32, device=mapping.device)
+    mapping[list(held)] = torch.arange(len(held), dtype=torch.int32, device=mapping.device)
     disp.local_expert_mapping = mapping
-    if b.arguments.get("layer_id") == 0:
-        logger.info("sgl-elastic: EP%d holds experts [%d, %d) of %d", rank, start, end, num_experts)
+    if layer_id == 0:
+        logger.info("sgl-elastic: EP%d holds experts %s of %d%s", rank, _ranges(held), num_experts,
+                    " (layer 0; placed per layer)" if fam.placement else "")
+
+
+def _ranges(held) -> str:
+    """``(0, 1, 2, 5)`` -> ``"[0, 3) [5, 6)"``."""
+    out, i = [], 0
+    while i < len(held):
+        j = i
+        while j + 1 < len(held) and held[j + 1] == held[j] + 1:
+            j += 1
+        out.append(f"[{held[i]}, {held[j] + 1})")
+        i = j + 1
+    return " ".join(out) or "none"
 
 
 def map_global_expert_id(original, self, expert_id):
@@ -135,8 +155,7 @@ def map_global_expert_id(original, self, expert_id):
     experts = getattr(self, _EXPERTS_ATTR, None)
     if experts is None:
         return original(self, expert_id)
-    start, end = experts
-    return expert_id - start if start <= expert_id < end else -1
+    return experts.get(expert_id, -1)
 
 
 class StaleExpertMap(RuntimeError):
@@ -152,15 +171,32 @@ def forward_impl(original, self, hidden_states, topk_output, *args, **kwargs):
     fails) and its requests are routed again under the new map when they resume. This check makes
     that invariant loud: a layer whose map is not the epoch this process serves raises instead of
     sending tokens to slots that no longer hold their experts.
+
+    With ``--elastic-eplb``, EP rank 0 also counts the routed expert ids here (``moe.loads``).
     """
     epoch = getattr(self, _MAP_EPOCH_ATTR, None)
     if epoch is not None:
+        if _LOADS_PATH is not None and self.moe_ep_rank == 0:
+            _count(self.layer_id, topk_output)
         if _HOLD_DIR is not None and self.layer_id == 0 and self.moe_ep_rank == 0:
             _hold(epoch)
         if epoch != state.map_epoch():
             raise StaleExpertMap(f"MoE layer {self.layer_id}: expert map of epoch {epoch}, this process serves"
                                  f" epoch {state.map_epoch()}")
     return original(self, hidden_states, topk_output, *args, **kwargs)
+
+
+def _count(layer_id: int, topk_output) -> None:
+    global _counter
+    ids = getattr(topk_output, "topk_ids", None)
+    if ids is None:
+        return
+    if _counter is None:
+        from sgl_elastic.moe.loads import LoadCounter
+
+        model = state.layout().model
+        _counter = LoadCounter(_LOADS_PATH, model.num_layers, model.num_experts)
+    _counter.add(layer_id, ids)
 
 
 def _hold(epoch: int) -> None:

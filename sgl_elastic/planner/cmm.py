@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from sgl_elastic.layout import ElasticLayout, FamilyLayout, capacity_widths
 from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS, TensorSpec
-from sgl_elastic.planner.experts import choose_placement, expert_ops, is_placed, moe_layers
+from sgl_elastic.planner.experts import choose_placement, default_capacity, expert_ops, is_placed, moe_layers
 from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, RankTotals
 from sgl_elastic.planner.topology import Topology
 
@@ -362,6 +362,7 @@ def plan_migration(
     exhaustive_max_ranks: int = 5,
     expert_loads=None,
     expert_capacity: Sequence[float] | None = None,
+    rebalance_experts: bool = False,
 ) -> MigrationPlan:
     """Plan the recovery from ``old_layout`` after ``change`` (failed ranks and/or added devices).
 
@@ -374,11 +375,13 @@ def plan_migration(
             above it, CMM orders refined by alternating an assignment (order) and the DP (widths),
             which ends in an order that is optimal for the chosen widths.
         expert_loads: ``[num_layers, num_experts]`` tokens routed per expert (expert parallelism
-            only): the new layout places the experts of every MoE layer by ``moe.rebalance_experts``
-            (``planner.experts``); None keeps the old placement (contiguous when there is none,
-            else each device keeps its experts and the lost ones fill free slots).
-        expert_capacity: ``[new tp]`` relative capacity of each new rank for that rebalance
-            (default: from the new attention split, ``moe.expert_budget``).
+            only; ``planner.experts``): each device keeps its experts and the lost ones go, heaviest
+            first, where they raise load / capacity least. None: the same, the lost ones in expert
+            order when the old layout is placed, else contiguous experts chosen like the other families.
+        expert_capacity: ``[new tp]`` relative capacity of each new rank for those placements
+            (default: from the new attention split, ``planner.experts.default_capacity``).
+        rebalance_experts: place every expert by ``expert_loads`` (``moe.rebalance_experts``),
+            moving survivors' experts too (by peer copies).
 
     Returns a MigrationPlan whose reload bytes equal the lower bound (bytes no survivor holds) when
     every needed byte held by a survivor is reachable, and whose peer bytes are then minimal.
@@ -446,12 +449,10 @@ def plan_migration(
     if placing:
         cap = expert_capacity
         if expert_loads is not None and cap is None:
-            from sgl_elastic.moe import expert_budget
-
-            cap = expert_budget(new_layout, [1 << 40] * n_new, 1).capacity
+            cap = default_capacity(new_layout)
         fams = dict(fams)
-        fams["experts"] = choose_placement(old_layout, fams["experts"], order, survivors,
-                                           expert_loads, cap if expert_loads is not None else None)
+        fams["experts"] = choose_placement(old_layout, fams["experts"], order, survivors, expert_loads,
+                                           cap if expert_loads is not None else None, rebalance_experts)
         new_layout = new_layout.with_families(fams)
     return build_plan(old_layout, change, new_layout, order, topo)
 

@@ -4,12 +4,16 @@ Used by ``cmm.plan_migration`` / ``cmm.build_plan`` when the old layout's expert
 (``FamilyLayout.placement``) or the caller passes expert loads (a rebalance). Granules are single
 experts of single layers, so the contiguous-range machinery of the other families does not apply:
 
-- *Choice* (``choose_placement``). With loads: ``moe.rebalance_experts`` over the new ranks' widths
-  (slots, one replica per expert) and capacities gives each new rank a group of experts per layer;
-  which rank takes which group is then an assignment (Hungarian, per layer) among ranks of equal
-  width and capacity that maximises the experts a device already holds. Without loads (a failure of
-  a placed layout): every device keeps what it held, up to its new width, and the orphans (a dead
-  rank's experts, and a shrunk rank's extra ones) fill the free slots in expert order.
+- *Choice* (``choose_placement``). A rebalance (``rebalance=True``, loads given):
+  ``moe.rebalance_experts`` over the new ranks' widths (slots, one replica per expert) and
+  capacities gives each new rank a group of experts per layer; which rank takes which group is then
+  an assignment (Hungarian, per layer) among ranks of equal width and capacity that maximises the
+  experts a device already holds. Otherwise (a failure): every device keeps what it held, up to its
+  new width, and the orphans (a dead rank's experts, and a shrunk rank's extra ones) fill the free
+  slots: with loads, heaviest first, each to the rank whose load / capacity it raises least; without,
+  in expert order. Keeping is what a failure wants: only lost experts move (host reloads, no peer
+  copy), and a survivor that gains experts keeps every one at the same or a higher offset of its
+  shard, so the executor can regrow its file in place.
 - *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
   from the holder with the fastest link (then the least loaded), else a host reload; consecutive
   experts with the same source and destination merge into one op.
@@ -25,7 +29,7 @@ from sgl_elastic.layout import ElasticLayout, FamilyLayout
 from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, FamilyOp
 from sgl_elastic.planner.topology import Topology
 
-__all__ = ["choose_placement", "expert_ops", "moe_layers", "is_placed"]
+__all__ = ["choose_placement", "default_capacity", "expert_ops", "expert_imbalance", "moe_layers", "is_placed"]
 
 
 def moe_layers(layout: ElasticLayout) -> tuple[int, ...]:
@@ -36,6 +40,14 @@ def moe_layers(layout: ElasticLayout) -> tuple[int, ...]:
 
 def is_placed(layout: ElasticLayout) -> bool:
     return "experts" in layout.families and bool(layout.family("experts").placement)
+
+
+def default_capacity(layout: ElasticLayout) -> tuple[float, ...]:
+    """Each rank's relative capacity for experts from its attention share (``moe.expert_budget``; memory
+    is not the limit: every rank holds its width of experts)."""
+    from sgl_elastic.moe import expert_budget
+
+    return expert_budget(layout, [1 << 50] * layout.tp_size, 1).capacity
 
 
 def _holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[int, int]:
@@ -50,11 +62,12 @@ def _holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[in
 
 
 def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
-                     loads=None, capacity: Sequence[float] | None = None) -> FamilyLayout:
+                     loads=None, capacity: Sequence[float] | None = None, rebalance: bool = False) -> FamilyLayout:
     """``new_fam`` (its widths chosen) with a placement for new ranks on slots ``order``.
 
     ``loads``: ``[num_layers, num_experts]`` tokens routed per expert (rows of dense layers ignored),
-    or None; ``capacity``: ``[new tp]`` relative capacity of each new rank (None: all equal).
+    or None; ``capacity``: ``[new tp]`` relative capacity of each new rank (None: all equal);
+    ``rebalance``: place every expert by the loads, else keep and fill (module docstring).
     """
     old_fam = old.family("experts")
     layers = moe_layers(old)
@@ -64,18 +77,21 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
     if len(cap) != n:
         raise ValueError(f"{len(cap)} expert capacities for {n} new ranks")
     rows: list[tuple[int, ...]] = []
-    groups_all = None
+    groups_all = w = None
+    if rebalance and loads is None:
+        raise ValueError("a rebalance needs expert loads")
     if loads is not None:
+        w = np.asarray(loads, dtype=np.float64)
+        if w.ndim != 2 or w.shape[1] != E or w.shape[0] != old.model.num_layers:
+            raise ValueError(f"expert loads of shape {tuple(w.shape)}; need [{old.model.num_layers} layers, {E} experts]")
+        if (w < 0).any() or not np.isfinite(w).all():
+            raise ValueError("expert loads must be finite and >= 0")
+    if rebalance:
         import torch
 
         from sgl_elastic.moe import rebalance_experts
 
-        w = torch.as_tensor(np.asarray(loads, dtype=np.float64))
-        if w.ndim != 2 or w.shape[1] != E or w.shape[0] != old.model.num_layers:
-            raise ValueError(f"expert loads of shape {tuple(w.shape)}; need [{old.model.num_layers} layers, {E} experts]")
-        if (w < 0).any():
-            raise ValueError("expert loads must be >= 0")
-        phy2log, _, _ = rebalance_experts(w[list(layers)], list(widths), cap)
+        phy2log, _, _ = rebalance_experts(torch.from_numpy(w[list(layers)]), list(widths), cap)
         offs = np.concatenate([[0], np.cumsum(widths)])
         groups_all = [[tuple(int(x) for x in phy2log[i, offs[r]:offs[r + 1]]) for r in range(n)]
                       for i in range(len(layers))]
@@ -86,7 +102,7 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
         if groups_all is not None:
             owner = _assign_groups(groups_all[i], own, widths, cap)
         else:
-            owner = _keep_then_fill(own, widths, E)
+            owner = _keep_then_fill(own, widths, E, None if w is None else w[layer], cap)
         moe_rows[layer] = tuple(owner)
     filler = moe_rows[layers[0]] if layers else tuple(r for r in range(n) for _ in range(widths[r]))
     for layer in range(old.model.num_layers):
@@ -94,17 +110,29 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
     return new_fam.placed(rows)
 
 
-def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int) -> list[int]:
+def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int, w=None,
+                    cap: Sequence[float] = ()) -> list[int]:
+    """Each rank keeps its experts (the heaviest when it shrinks); the orphans fill the free slots."""
     owner = [-1] * E
-    free = []
+    free = [0] * len(own)
+    load = [0.0] * len(own)
     for r, mine in enumerate(own):
-        kept = sorted(mine)[: widths[r]]
+        kept = sorted(mine, key=lambda e: (-w[e], e) if w is not None else e)[: widths[r]]
         for e in kept:
             owner[e] = r
-        free += [r] * (widths[r] - len(kept))
+            load[r] += w[e] if w is not None else 0.0
+        free[r] = widths[r] - len(kept)
     orphans = [e for e in range(E) if owner[e] < 0]
-    for e, r in zip(orphans, free):
+    if w is None:
+        slots = [r for r in range(len(own)) for _ in range(free[r])]
+        for e, r in zip(orphans, slots):
+            owner[e] = r
+        return owner
+    for e in sorted(orphans, key=lambda e: (-w[e], e)):  # heaviest first, to the least raised load / capacity
+        r = min((r for r in range(len(own)) if free[r] > 0), key=lambda r: ((load[r] + w[e]) / max(cap[r], 1e-9), r))
         owner[e] = r
+        load[r] += w[e]
+        free[r] -= 1
     return owner
 
 
@@ -161,3 +189,21 @@ def expert_ops(old: ElasticLayout, new: ElasticLayout, order: Sequence[int], sur
         for kind, src, src_rank, dst, a, b in pieces:
             ops.append(FamilyOp("experts", "e", kind, src, src_rank, dst, a, b, (b - a) * w_layer, 0, layer))
     return ops, lower
+
+
+def expert_imbalance(layout: ElasticLayout, loads, capacity: Sequence[float] | None = None) -> float:
+    """How much slower the busiest rank's experts are than a perfect split: over the MoE layers, the mean
+    of ``max_r(load_r / capacity_r) / (total load / total capacity)`` (1.0: perfect; 0.0 without loads).
+    ``loads``: ``[num_layers, num_experts]``; ``capacity``: ``[tp]`` (None: all equal)."""
+    fam = layout.family("experts")
+    w = np.asarray(loads, dtype=np.float64)
+    cap = np.ones(fam.num_ranks) if capacity is None else np.asarray(capacity, dtype=np.float64)
+    out = []
+    for layer in moe_layers(layout):
+        total = w[layer].sum()
+        if total <= 0:
+            continue
+        owner = np.array([fam.expert_owner(layer, e) for e in range(fam.num_units)])
+        per_rank = np.bincount(owner, weights=w[layer], minlength=fam.num_ranks)
+        out.append(float((per_rank / cap).max() / (total / cap.sum())))
+    return float(np.mean(out)) if out else 0.0

@@ -109,7 +109,8 @@ def migrate_and_check(tmp: Path, old: ElasticLayout, failed: tuple, added: int, 
     """Load ``old`` from a random checkpoint, migrate (``loads``: rebalance the experts), check every
     new shard bitwise against the checkpoint's region; returns (plan, report)."""
     full = write_checkpoint(tmp, old)
-    plan = plan_migration(old, ClusterChange(failed=failed, added=added), expert_loads=loads)
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added), expert_loads=loads,
+                          rebalance_experts=loads is not None and not failed)
     with SafetensorsCheckpoint(tmp) as ck:
         arenas = allocate_rank_arenas(old, "old")
         try:
@@ -193,6 +194,16 @@ def test_expert_rebalance_then_failure_moves_only_experts(tmp_path, in_place):
     assert plan2.reload_bytes == plan2.lower_bound_reload_bytes
     assert sum(op.nbytes for op in plan2.ops if op.family == "experts" and op.kind == "reload") == lost
     assert plan2.new_layout.family("experts").placement  # survivors kept their experts where they were
+    # a failure with loads: survivors keep their experts, the lost ones are placed by load (reloads only),
+    # and every survivor's file is regrown in place
+    (tmp_path / "c").mkdir()
+    plan3, report3 = migrate_and_check(tmp_path / "c", old, (1,), 0, in_place, loads)
+    fam3 = plan3.new_layout.family("experts")
+    for layer in (0, 1):
+        assert set(fam3.rank_experts(0, layer)) >= {0, 1} and set(fam3.rank_experts(1, layer)) >= {4, 5}
+    assert not [op for op in plan3.ops if op.family == "experts" and op.kind == "peer"]
+    if in_place:
+        assert report3.in_place_ranks == 2
 
 
 @settings(max_examples=25, deadline=None)

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2] / "sgl_elastic"
 # Bottom to top; a package may import only packages on lower levels. (README "Layout" shows this.)
 LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"layout", "config", "version_check"}),
-    frozenset({"planner", "moe"}),
+    frozenset({"moe"}),
+    frozenset({"planner"}),
     frozenset({"executor", "kernels"}),
     frozenset({"memory"}),
     frozenset({"daemon"}),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sgl_elastic.layout import ElasticLayout, FamilyLayout, ModelShape, replicated_kv_heads
-from sgl_elastic.planner import HOST, KEEP, PEER, RELOAD, ClusterChange, Topology, plan_migration, predict_time
+from sgl_elastic.planner import HOST, KEEP, PEER, RELOAD, ClusterChange, MigrationPlan, Topology, plan_migration, predict_time
 from sgl_elastic.planner.baselines import plan_full_reload, plan_greedy
 from sgl_elastic.planner.exact import exact_min_cost, exact_min_cost_for_widths
 from sgl_elastic.layout.presets import preset_config
@@ -252,6 +252,35 @@ def test_errors_tell_the_fix():
         plan_migration(old, ClusterChange(failed=(0, 1, 2, 3)))
     with pytest.raises(ValueError, match="one capacity per slot"):
         plan_migration(old, ClusterChange(failed=(1,), policy="capacity"))
+
+
+def test_expert_rebalance_plans_balance_keep_and_are_stable():
+    """A rebalance of Qwen3-MoE-30B's 128 experts (48 layers, tp 4, skewed loads) lowers the imbalance,
+    moves experts by peer copies only, and planned again from its own result with the same loads moves
+    nothing (the group assignment keeps what each rank holds)."""
+    from sgl_elastic.layout.presets import preset_config
+    from sgl_elastic.planner.experts import default_capacity, expert_imbalance
+
+    old = ElasticLayout.from_hf_config(preset_config("Qwen3-30B-A3B"), 4, expert_parallel=True)
+    rng = np.random.default_rng(3)
+    loads = rng.gamma(0.3, 100.0, size=(old.model.num_layers, 128))
+    plan = plan_migration(old, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+    cap = default_capacity(old)
+    assert expert_imbalance(plan.new_layout, loads, cap) < 0.8 * expert_imbalance(old, loads, cap)
+    assert plan.reload_bytes == 0 < plan.peer_bytes
+    assert MigrationPlan.from_bytes(plan.to_bytes()) == plan
+    again = plan_migration(plan.new_layout, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+    assert again.peer_bytes == again.reload_bytes == 0
+    # a failure with the same loads: the survivors keep every expert they hold; only the lost are reloaded
+    fail = plan_migration(plan.new_layout, ClusterChange(failed=(2,)), expert_loads=loads)
+    lost = sum(op.nbytes for op in fail.ops if op.family == "experts" and op.kind == RELOAD)
+    assert not [op for op in fail.ops if op.family == "experts" and op.kind == PEER]
+    held = plan.new_layout.family("experts")
+    assert lost == sum(t.nbytes for t in old.tensors() if t.family == "experts" and held.expert_owner(t.layer, t.expert) == 2)
+    with pytest.raises(ValueError, match="need \\[48 layers, 128 experts\\]"):
+        plan_migration(old, ClusterChange(), expert_loads=loads[:3], rebalance_experts=True)
+    with pytest.raises(ValueError, match="expert-parallel"):
+        plan_migration(ElasticLayout.from_hf_config(preset_config("Qwen3-30B-A3B"), 4), ClusterChange(), expert_loads=loads)
 
 
 def test_capacity_policy_follows_capacities():

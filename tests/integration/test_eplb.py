@@ -1,0 +1,197 @@
+"""Load-driven expert placement on a live server (Mixtral tiny, tp 3, expert parallelism, float32).
+
+One server started with ``--elastic-eplb-interval 2``, in order:
+1. requests run over periodic rebalances that move experts (no failure: the ranks regroup): every
+   request, the long streams included, ends with HF's greedy tokens; /health never fails;
+   /elastic/status shows the placed experts and recoveries with no failed rank that read nothing
+   from the checkpoint (peer copies only);
+2. ``POST /elastic/rebalance`` refuses a missing token (401) and then is accepted (202);
+3. a rank dies mid-stream: the survivors take its experts (placed by the loads again), every
+   request completes with HF's tokens, and the lost rank's experts are the only expert bytes reloaded.
+After the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
+"""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.server import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+TOKEN = "eplb-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
+MAX_NEW, LONG = 24, 64
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models):
+    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def want_long(tiny_models):
+    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS[:2], LONG)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = ServerProcess(tiny_models["mixtral"], tp_size=3, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--ep-size", "3", "--elastic-eplb-interval", "2"])
+    srv.start()
+    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+    yield srv
+    code = srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"server processes left running: {alive}"
+    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
+    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
+    assert not left, f"daemon segments left in /dev/shm: {left}"
+    assert code is not None
+
+
+def _generate(url, ids, n=MAX_NEW, stream=False):
+    import json
+
+    body = {"input_ids": ids, "stream": stream,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
+    r = requests.post(url + "/generate", json=body, timeout=300, stream=stream)
+    r.raise_for_status()
+    if not stream:
+        return r.json()["output_ids"]
+    out = []
+    for line in r.iter_lines():
+        if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+            now = json.loads(line[5:])["output_ids"]
+            assert now[:len(out)] == out, f"stream went back: {out} then {now}"
+            out = now
+    return out
+
+
+def _status(url):
+    r = requests.get(url + "/elastic/status", headers=AUTH, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _wait(url, pred, what, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = _status(url)
+        if st["state"] == "serving" and pred(st):
+            return st
+        time.sleep(0.2)
+    pytest.fail(f"{what} within {timeout} s; status: {_status(url)}")
+
+
+class _Load:
+    """Requests in threads (long streams and plain ones, over and over until stopped) and a /health probe."""
+
+    def __init__(self, url):
+        self.url, self.results, self.errors, self.bad_health = url, [], [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._streams, daemon=True),
+                        threading.Thread(target=self._plain, daemon=True),
+                        threading.Thread(target=self._health, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, key, *a, **kw):
+        try:
+            self.results.append((key, _generate(self.url, *a, **kw)))
+        except Exception as e:  # noqa: BLE001 - reported by the test's assertion
+            self.errors.append(f"{key}: {type(e).__name__}: {e}")
+
+    def _streams(self):
+        while not self.stop.is_set():
+            for i, p in enumerate(PROMPTS[:2]):
+                self._run(("long", i), p, LONG, stream=True)
+
+    def _plain(self):
+        while not self.stop.is_set():
+            for i, p in enumerate(PROMPTS):
+                self._run(("plain", i), p)
+
+    def _health(self):
+        while not self.stop.is_set():
+            try:
+                code = requests.get(self.url + "/health", timeout=30).status_code
+            except requests.RequestException as e:
+                code = repr(e)
+            if code != 200:
+                self.bad_health.append(code)
+            self.stop.wait(0.2)
+
+    def finish(self, want, want_long):
+        self.stop.set()
+        for t in self.threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in self.threads), "a client thread did not finish"
+        assert not self.errors, self.errors
+        assert not self.bad_health, f"/health failed: {self.bad_health}"
+        assert self.results
+        for (kind, i), got in self.results:
+            assert got == (want_long if kind == "long" else want)[i], f"{kind} request {i}: {got}"
+
+
+def test_periodic_rebalance_moves_experts_by_peer_copies(server, want, want_long):
+    """The first periodic check after SGLang's warm-up request already finds loads to place; the
+    requests run over further checks (a move happens while they do when their loads differ enough)."""
+    url = server.url
+    load = _Load(url)
+    try:
+        time.sleep(6.0)  # at least two periodic checks under load
+        st = _wait(url, lambda s: s["eplb"]["placed"], "a periodic rebalance placed the experts")
+    finally:
+        load.finish(want, want_long)
+    assert st["eplb"]["enabled"] and st["eplb"]["interval_s"] == 2.0 and st["tp_size"] == 3
+    moves = [r for r in st["recoveries"] if not r["failed_ranks"]]
+    assert moves and all(r["outcome"] == "ok" and r["reason"].startswith("expert rebalance") for r in moves)
+    for r in moves:  # every expert a rank gains comes from the rank that held it: nothing read from disk
+        assert r["migration"]["reload_bytes"] == 0 < r["migration"]["peer_bytes"] and r["tp_after"] == 3
+    last = st["eplb"]["last"]
+    assert last["imbalance_after"] <= last["imbalance_before"]
+    assert [_generate(url, p) for p in PROMPTS] == want  # served from the placed experts
+
+
+def test_rebalance_endpoint_needs_the_token(server):
+    url = server.url
+    assert requests.post(url + "/elastic/rebalance", timeout=30).status_code == 401
+    assert requests.post(url + "/elastic/rebalance", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    _generate(url, PROMPTS[0])  # some loads since the last placement
+    n = len(_status(url)["recoveries"])
+    r = requests.post(url + "/elastic/rebalance", headers=AUTH, timeout=30)
+    assert r.status_code in (202, 409), r.text  # 409: a periodic one runs right now
+    st = _wait(url, lambda s: s["eplb"]["last"].get("decision") in ("moved", "skipped"), "a rebalance decision")
+    assert len(st["recoveries"]) >= n and st["tp_size"] == 3
+
+
+def test_failure_of_a_placed_layout_reloads_only_what_died(server, want, want_long):
+    url = server.url
+    st = _status(url)
+    assert st["eplb"]["placed"]
+    n = len(st["recoveries"])
+    victim = next(r["pid"] for r in st["ranks"] if r["rank"] == 1)
+    load = _Load(url)
+    try:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        st = _wait(url, lambda s: s["tp_size"] == 2 and len(s["recoveries"]) > n, "the recovery at tp 2")
+        time.sleep(1.0)  # requests resumed and new ones served at tp 2
+    finally:
+        load.finish(want, want_long)
+    rec = next(r for r in st["recoveries"][n:] if r["failed_ranks"])
+    assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1] and rec["tp_after"] == 2
+    m = rec["migration"]
+    # the dead rank's shards, and nothing else, read again: no survivor held them
+    assert m["reload_bytes"] == m["file_bytes_read"] == m["lower_bound_reload_bytes"] > 0
+    assert [_generate(url, p) for p in PROMPTS] == want
