@@ -16,9 +16,23 @@ round robin onto survivors with a free slot). Metric, per layer: the largest loa
 the live ranks divided by its ideal, total load / total live capacity (1.00 is perfect); mean and
 worst over layers, and each algorithm's run time.
 
-Section ``--server`` (rebalancing on a running server): not yet.
+Section ``--server``: a running server, the bench-size Qwen3-MoE (16 experts top-2, 8 KV heads) with
+a skewed router (``--hot`` seeded experts per layer have their router rows scaled by ``--hot-scale``:
+they win the top-2 far more often), ``--tp 4 --ep-size 4`` on CPU, rank 1 SIGKILLed (4 -> 3). Per
+policy, a fresh server: decode throughput (``--clients`` concurrent requests of ``--max-new`` tokens)
+and prefill throughput (``--clients`` prompts of ``--prefill-len`` tokens, one new token each) before
+the failure and after the recovery, and the measured imbalance of the served placement
+(``/elastic/status`` ``eplb.imbalance_now``: the busiest rank's routed tokens over capacity against a
+perfect split, from rank 0's counts). Policies:
+  * ``none``: ``--no-elastic-eplb``: the planner's contiguous experts (CMM, bytes only);
+  * ``lost``: the default: survivors keep their experts, the lost ones go where load / capacity rises least;
+  * ``rebalance``: the default, then ``POST /elastic/rebalance`` (every expert placed by
+    ``rebalance_experts``, moved by peer copies), with its planning and apply times.
+DeepSeek's and SGLang's ``elasticity_aware`` placements need equal slot counts; 16 experts on 3 ranks
+have none without redundant slots, so they appear only in the pure section.
 
-Usage: ``python bench/eplb_bench.py [--pure] [--layers 58] [--seed 0] [--sigma 1.5] [--json PATH]``
+Usage: ``python bench/eplb_bench.py [--pure] [--layers 58] [--seed 0] [--sigma 1.5] [--json PATH]``,
+``python bench/eplb_bench.py --server [--policies none,lost,rebalance] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -169,16 +183,24 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pure", action="store_true", help="pure-function comparison (the default section)")
-    ap.add_argument("--server", action="store_true", help="rebalancing on a running server (not yet)")
+    ap.add_argument("--server", action="store_true", help="policies on a running server (tp 4 -> 3)")
+    ap.add_argument("--policies", default="none,lost,rebalance")
+    ap.add_argument("--tp", type=int, default=4)
+    ap.add_argument("--hot", type=int, default=3, help="hot experts per layer (server section)")
+    ap.add_argument("--hot-scale", type=float, default=3.0, help="router row scale of a hot expert")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--prefill-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1, help="server section: fresh servers per policy")
     ap.add_argument("--layers", type=int, default=58)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sigma", type=float, default=1.5, help="log-normal skew of the per-expert loads")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     if args.server:
-        print("error: --server is not yet implemented (rebalancing on a running sgl-elastic server is later work;"
-              " run the --pure section)", file=sys.stderr)
-        return 2
+        from eplb_server import bench_server
+
+        return bench_server(args)
     if args.layers < 1:
         print(f"error: --layers={args.layers} must be >= 1", file=sys.stderr)
         return 2

@@ -276,7 +276,8 @@ class FailoverController:
                 "standby": [p.pid for p in self.standby if p.is_alive()],
                 "eplb": {"enabled": self.eplb, "interval_s": self.eplb_interval_s,
                          "placed": bool(self.layout is not None and "experts" in self.layout.families
-                                        and self.layout.family("experts").placement), "last": self.eplb_last},
+                                        and self.layout.family("experts").placement),
+                         "imbalance_now": self._imbalance_now(), "last": self.eplb_last},
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
             }
 
@@ -446,6 +447,15 @@ class FailoverController:
             return None
         loads = self._loads.loads()
         return loads if loads is not None and loads.sum() > 0 else None
+
+    def _imbalance_now(self) -> float | None:
+        """The served placement's imbalance under the loads since the last placement (None: no loads)."""
+        loads = self._eplb_loads()
+        if loads is None or self.layout is None:
+            return None
+        from sgl_elastic.planner.experts import default_capacity, expert_imbalance
+
+        return round(expert_imbalance(self.layout, loads, default_capacity(self.layout)), 4)
 
     def _rebalance(self, forced: bool) -> None:
         """Place the experts by the loads measured since the last placement, and move them (a recovery
