@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     if args.server:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadable by path, not only as a script
         from eplb_server import bench_server
 
         return bench_server(args)

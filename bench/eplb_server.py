@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,8 +139,9 @@ def run_policy(model: Path, policy: str, args, rep: int) -> dict:
 def bench_server(args) -> int:
     policies = [p for p in args.policies.split(",") if p]
     bad = [p for p in policies if p not in ("none", "lost", "rebalance")]
-    if bad or args.tp < 2:
-        print(f"error: policies {bad} unknown (none, lost, rebalance) or --tp {args.tp} < 2")
+    if bad or not policies or args.tp < 2 or args.repeats < 1:
+        print(f"error: policies {policies} must be a non-empty subset of none,lost,rebalance,"
+              f" --tp {args.tp} >= 2, --repeats {args.repeats} >= 1", file=sys.stderr)
         return 2
     model = skewed_model(args.hot, args.hot_scale, args.seed)
     print(f"model {model}; tp {args.tp} -> {args.tp - 1} (rank 1 killed), EP; {args.clients} clients,"
