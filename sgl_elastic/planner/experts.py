@@ -8,7 +8,9 @@ experts of single layers, so the contiguous-range machinery of the other familie
   ``moe.rebalance_experts`` over the new ranks' widths (slots, one replica per expert) and
   capacities gives each new rank a group of experts per layer; which rank takes which group is then
   an assignment (Hungarian, per layer) among ranks of equal width and capacity that maximises the
-  experts a device already holds. Otherwise (a failure): every device keeps what it held, up to its
+  experts a device already holds. A swap search from the current placement competes with it: per
+  layer the placement moving the fewest experts within ``REBALANCE_TOL`` (2 %) of the better max
+  load / capacity wins, so a periodic rebalance moves a few experts of the layers that drifted. Otherwise (a failure): every device keeps what it held, up to its
   new width, and the orphans (a dead rank's experts, and a shrunk rank's extra ones) fill the free
   slots: with loads, heaviest first, each to the rank whose load / capacity it raises least; without,
   in expert order. Keeping is what a failure wants: only lost experts move (host reloads, no peer
@@ -100,7 +102,7 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
         held = _holders(old_fam, layer, survivors)
         own = [{e for e, s in held.items() if s == order[r]} for r in range(n)]
         if groups_all is not None:
-            owner = _assign_groups(groups_all[i], own, widths, cap)
+            owner = _fewest_moves(_assign_groups(groups_all[i], own, widths, cap), own, widths, w[layer], cap)
         else:
             owner = _keep_then_fill(own, widths, E, None if w is None else w[layer], cap)
         moe_rows[layer] = tuple(owner)
@@ -134,6 +136,65 @@ def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int, w=None,
         load[r] += w[e]
         free[r] -= 1
     return owner
+
+
+REBALANCE_TOL = 0.02  # a rebalance may end this much above the full one's max load / capacity to move less
+
+
+def _max_ratio(owner, w, cap) -> float:
+    per = np.bincount(np.asarray(owner), weights=w, minlength=len(cap))
+    return float((per / np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)).max())
+
+
+def _swap_search(owner: list[int], w, cap: Sequence[float], target: float, max_swaps: int) -> list[int]:
+    """Pairwise expert swaps from ``owner`` (counts per rank unchanged) while the busiest rank's
+    load / capacity is above ``target``: each swap exchanges one expert of the busiest rank for a
+    lighter one of another rank, the pair whose larger new ratio is lowest (so no rank ends above
+    the old maximum, and the maximum, or the number of ranks at it, falls)."""
+    own = np.asarray(owner).copy()
+    c = np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)
+    n = len(c)
+    for _ in range(max_swaps):
+        per = np.bincount(own, weights=w, minlength=n)
+        f = per / c
+        top = int(f.argmax())
+        if f[top] <= target:
+            break
+        a_idx = np.flatnonzero(own == top)
+        b_idx = np.flatnonzero(own != top)
+        if not len(a_idx) or not len(b_idx):
+            break
+        d = w[a_idx][:, None] - w[b_idx][None, :]  # load leaving the busiest rank for each (a, b)
+        other = own[b_idx]
+        new_top = (per[top] - d) / c[top]
+        new_other = (per[other][None, :] + d) / c[other][None, :]
+        worst = np.maximum(new_top, new_other)
+        worst[d <= 0] = np.inf
+        k = int(worst.argmin())
+        if not worst.flat[k] < f[top] - 1e-12:
+            break
+        ia, ib = divmod(k, len(b_idx))
+        ea, eb = a_idx[ia], b_idx[ib]
+        own[ea], own[eb] = own[eb], top
+    return [int(x) for x in own]
+
+
+def _fewest_moves(full: list[int], own: list[set[int]], widths: Sequence[int], w, cap: Sequence[float]) -> list[int]:
+    """Of the full rebalance (``full``) and a swap search from what the ranks hold now, the placement
+    that moves the fewest experts among those within ``REBALANCE_TOL`` of the better max load /
+    capacity: a layer already near balance moves a few experts (or none), not a whole new group."""
+    w = np.asarray(w, dtype=np.float64)
+    target = _max_ratio(full, w, cap)
+    start = _keep_then_fill(own, widths, len(full), w, cap)
+    local = _swap_search(start, w, cap, target * (1 + REBALANCE_TOL), max_swaps=len(full))
+    cands = [(full, target), (local, _max_ratio(local, w, cap))]
+    best = min(m for _, m in cands)
+
+    def moved(owner) -> int:
+        return sum(e not in own[r] for e, r in enumerate(owner))
+
+    ok = [o for o, m in cands if m <= best * (1 + REBALANCE_TOL) + 1e-12]
+    return min(ok, key=moved)
 
 
 def _assign_groups(groups: list[tuple[int, ...]], own: list[set[int]], widths: Sequence[int],

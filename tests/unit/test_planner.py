@@ -283,6 +283,73 @@ def test_expert_rebalance_plans_balance_keep_and_are_stable():
         plan_migration(ElasticLayout.from_hf_config(preset_config("Qwen3-30B-A3B"), 4), ClusterChange(), expert_loads=loads)
 
 
+def test_expert_rebalance_of_a_drifted_layer_moves_a_few_experts():
+    """From a balanced placement where one layer drifted (its heaviest expert swapped onto the
+    lightest rank), a rebalance moves only experts of that layer, and few of them (a swap, not a new
+    group per rank), ending within REBALANCE_TOL of the full rebalance's max load / capacity."""
+    from sgl_elastic.planner.experts import REBALANCE_TOL, _assign_groups, _max_ratio
+
+    old = ElasticLayout.from_hf_config(preset_config("Qwen3-30B-A3B"), 4, expert_parallel=True)
+    rng = np.random.default_rng(5)
+    loads = rng.gamma(0.3, 100.0, size=(old.model.num_layers, 128))
+    balanced = plan_migration(old, ClusterChange(), expert_loads=loads, rebalance_experts=True).new_layout
+    fam = balanced.family("experts")
+    rows = [list(fam.placement[l]) for l in range(old.model.num_layers)]
+    drift = 7
+    w = loads[drift]
+    per = np.bincount(rows[drift], weights=w, minlength=4)
+    lo = int(per.argmin())
+    heavy = max((e for e in range(128) if rows[drift][e] != lo), key=lambda e: w[e])
+    light = min((e for e in range(128) if rows[drift][e] == lo), key=lambda e: w[e])
+    rows[drift][heavy], rows[drift][light] = lo, rows[drift][heavy]
+    drifted = balanced.with_families({**balanced.families, "experts": fam.placed(rows)})
+    plan = plan_migration(drifted, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+    moved = [op for op in plan.ops if op.family == "experts" and op.kind != KEEP]
+    assert moved and {op.layer for op in moved} == {drift}
+    assert sum(op.end - op.start for op in moved) <= 4  # a full rebalance of the layer moves ~3/4 of its 128
+    new_rows = plan.new_layout.family("experts").placement
+    full = _assign_groups(*_full_groups(loads[drift]), [set(np.flatnonzero(np.array(rows[drift]) == r)) for r in range(4)],
+                          [32] * 4, [1.0] * 4)
+    assert _max_ratio(new_rows[drift], w, [1.0] * 4) <= _max_ratio(full, w, [1.0] * 4) * (1 + REBALANCE_TOL) + 1e-9
+    assert _max_ratio(new_rows[drift], w, [1.0] * 4) < _max_ratio(rows[drift], w, [1.0] * 4)
+
+
+def _full_groups(w):
+    import torch
+
+    from sgl_elastic.moe import rebalance_experts
+
+    phy2log, _, _ = rebalance_experts(torch.from_numpy(np.asarray(w)[None, :]), [32] * 4)
+    return ([tuple(int(x) for x in phy2log[0, 32 * r:32 * (r + 1)]) for r in range(4)],)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 6), per=st.integers(1, 6), sigma=st.floats(0.1, 2.5))
+def test_fewest_moves_is_near_the_full_rebalance_and_moves_no_more(seed, n, per, sigma):
+    """``_fewest_moves`` never ends more than REBALANCE_TOL above the full rebalance, never moves more
+    experts than it, and keeps every rank's expert count."""
+    from sgl_elastic.planner.experts import REBALANCE_TOL, _fewest_moves, _max_ratio
+
+    rng = np.random.default_rng(seed)
+    widths = [int(x) for x in rng.integers(1, per + 1, size=n)]
+    E = sum(widths)
+    w = rng.lognormal(0.0, sigma, size=E)
+    cap = [float(c) for c in rng.uniform(0.3, 1.0, size=n)]
+    held = rng.permutation(np.repeat(np.arange(n), widths))
+    own = [set(np.flatnonzero(held == r).tolist()) for r in range(n)]
+    full = list(rng.permutation(np.repeat(np.arange(n), widths)))  # any valid placement stands in for it
+    got = _fewest_moves(full, own, widths, w, cap)
+    assert np.bincount(got, minlength=n).tolist() == widths
+    best = min(_max_ratio(full, w, cap), _max_ratio(got, w, cap))
+    assert _max_ratio(got, w, cap) <= best * (1 + REBALANCE_TOL) + 1e-9
+    assert _max_ratio(got, w, cap) <= _max_ratio(full, w, cap) * (1 + REBALANCE_TOL) + 1e-9
+
+    def moved(owner):
+        return sum(e not in own[r] for e, r in enumerate(owner))
+
+    assert moved(got) <= moved(full)
+
+
 def test_capacity_policy_follows_capacities():
     old = ElasticLayout.from_hf_config(mixtral_8x22b(), 4)
     plan = plan_migration(old, ClusterChange(failed=(1,), policy="capacity", capacities=(1.0, 9.0, 1.0, 2.0)))
