@@ -14,8 +14,9 @@ new pages: the lost rank's share instead of the whole model (on this VM page all
 copying, is what a migration costs), reserved by ``posix_fallocate`` in the background beside the
 moves (it never writes data). Its kept bytes are moved inside the file in decreasing address
 order (a move never overwrites a source not yet moved; a contiguous block whose source and
-destination overlap is one ``memmove``, a strided one goes through a small staging buffer) by one
-mover thread, while the reloads and peer copies write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
+destination overlap is one ``memmove``, a strided one goes through a small staging buffer) by a
+mover thread per regrown rank (up to the cores: 0.59 s instead of 0.69 s for the bench model's
+3 -> 2, medians of 7 interleaved runs), while the reloads and peer copies write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
 moves go top-down, so the ops high in the file start first). Peer copies out of such an arena are
 staged before the moves. The cost: the old layout
 is gone once the moves start, so a failure after that leaves the arena neither old nor new
@@ -210,6 +211,7 @@ class CpuExecutor:
 
             def do_moves(d: int) -> None:  # a regrown rank's kept bytes, the gate lowered as they go
                 buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
+                stage = np.empty(_STAGE_BYTES, dtype=np.uint8)  # one per mover thread
                 try:
                     runs = moves[d][1]
                     for k, run in enumerate(runs):
@@ -226,11 +228,10 @@ class CpuExecutor:
 
             shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
             left = [op for op in copies if not (op.kind == KEEP and op.dst_rank in grown)]
-            stage = np.empty(_STAGE_BYTES if grown else 0, dtype=np.uint8)
             spans: dict[str, float] = {}
             # Reloads and copies run beside the moves: an op into a regrown rank waits at the gate until
             # no source not yet moved lies at or above the first byte it writes.
-            threads = _start(sorted(grown), do_moves, 1, "move", spans, gate=gate) + \
+            threads = _start(sorted(grown), do_moves, min(len(grown), os.cpu_count() or 1), "move", spans, gate=gate) + \
                 _start(reloads, do_reload, self.reload_workers, "reload", spans, gate=gate, where=first_byte) + \
                 _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte)
             _join(threads)
