@@ -185,3 +185,29 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def children_of(srv: ServerProcess) -> list[int]:
+    """Pids of every descendant of the server's main process now (to check after ``stop``)."""
+    return [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+
+
+def stop_and_check_leaks(srv: ServerProcess, pids: list[int], *, sglang_files: bool = False) -> int | None:
+    """Tests: ``srv.stop()``, then assert that none of ``pids`` (the server's processes, noted while
+    it ran) is still alive, that no state daemon it started (``daemon pid N started`` in its log)
+    left a segment in ``/dev/shm``, and with ``sglang_files`` that none of SGLang's own files
+    (``sgl_shm_<kind>_<creator pid>_*``) of those processes stayed. Returns the exit code."""
+    import re
+
+    code = srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"server processes left running: {alive}"
+    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
+    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
+    assert not left, f"daemon segments left in /dev/shm: {left}"
+    if sglang_files:
+        stale = [e.name for e in os.scandir("/dev/shm") if e.name.startswith("sgl_shm_")
+                 and any(f"_{p}_" in e.name for p in pids)]
+        assert not stale, f"SGLang files of this server left in /dev/shm: {stale}"
+    return code

@@ -26,7 +26,7 @@ import requests
 
 from sgl_elastic.daemon.client import DaemonClient
 from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42]]
 SHARED = list(range(3, 43))  # a 40-token prefix reused after the restart
@@ -63,12 +63,7 @@ def server(model_copy):
         "--mem-fraction-static", "0.15"])
     srv.start()
     yield srv
-    code = srv.stop()
-    log = srv.log_path.read_text(errors="replace")
-    pids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
-    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in pids)]
-    assert not left, f"daemon segments left in /dev/shm: {left}"
-    assert code is not None
+    assert stop_and_check_leaks(srv, []) is not None
 
 
 def _generate(srv, prompts, max_new=MAX_NEW, timeout=120):

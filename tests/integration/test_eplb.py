@@ -12,17 +12,15 @@ After the server stops: none of its processes and none of its daemon's /dev/shm 
 """
 
 import os
-import re
 import signal
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
 from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,16 +45,9 @@ def server(tiny_models):
     srv = ServerProcess(tiny_models["mixtral"], tp_size=3, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--ep-size", "3", "--elastic-eplb-interval", "2"])
     srv.start()
-    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+    pids = children_of(srv)
     yield srv
-    code = srv.stop()
-    log = srv.log_path.read_text(errors="replace")
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"server processes left running: {alive}"
-    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
-    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
-    assert not left, f"daemon segments left in /dev/shm: {left}"
-    assert code is not None
+    assert stop_and_check_leaks(srv, pids) is not None
 
 
 def _generate(url, ids, n=MAX_NEW, stream=False):

@@ -16,7 +16,6 @@ and failover are on by default), in order:
 """
 
 import os
-import re
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ import requests
 from sgl_elastic.controller import wire
 
 from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -71,21 +70,11 @@ def server(tiny_models, case, hold_dir):
     srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
     srv.start()
-    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+    pids = children_of(srv)
     yield srv
-    code = srv.stop()
-    log = srv.log_path.read_text(errors="replace")
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"server processes left running: {alive}"
-    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
-    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
-    assert not left, f"daemon segments left in /dev/shm: {left}"
-    # SGLang's own files are named sgl_shm_<kind>_<creator pid>_<rand>: none of this server's may stay
-    # (the controller reaps what killed and replaced schedulers left; stop() what the last ones map)
-    stale = [e.name for e in os.scandir("/dev/shm") if e.name.startswith("sgl_shm_")
-             and any(f"_{p}_" in e.name for p in pids)]
-    assert not stale, f"SGLang files of this server left in /dev/shm: {stale}"
-    assert code is not None
+    # also SGLang's own files: the controller reaps what killed and replaced schedulers left, stop()
+    # what the last ones map
+    assert stop_and_check_leaks(srv, pids, sglang_files=True) is not None
 
 
 def _generate(url, ids, n=MAX_NEW):

@@ -18,7 +18,6 @@ SIGKILLed; then:
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ import requests
 
 from sgl_elastic.controller import wire
 from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 
 from tests.integration.test_failover import PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
 from tests.integration.test_failover_hard import Load, _wait_serving
@@ -70,14 +69,7 @@ def server(tiny_models, tmp_path):
     finally:
         if srv.proc.poll() is None:
             tree.note()
-        code = srv.stop()
-        log = srv.log_path.read_text(errors="replace")
-        alive = [p for p in tree.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"server processes left running: {alive}"
-        dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
-        left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
-        assert not left, f"daemon segments left in /dev/shm: {left}"
-        assert code is not None
+        assert stop_and_check_leaks(srv, list(tree.pids)) is not None
 
 
 def _attempt(url, ids, stream, started: threading.Event):

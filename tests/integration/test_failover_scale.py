@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
 from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _frontend_program,
                                              _generate, _openai_stream, _status)
@@ -46,14 +46,7 @@ def server(tiny_models):
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "1"])
     srv.start()
     yield srv
-    pids = [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
-    log_path = srv.log_path
-    srv.stop()
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"server processes left running: {alive}"
-    dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log_path.read_text(errors="replace"))}
-    left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
-    assert not left, f"daemon segments left in /dev/shm: {left}"
+    stop_and_check_leaks(srv, children_of(srv))
 
 
 def _add_rank(url):
