@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
 
 
-def _ask(url: str, prompt: str, stream: bool) -> str:
+MAX_NEW = 128  # long enough that the requests are still decoding when the demo kills a rank
+
+
+def _ask(url: str, prompt: str, stream: bool, started: threading.Event | None = None) -> str:
+    """``started`` (streaming only) is set at the first streamed chunk: the request is decoding."""
     payload = {"text": prompt, "stream": stream,
-               "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}
+               "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
     r = requests.post(url + "/generate", json=payload, timeout=300, stream=stream)
     r.raise_for_status()
     if not stream:
@@ -97,6 +101,8 @@ def _ask(url: str, prompt: str, stream: bool) -> str:
     for line in r.iter_lines():
         if line.startswith(b"data: ") and line != b"data: [DONE]":
             text = json.loads(line[6:])["text"]
+            if started is not None:
+                started.set()
     return text
 
 
@@ -125,17 +131,20 @@ def _step(url: str, action: str, rank: int | None, before: list[str]) -> None:
     print(f"[demo] tp {tp}, KV-head widths {status['widths']}; starting {len(PROMPTS)} requests"
           " (half of them streaming)", flush=True)
     answers, errors = {}, []
+    started = threading.Event()
 
     def run(i: int) -> None:
         try:
-            answers[i] = _ask(url, PROMPTS[i], stream=i % 2 == 1)
+            answers[i] = _ask(url, PROMPTS[i], stream=i % 2 == 1, started=started)
         except Exception as e:  # noqa: BLE001 - shown below
             errors.append(f"request {i}: {e}")
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    if not started.wait(60):
+        print("[demo] warning: no streamed token within 60 s; acting anyway", flush=True)
+    time.sleep(0.1)  # every request is decoding now (a few tokens each)
     t0 = time.perf_counter()
     if action == "kill":
         victim = next(r for r in status["ranks"] if r["rank"] == rank)
