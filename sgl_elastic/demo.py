@@ -158,6 +158,7 @@ def _step(url: str, action: str, rank: int | None, before: list[str]) -> None:
         want_tp = tp + 1
     for t in threads:
         t.join(300)
+    answered = time.perf_counter() - t0
     deadline = time.monotonic() + 240
     while not (status := _status(url))["tp_size"] == want_tp or status["state"] != "serving":
         if time.monotonic() > deadline:
@@ -171,7 +172,8 @@ def _step(url: str, action: str, rank: int | None, before: list[str]) -> None:
           f" ({phases}); now tp {status['tp_size']}, widths {status['widths']}; {rec['resumed_requests']} requests"
           " resumed", flush=True)
     same = [answers.get(i) == before[i] for i in range(len(PROMPTS))]
-    print(f"[demo] {len(answers)}/{len(PROMPTS)} requests completed ({done:.1f} s after the {action}), errors:"
+    print(f"[demo] {len(answers)}/{len(PROMPTS)} requests completed ({answered:.1f} s after the {action}; serving at"
+          f" tp {want_tp} {done:.1f} s after it), errors:"
           f" {errors or 'none'}; answers identical to before: {all(same)} {same}", flush=True)
 
 
