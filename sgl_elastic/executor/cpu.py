@@ -16,10 +16,10 @@ moves (it never writes data). Its kept bytes are moved inside the file in decrea
 order (a move never overwrites a source not yet moved; a contiguous block whose source and
 destination overlap is one ``memmove``, a strided one goes through a small staging buffer) by a
 mover thread per regrown rank (up to the cores: 0.59 s instead of 0.69 s for the bench model's
-3 -> 2, medians of 7 interleaved runs), while the reloads and peer copies write the rest: each waits until the moves have passed the first byte it writes (``_Gate``; the
-moves go top-down, so the ops high in the file start first). Peer copies out of such an arena are
-staged before the moves. The cost: the old layout
-is gone once the moves start, so a failure after that leaves the arena neither old nor new
+3 -> 2, medians of 7 interleaved runs), while the reloads and peer copies write the rest: each
+waits until the moves have passed the first byte it writes (``_Gate``; the moves go top-down, so
+the ops high in the file start first). Peer copies out of such an arena are staged before the
+moves. The cost: the old layout is gone once the moves start, so a failure after that leaves the arena neither old nor new
 (``InPlaceFailed``, ``corrupted`` set); before it, the file is given back as it was.
 """
 
