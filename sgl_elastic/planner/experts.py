@@ -11,9 +11,9 @@ experts of single layers, so the contiguous-range machinery of the other familie
   experts a device already holds. A swap search from the current placement competes with it: per
   layer the placement moving the fewest experts within ``REBALANCE_TOL`` (2 %) of the better max
   load / capacity wins, so a periodic rebalance moves a few experts of the layers that drifted.
-  Otherwise (a failure): every device keeps what it held, up to its new width, and the orphans (a dead rank's experts, and a shrunk rank's extra ones) fill the free
-  slots: with loads, heaviest first, each to the rank whose load / capacity it raises least; without,
-  in expert order. Keeping is what a failure wants: only lost experts move (host reloads, no peer
+  Otherwise (a failure): every device keeps what it held, up to its new width, and the orphans (a
+  dead rank's experts, and a shrunk rank's extra ones) fill the free slots: with loads, heaviest
+  first, each to the rank whose load / capacity it raises least; without, in expert order. Keeping is what a failure wants: only lost experts move (host reloads, no peer
   copy), and a survivor that gains experts keeps every one at the same or a higher offset of its
   shard, so the executor can regrow its file in place.
 - *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
