@@ -206,8 +206,10 @@ def _hold(epoch: int) -> None:
         os.unlink(arm)
     except FileNotFoundError:
         return
-    with open(os.path.join(_HOLD_DIR, "held"), "w") as f:
+    tmp = os.path.join(_HOLD_DIR, f"held.{os.getpid()}")
+    with open(tmp, "w") as f:
         f.write(str(epoch))
+    os.replace(tmp, os.path.join(_HOLD_DIR, "held"))  # whole: a test reads it as soon as it exists
     logger.warning("sgl-elastic: test hold of a layer-0 MoE dispatch (expert map epoch %d)", epoch)
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(_HOLD_DIR, "release")) and time.monotonic() < deadline:

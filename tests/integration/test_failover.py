@@ -263,15 +263,17 @@ def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
     assert before["tp_size"] >= 2, before
     (hold_dir / "arm").touch()
     threads, results, errors = _in_flight(_generate, url)
-    deadline = time.monotonic() + 60
-    while not (hold_dir / "held").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert (hold_dir / "held").exists(), "rank 0 never reached a MoE dispatch"
-    held_epoch = int((hold_dir / "held").read_text())
-    assert held_epoch == before["epoch"]
-    os.kill(_rank_pid(url, 1), signal.SIGKILL)
-    time.sleep(0.5)  # rank 1 is dead while rank 0 still holds the step routed under its old map
-    (hold_dir / "release").touch()
+    try:
+        deadline = time.monotonic() + 60
+        while not (hold_dir / "held").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (hold_dir / "held").exists(), "rank 0 never reached a MoE dispatch"
+        held_epoch = int((hold_dir / "held").read_text())
+        assert held_epoch == before["epoch"]
+        os.kill(_rank_pid(url, 1), signal.SIGKILL)
+        time.sleep(0.5)  # rank 1 is dead while rank 0 still holds the step routed under its old map
+    finally:  # never leave rank 0 held for the next test, even when this one fails
+        (hold_dir / "release").touch()
     for t in threads:
         t.join(300)
     assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
