@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     if args.server:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadable by path, not only as a script
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:  # loadable by path (the unit test), not only as a script
+            sys.path.insert(0, here)
         from eplb_server import bench_server
 
         return bench_server(args)

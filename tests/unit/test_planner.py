@@ -308,7 +308,7 @@ def test_expert_rebalance_of_a_drifted_layer_moves_a_few_experts():
     assert moved and {op.layer for op in moved} == {drift}
     assert sum(op.end - op.start for op in moved) <= 4  # a full rebalance of the layer moves ~3/4 of its 128
     new_rows = plan.new_layout.family("experts").placement
-    full = _assign_groups(*_full_groups(loads[drift]), [set(np.flatnonzero(np.array(rows[drift]) == r)) for r in range(4)],
+    full = _assign_groups(_full_groups(loads[drift]), [set(np.flatnonzero(np.array(rows[drift]) == r)) for r in range(4)],
                           [32] * 4, [1.0] * 4)
     assert _max_ratio(new_rows[drift], w, [1.0] * 4) <= _max_ratio(full, w, [1.0] * 4) * (1 + REBALANCE_TOL) + 1e-9
     assert _max_ratio(new_rows[drift], w, [1.0] * 4) < _max_ratio(rows[drift], w, [1.0] * 4)
@@ -320,7 +320,7 @@ def _full_groups(w):
     from sgl_elastic.moe import rebalance_experts
 
     phy2log, _, _ = rebalance_experts(torch.from_numpy(np.asarray(w)[None, :]), [32] * 4)
-    return ([tuple(int(x) for x in phy2log[0, 32 * r:32 * (r + 1)]) for r in range(4)],)
+    return [tuple(int(x) for x in phy2log[0, 32 * r:32 * (r + 1)]) for r in range(4)]
 
 
 @settings(max_examples=60, deadline=None)
