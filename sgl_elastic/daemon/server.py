@@ -468,7 +468,7 @@ class Daemon:
 
     def _apply_migration(self, req: P.ApplyMigration) -> P.Ok:
         """Start the plan in the worker (state MIGRATING); poll Stats: ``last_migration`` and the
-        epoch tell the outcome, ``last_error`` a failure (the old shards are then intact)."""
+        epoch tell the outcome, ``last_error`` a failure (the survivors' shards are then intact)."""
         from sgl_elastic.daemon.migrate import check_plan
         from sgl_elastic.planner.plan import MigrationPlan
 
@@ -498,7 +498,8 @@ class Daemon:
             except Exception as e:
                 logger.error("migration failed:\n%s", traceback.format_exc())
                 reason = self.last_error = (f"migration failed: {type(e).__name__}: {e};"
-                                            " the old shards are intact, the daemon is READY on the old layout")
+                                            " the survivors' shards are intact (the failed ranks' were freed), the daemon is READY on"
+                                            " the old layout")
             with self._lock:
                 if self.state is DaemonState.MIGRATING:
                     self.state = transition(self.state, after, reason)

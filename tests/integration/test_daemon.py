@@ -267,6 +267,43 @@ def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt
         c.close()
 
 
+def test_failed_ranks_memory_is_freed_before_the_migration_starts(daemon, ckpt, tmp_path):
+    """The dead rank's segments (weights, KV) are freed before the migration allocates anything (its
+    memory is lost with the device; freed first, its pages are what the migration gets again). Seen
+    through a migration that fails before it changes anything (the checkpoint is gone): rank 1's
+    segments are gone already, rank 0's are intact and still served, and the daemon is READY."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    c = daemon.client()
+    try:
+        old = layout_of(str(copy), 2)
+        c.load_model(str(copy), old)
+        c.wait_ready(60)
+        c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32")
+        kept = {ref.locator for kind in ("weights", "kv")
+                for ref in (c.export_weights(0) if kind == "weights" else c.export_kv(0)).segments}
+        lost = {ref.locator for kind in ("weights", "kv")
+                for ref in (c.export_weights(1) if kind == "weights" else c.export_kv(1)).segments}
+        for f in glob.glob(str(copy / "*.safetensors")):
+            os.unlink(f)
+        with pytest.raises(DaemonError, match="survivors' shards are intact"):
+            c.apply_migration(plan_migration(old, ClusterChange(failed=(1,))), timeout=60)
+        s = c.stats()
+        assert s.state == "ready" and s.epoch == 0, s
+        names = {os.path.basename(p) for p in segments_of_pid(daemon.pid)}
+        assert kept <= names and not lost & names, (kept, lost, names)
+        with SafetensorsCheckpoint(ckpt) as ck, c.attach_weights(0) as a:
+            for t, shape in rank_tensors(old, 0):
+                assert torch.equal(a.tensors[t.name], expected_shard(ck, old, 0, t, shape)), t.name
+        with pytest.raises(DaemonError) as e:
+            c.export_weights(1)
+        assert e.value.code == "not_found"
+    finally:
+        c.close()
+
+
 def test_expert_parallel_migration_gives_the_dead_ranks_experts_their_dtype(daemon, ckpt):
     """Under expert parallelism a survivor receives experts that only the dead rank held (reloaded
     from the checkpoint): the new segments must describe them too (they once lacked their dtype, so
