@@ -36,11 +36,11 @@ def check_plan(plan: MigrationPlan, layout, held_ranks: set[int]) -> None:
 
 
 def run_plan(memory: DeviceMemory, plan: MigrationPlan, old: dict[int, Segment], ckpt: SafetensorsCheckpoint,
-             label: str, bandwidths: tuple[float, float] | None = None) -> tuple[dict[int, Segment], ExecReport]:
+             label: str, bandwidths: tuple[float, float, float] | None = None) -> tuple[dict[int, Segment], ExecReport]:
     """Execute ``plan``; ``old`` maps surviving old rank -> its weight segment. Returns new rank ->
     segment (the caller frees ``old``) and the executor's report. ``bandwidths``: measured (reload,
-    copy) GB/s for the report's modelled time."""
+    copy, new memory) GB/s for the report's modelled time."""
     num_slots = plan.old_layout.tp_size + plan.change.added
-    read_gbps, copy_gbps = bandwidths or (_CPU_READ_GBPS, _CPU_COPY_GBPS)
-    topo = Topology.single_node(num_slots, read_gbps=read_gbps, copy_gbps=copy_gbps)
+    read_gbps, copy_gbps, alloc_gbps = bandwidths or (_CPU_READ_GBPS, _CPU_COPY_GBPS, 0.0)
+    topo = Topology.single_node(num_slots, read_gbps=read_gbps, copy_gbps=copy_gbps, alloc_gbps=alloc_gbps)
     return memory.run_plan(plan, old, ckpt, topo, label=label)

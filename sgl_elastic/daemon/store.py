@@ -78,7 +78,7 @@ class ModelStore:
         self.index: PrefixIndex | None = None
         self.bytes_read = 0
         self.load_s = 0.0
-        self.bandwidths: tuple[float, float] | None = None  # measured (reload, copy) GB/s, for the cost model
+        self.bandwidths: tuple[float, float, float] | None = None  # measured (reload, copy, new memory) GB/s, for the cost model
         self.pids: dict[int, set[int]] = {}  # rank -> registered worker pids
 
     # ---- weights ---------------------------------------------------------------------------------
@@ -106,8 +106,8 @@ class ModelStore:
                     logger.warning("could not measure this host's bandwidths (%s: %s); the cost model uses"
                                    " built-in figures", type(e).__name__, e)
                 if self.bandwidths is not None:
-                    logger.info("bandwidths while both run: reload %.2f GB/s, copy %.2f GB/s (cost model)",
-                                *self.bandwidths)
+                    logger.info("bandwidths while both run: reload %.2f GB/s, copy %.2f GB/s; new memory"
+                                " %.2f GB/s (cost model)", *self.bandwidths)
         with swap_lock or contextlib.nullcontext():
             self.weights, self.layout, self.checkpoint = built, layout, os.path.abspath(checkpoint)
             self.bytes_read += read

@@ -1,5 +1,5 @@
-"""Measure this machine's host-reload (file read) and peer-copy (shared-memory memcpy) bandwidths,
-to feed the cost model of the CPU executor (``Topology.single_node``).
+"""Measure this machine's host-reload (file read) and peer-copy (shared-memory memcpy) bandwidths
+and the rate of new shared memory, to feed the cost model of the CPU executor (``Topology.single_node``).
 
 Every measurement writes into fresh, pre-faulted shared memory (never a small reused buffer that
 stays in cache), as the executor does.
@@ -15,7 +15,7 @@ import numpy as np
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.executor.shm import ShardSpec, ShmArena
 
-__all__ = ["measure_copy_gbps", "measure_read_gbps", "measure_concurrent_gbps"]
+__all__ = ["measure_copy_gbps", "measure_read_gbps", "measure_concurrent_gbps", "measure_alloc_gbps"]
 
 
 def _arena(label: str, nbytes: int) -> ShmArena:
@@ -123,3 +123,26 @@ def measure_concurrent_gbps(ckpt: SafetensorsCheckpoint, nbytes: int = 256 << 20
         del rbuf, src, dst
     span = max(window["copy_end"], window.get("read_end", 0.0)) - window["t0"]
     return counts["read"] / span / 1e9, counts["copy"] / span / 1e9
+
+
+def measure_alloc_gbps(nbytes: int = 128 << 20, rounds: int = 3) -> float:
+    """GB/s at which new shared memory gets its pages, as a migration's destinations do: a segment
+    of ``nbytes`` is filled and freed (a failed rank's memory, freed before the migration), then a
+    new one of the same size is reserved (``posix_fallocate``) and touched page by page. The best
+    of ``rounds`` (on a VM the first use of host memory is several times slower than reusing pages
+    just freed, which is what a migration does). On a VM this is what a migration's new memory
+    costs, far more than the copy into it."""
+    from sgl_elastic.executor.cpu import _prefault
+
+    best = float("inf")
+    for _ in range(max(1, rounds)):
+        with _arena("bwa-lost", nbytes):
+            pass  # filled by _arena (pre-faulted), freed on exit
+        a = ShmArena.create("bwa-new", [ShardSpec("x", (nbytes,), 1)])
+        try:
+            t = time.perf_counter()
+            _prefault([a])
+            best = min(best, time.perf_counter() - t)
+        finally:
+            a.close()
+    return nbytes / best / 1e9

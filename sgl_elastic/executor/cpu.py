@@ -253,6 +253,7 @@ class CpuExecutor:
                                     sorted(grown.values())) from e
             raise
         keep_gbps = self.copy_gbps
+        alloc = {d: a.nbytes - (old[grown[d]].nbytes if d in grown else 0) for d, a in new.items()}
         report = ExecReport(
             backend="cpu-shm", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans.get("reload", 0.0),
             copy_s=spans.get("copy", 0.0), move_s=spans.get("move", 0.0), fanout_s=t_end - t_fan,
@@ -260,9 +261,8 @@ class CpuExecutor:
             peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout),
             reload_bytes=sum(op.nbytes for op in reloads), file_bytes_read=self.checkpoint.bytes_read - read0,
             num_ops=len(reloads) + len(copies) + len(fanout),
-            predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps),
-            in_place_ranks=len(grown), alloc_bytes=sum(a.nbytes for d, a in new.items() if d not in grown)
-            + sum(new[d].nbytes - old[s].nbytes for d, s in grown.items()),
+            predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps, alloc_bytes=alloc),
+            in_place_ranks=len(grown), alloc_bytes=sum(alloc.values()),
         )
         return new, report
 

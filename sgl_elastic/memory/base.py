@@ -112,9 +112,10 @@ class DeviceMemory(abc.ABC):
 
     shared_pool: bool = False  # True: every rank allocates from one pool (CPU: /dev/shm)
 
-    def measure_bandwidths(self, ckpt) -> tuple[float, float] | None:
-        """(reload GB/s, copy GB/s) this device gets from ``ckpt`` and between its own buffers while
-        both run (what the executor's cost model needs), measured now; None: the built-in figures."""
+    def measure_bandwidths(self, ckpt) -> tuple[float, float, float] | None:
+        """(reload GB/s, copy GB/s, new-memory GB/s) this device gets from ``ckpt`` and between its own
+        buffers while both run, and for new memory (0: free), measured now (what the executor's cost
+        model needs); None: the built-in figures."""
         return None
 
     def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> Segment | None:

@@ -116,16 +116,19 @@ class ShmMemory(DeviceMemory):
         """Adopt an arena the executor allocated (migration destinations)."""
         return ShmSegment(rank, kind, arena, dtypes)
 
-    def measure_bandwidths(self, ckpt) -> tuple[float, float]:
+    def measure_bandwidths(self, ckpt) -> tuple[float, float, float]:
         """A reload worker and a copy worker side by side for ~0.1-0.3 s over up to 128 MiB (at most
         the checkpoint's size) of fresh shared memory each (``executor.bandwidth.
         measure_concurrent_gbps``): on a host with few cores they share the CPU and the memory
-        bandwidth, as the migration's reloads and moves do."""
-        from sgl_elastic.executor.bandwidth import measure_concurrent_gbps
+        bandwidth, as the migration's reloads and moves do; then the rate of new pages after freeing
+        as many (``measure_alloc_gbps``), as a migration gets them."""
+        from sgl_elastic.executor.bandwidth import measure_alloc_gbps, measure_concurrent_gbps
 
         mib = 1 << 20
         size = sum(e.nbytes for e in ckpt.entries.values())  # a small model gets a small probe
-        return measure_concurrent_gbps(ckpt, nbytes=max(4, min(128, size // mib)) * mib, chunk_bytes=mib)
+        probe = max(4, min(128, size // mib)) * mib
+        read, copy = measure_concurrent_gbps(ckpt, nbytes=probe, chunk_bytes=mib)
+        return read, copy, measure_alloc_gbps(probe)
 
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
         """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a

@@ -35,10 +35,17 @@ class CostEstimate(msgspec.Struct, frozen=True, kw_only=True):
     fanout_s: float
     serial_s: float
     bottleneck: str
+    alloc_s: float = 0.0
 
 
-def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 0.0) -> CostEstimate:
-    """Predict the wall time of ``plan`` on ``topology`` (bandwidths in GB/s, result in seconds)."""
+def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 0.0,
+                 alloc_bytes: dict[int, int] | None = None) -> CostEstimate:
+    """Predict the wall time of ``plan`` on ``topology`` (bandwidths in GB/s, result in seconds).
+
+    ``alloc_bytes``: new rank -> bytes of new memory its destination takes (what the executor
+    allocates: all of it, or only the extension of a file regrown in place). With the topology's
+    ``alloc_gbps`` they add ``alloc_s``. The model adds it to the copies' time instead of overlapping
+    it: allocating pages means zeroing them, on the cores and through the memory bus the copies use."""
     slots = plan.new2slot
     reload_in: dict[int, int] = {}
     keep_at: dict[int, int] = {}
@@ -90,7 +97,16 @@ def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 
     if topology.node_copy_gbps and fan:
         fan_bytes = sum(op.nbytes for op in plan.ops if op.stage == 1)
         fanout_s = max(fanout_s, fan_bytes / (max(topology.node_copy_gbps) * GB))
+    alloc_s = 0.0
+    if alloc_bytes and topology.alloc_gbps:
+        per_node = {}
+        for d, b in alloc_bytes.items():
+            node = topology.node_of_slot[slots[d]]
+            per_node[node] = per_node.get(node, 0) + b
+        alloc_s = max((b / (topology.alloc_gbps[n] * GB) for n, b in per_node.items()
+                       if n < len(topology.alloc_gbps) and topology.alloc_gbps[n] > 0), default=0.0)
+        phases["alloc"] = alloc_s
     bottleneck = max(phases, key=phases.get)  # type: ignore[arg-type]
-    predicted = max(reload_s, peer_s, keep_s) + fanout_s
+    predicted = max(reload_s, peer_s, keep_s) + fanout_s + alloc_s
     return CostEstimate(predicted_s=predicted, reload_s=reload_s, peer_s=peer_s, keep_s=keep_s, fanout_s=fanout_s,
-                        serial_s=reload_s + peer_s + fanout_s, bottleneck=bottleneck)
+                        serial_s=reload_s + peer_s + fanout_s + alloc_s, bottleneck=bottleneck, alloc_s=alloc_s)

@@ -24,6 +24,9 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
         storage_gbps: ``[num_nodes]`` read bandwidth shared by all devices of a node; 0 = no shared limit.
         node_copy_gbps: ``[num_nodes]`` copy bandwidth shared by every peer/keep copy landing on a node
             (CPU backend: the memory bandwidth the copy workers get); empty or 0 = no shared limit.
+        alloc_gbps: ``[num_nodes]`` rate at which a node's devices get new memory for the destinations
+            (CPU backend: the kernel allocating and zeroing shared-memory pages, on the cores and the
+            memory bus the copies use); empty or 0 = free (GPU: carved from the daemon's pool).
     """
 
     node_of_slot: tuple[int, ...]
@@ -31,6 +34,7 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
     host_gbps: tuple[float, ...]
     storage_gbps: tuple[float, ...] = ()
     node_copy_gbps: tuple[float, ...] = ()
+    alloc_gbps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.node_of_slot)
@@ -42,12 +46,14 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"storage_gbps has {len(self.storage_gbps)} entries for {max(self.node_of_slot) + 1} nodes")
 
     @classmethod
-    def single_node(cls, num_slots: int, *, read_gbps: float, copy_gbps: float) -> "Topology":
+    def single_node(cls, num_slots: int, *, read_gbps: float, copy_gbps: float, alloc_gbps: float = 0.0) -> "Topology":
         """One host whose devices are shared-memory shards (CPU backend): every copy goes through the
-        node's memory at ``copy_gbps`` in all, every reload through ``read_gbps`` in all."""
+        node's memory at ``copy_gbps`` in all, every reload through ``read_gbps`` in all, and new
+        memory comes at ``alloc_gbps`` (0: not modelled)."""
         links = tuple(tuple(0.0 if i == j else copy_gbps for j in range(num_slots)) for i in range(num_slots))
         return cls(node_of_slot=(0,) * num_slots, link_gbps=links, host_gbps=(read_gbps,) * num_slots,
-                   storage_gbps=(read_gbps,), node_copy_gbps=(copy_gbps,))
+                   storage_gbps=(read_gbps,), node_copy_gbps=(copy_gbps,),
+                   alloc_gbps=(alloc_gbps,) if alloc_gbps > 0 else ())
 
     @property
     def num_slots(self) -> int:

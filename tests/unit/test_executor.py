@@ -91,7 +91,8 @@ def test_arena_names_are_unique_and_cleaned_up():
 
 def test_bandwidth_probes_measure_and_leave_nothing(tmp_path):
     """The daemon's cost-model figures (``ShmMemory.measure_bandwidths``) come from these probes."""
-    from sgl_elastic.executor.bandwidth import measure_concurrent_gbps, measure_copy_gbps, measure_read_gbps
+    from sgl_elastic.executor.bandwidth import (measure_alloc_gbps, measure_concurrent_gbps, measure_copy_gbps,
+                                                measure_read_gbps)
     from sgl_elastic.memory.shm import ShmMemory
 
     write_checkpoint(tmp_path, ElasticLayout.from_hf_config(toy_config(), 2))
@@ -100,7 +101,9 @@ def test_bandwidth_probes_measure_and_leave_nothing(tmp_path):
         read, copy = measure_concurrent_gbps(ck, nbytes=4 << 20, chunk_bytes=1 << 20)
         assert read > 0 and copy > 0
         assert measure_read_gbps(ck, max_bytes=4 << 20) > 0 and measure_copy_gbps(4 << 20, 1 << 20) > 0
-        assert all(x > 0 for x in ShmMemory("bwtest").measure_bandwidths(ck))
+        assert measure_alloc_gbps(4 << 20) > 0
+        got = ShmMemory("bwtest").measure_bandwidths(ck)
+        assert len(got) == 3 and all(x > 0 for x in got), got
     after = {e.name for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{os.getpid()}-")}
     assert after == before, f"probe arenas left in /dev/shm: {after - before}"
 

@@ -431,6 +431,14 @@ def test_cost_model_by_hand():
     cpu = Topology.single_node(2, read_gbps=2.0, copy_gbps=4.0)
     est = predict_time(plan, cpu, keep_gbps=4.0)
     assert est.predicted_s == pytest.approx(max(plan.reload_bytes / 2e9, plan.keep_bytes / 4e9))
+    # new memory (the survivor's file regrown by the lost half) adds its allocation time; no rate: free
+    grown = {0: plan.reload_bytes}
+    assert predict_time(plan, cpu, keep_gbps=4.0, alloc_bytes=grown).predicted_s == pytest.approx(est.predicted_s)
+    cpu_alloc = Topology.single_node(2, read_gbps=2.0, copy_gbps=4.0, alloc_gbps=1.5)
+    est_a = predict_time(plan, cpu_alloc, keep_gbps=4.0, alloc_bytes=grown)
+    assert est_a.alloc_s == pytest.approx(plan.reload_bytes / 1.5e9)
+    assert est_a.predicted_s == pytest.approx(est.predicted_s + plan.reload_bytes / 1.5e9)
+    assert est_a.bottleneck == "alloc"  # 1.5 GB/s is the slowest resource here
     # a peer copy over a 10 GB/s link in a 2-island topology
     old4 = ElasticLayout.from_hf_config(mixtral_8x22b(), 4)
     plan4 = plan_migration(old4, ClusterChange(failed=(0,)), Topology.islands([0, 0, 1, 1], intra_gbps=100,
