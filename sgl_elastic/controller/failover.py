@@ -847,7 +847,8 @@ class FailoverController:
                                  "file_bytes_read": summary.file_bytes_read, "achieved_s": summary.achieved_s,
                                  "alloc_s": summary.alloc_s, "reload_s": summary.reload_s, "copy_s": summary.copy_s, "move_s": summary.move_s,
                                  "predicted_s": summary.predicted_s, "in_place_ranks": summary.in_place_ranks,
-                                 "alloc_bytes": summary.alloc_bytes,
+                                 "alloc_bytes": summary.alloc_bytes, "kv_kept_slots": summary.kv_kept_slots,
+                                 "kv_s": summary.kv_s,
                                  "lower_bound_reload_bytes": plan.lower_bound_reload_bytes}
                 self.daemon.layout = plan.new_layout
                 return ""

@@ -182,16 +182,19 @@ class DaemonClient:
         return attach_handles(self.export_weights(rank), populate=populate)
 
     def alloc_kv(self, *, num_layers: int, head_dim: int, num_slots: int, dtype: str,
-                 kv_heads: list[int] | None = None, budget_slots: int = 0, page_size: int = 1) -> str:
+                 kv_heads: list[int] | None = None, budget_slots: int = 0, page_size: int = 1,
+                 backup: bool = False) -> str:
         return self._req(P.AllocKv, num_layers=num_layers, head_dim=head_dim, num_slots=num_slots, dtype=dtype,
-                         kv_heads=list(kv_heads or []), budget_slots=budget_slots, page_size=page_size).detail
+                         kv_heads=list(kv_heads or []), budget_slots=budget_slots, page_size=page_size,
+                         backup=backup).detail
 
-    def export_kv(self, rank: int) -> P.Handles:
-        return self._req(P.ExportKv, rank=rank)
+    def export_kv(self, rank: int, *, backup: bool = False) -> P.Handles:
+        return self._req(P.ExportKv, rank=rank, backup=backup)
 
-    def attach_kv(self, rank: int, *, populate: bool = False) -> AttachedTensors:
-        """Map ``rank``'s KV pool: ``.tensors["kv.<layer>"]``, ``[2, num_slots, kv_heads, head_dim]`` (K = [0], V = [1])."""
-        return attach_handles(self.export_kv(rank), populate=populate)
+    def attach_kv(self, rank: int, *, populate: bool = False, backup: bool = False) -> AttachedTensors:
+        """Map ``rank``'s KV pool (``backup``: its backup pool): ``.tensors["kv.<layer>"]``,
+        ``[2, num_slots, kv_heads, head_dim]`` (K = [0], V = [1])."""
+        return attach_handles(self.export_kv(rank, backup=backup), populate=populate)
 
     def kv_match(self, token_ids: list[int], *, pin: bool = False, namespace: str = "") -> P.KvMatchReply:
         """Longest cached prefix; ``pin``: held for this process until ``kv_release`` or its death."""

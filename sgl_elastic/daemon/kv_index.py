@@ -107,6 +107,10 @@ class PrefixIndex:
     def holds(self, slot: int) -> bool:
         return slot in self._held
 
+    def held_slots(self) -> frozenset[int]:
+        """Every slot the index holds now."""
+        return frozenset(self._held)
+
     def _pages(self, token_ids: Sequence[int]) -> list[tuple[int, ...]]:
         p = self.page_size
         n = len(token_ids) // p * p

@@ -136,6 +136,9 @@ class AllocKv(_Req):
     ``kv_heads``: per rank (``[tp]``); empty: from the held layout's attention family.
     ``budget_slots``: cached (unpinned + pinned) slots the prefix index may hold; 0: ``num_slots``.
     ``page_size``: tokens per index entry (prefixes are cached in whole pages).
+    ``backup``: at tp >= 2 every rank also gets a backup pool of the same shape that it writes beside
+    its own and that outlives it (held on the next rank's device), so a migration after its failure
+    keeps the KV (``ExportKv(backup=True)`` maps it).
     Idempotent for the same geometry (a restarted worker gets the existing pools and index).
     """
 
@@ -146,10 +149,14 @@ class AllocKv(_Req):
     kv_heads: list[Annotated[int, Meta(ge=1, le=1 << 16)]] = []
     budget_slots: NonNeg = 0
     page_size: Annotated[int, Meta(ge=1, le=4096)] = 1
+    backup: bool = False
 
 
 class ExportKv(_Req):
+    """Handles of ``rank``'s KV pool (``backup``: of its backup pool)."""
+
     rank: Rank
+    backup: bool = False
 
 
 Namespace = Annotated[str, Meta(max_length=256)]
@@ -311,6 +318,8 @@ class MigrationSummary(msgspec.Struct, kw_only=True):
     move_s: float = 0.0  # in-place moves of the kept bytes (CPU; beside the reloads)
     in_place_ranks: int = 0  # new ranks whose segment is a survivor's, regrown in place (CPU)
     alloc_bytes: int = 0  # new memory the migration took (in place: only the extensions)
+    kv_kept_slots: int = 0  # indexed KV slots carried over to the new layout (0: KV dropped)
+    kv_s: float = 0.0  # seconds carrying the KV pools over
 
 
 class StatsReply(_Msg):

@@ -400,11 +400,13 @@ class Daemon:
     def _kv_forget(self, req: P.KvForget) -> P.Ok:
         with self._lock:
             dropped = self._index().forget(req.slots, req.namespace)
+            self.store.kv_unbacked -= set(dropped)
         return P.Ok(version=P.PROTOCOL_VERSION, detail=str(len(dropped)))
 
     def _kv_clear(self, req: P.KvClear) -> P.Ok:
         with self._lock:
             dropped = self._index().clear()
+            self.store.kv_unbacked = set()
         return P.Ok(version=P.PROTOCOL_VERSION, detail=str(len(dropped)))
 
     def _alloc_kv(self, req: P.AllocKv) -> P.Ok:
@@ -420,7 +422,7 @@ class Daemon:
             if req.budget_slots > req.num_slots:
                 raise ValueError(f"budget_slots={req.budget_slots} exceeds num_slots={req.num_slots}")
             spec = KvSpec(req.num_layers, req.head_dim, req.num_slots, req.dtype, kv_heads)
-            new = self.store.alloc_kv(spec, req.budget_slots, req.page_size)
+            new = self.store.alloc_kv(spec, req.budget_slots, req.page_size, backup=req.backup)
             total = sum(s.nbytes for s in self.store.kv.values())
         verb = "allocated" if new else "already held (same geometry; index kept)"
         return P.Ok(version=P.PROTOCOL_VERSION, detail=f"KV pools {verb} for ranks {sorted(self.store.kv)}: {total} bytes")
@@ -428,7 +430,7 @@ class Daemon:
     def _export_kv(self, req: P.ExportKv) -> P.Handles:
         self._need(DaemonState.READY, DaemonState.EMPTY, what="ExportKv")
         with self._lock:
-            return self.store.handles("kv", req.rank)
+            return self.store.handles("kvbak" if req.backup else "kv", req.rank)
 
     def _index(self):
         if self.store.index is None:
@@ -464,6 +466,7 @@ class Daemon:
     def _evict_kv(self, req: P.EvictKv) -> P.EvictReply:
         with self._lock:
             freed = self._index().evict(req.num_slots)
+            self.store.kv_unbacked &= self.store.index.held_slots()
         return P.EvictReply(version=P.PROTOCOL_VERSION, freed_slots=freed)
 
     def _apply_migration(self, req: P.ApplyMigration) -> P.Ok:
@@ -488,7 +491,7 @@ class Daemon:
                     reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
                     alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s, move_s=rep.move_s,
                     predicted_s=rep.predicted.predicted_s, in_place_ranks=rep.in_place_ranks,
-                    alloc_bytes=rep.alloc_bytes)
+                    alloc_bytes=rep.alloc_bytes, kv_kept_slots=self.store.last_kv[0], kv_s=self.store.last_kv[1])
                 logger.info("migration done: %d of %d ranks in place, %.1f MB of new memory, %.3f s",
                             rep.in_place_ranks, plan.new_layout.tp_size, rep.alloc_bytes / 1e6, rep.achieved_s)
             except ModelDropped as e:

@@ -18,6 +18,7 @@ import threading
 import time
 
 from sgl_elastic.daemon.kv_index import PrefixIndex
+from sgl_elastic.daemon.kv_migrate import backup_holder, migrate_kv
 from sgl_elastic.layout.dtypes import ITEMSIZE as DTYPE_ITEMSIZE
 from sgl_elastic.memory import DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.daemon.protocol import Handles, KvIndexStats, RankStats, PROTOCOL_VERSION
@@ -72,6 +73,12 @@ class ModelStore:
         self.weights: dict[int, Segment] = {}
         self.kv: dict[int, Segment] = {}
         self.kv_spare: dict[int, Segment] = {}  # new rank -> its survivor's old KV pool, regrown by alloc_kv
+        # rank -> the backup of its KV pool (same shape, written by the rank beside its pool), held on the
+        # device of kv_migrate.backup_holder(rank): it outlives the rank, so a failure keeps the KV
+        self.kv_backup: dict[int, Segment] = {}
+        self.kv_unbacked: set[int] = set()  # indexed slots written before the backups existed (no copy)
+        self.kv_carried = False  # the pools and index were carried over by the last migration, not yet asked for
+        self.last_kv: tuple[int, float] = (0, 0.0)  # (indexed slots carried over, seconds) of the last migration
         self.params: dict[int, Segment] = {}  # rank -> SGLang's loaded parameters (PublishParams)
         self.params_ready: set[int] = set()  # ranks whose params segment is committed
         self.kv_spec: KvSpec | None = None
@@ -138,6 +145,9 @@ class ModelStore:
         with swap_lock or contextlib.nullcontext():
             lost = [table.pop(r) for table in (self.weights, self.kv, self.params) for r in sorted(failed)
                     if r in table]
+            # the backups held on a failed device (those of the ranks before them) go with it
+            lost += [self.kv_backup.pop(r) for r in sorted(self.kv_backup)
+                     if backup_holder(r, self.layout.tp_size) in failed]
             self.params_ready -= failed
         for seg in lost:
             seg.close()
@@ -151,24 +161,33 @@ class ModelStore:
             if not e.corrupted:
                 raise
             with swap_lock or contextlib.nullcontext():
-                dropped = [*self.weights.values(), *self.kv.values(), *self.params.values(), *self.kv_spare.values()]
-                self.kv_spare = {}
+                dropped = [*self.weights.values(), *self.kv.values(), *self.params.values(), *self.kv_spare.values(),
+                           *self.kv_backup.values()]
+                self.kv_spare, self.kv_backup, self.kv_carried, self.kv_unbacked = {}, {}, False, set()
                 self.weights, self.kv, self.kv_spec, self.index = {}, {}, None, None
                 self.params, self.params_ready, self.layout, self.pids = {}, set(), None, {}
             for seg in dropped:
                 seg.close()
             raise ModelDropped(f"{e}; the shards of old ranks {e.ranks} had been partly moved in place, so the"
                                " model was dropped (no layout held): LoadModel again") from e
-        # Step 2: swap in the new layout.
+        # Step 2: swap in the new layout; the KV pools and the prefix index are carried over when every KV
+        # head has a live source (kv_migrate), else dropped (the requests are re-prefilled).
+        carried = self._carry_kv(plan, swap_lock)
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new
-            old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
+            if carried is not None:
+                old_kv = {s: seg for s, seg in self.kv.items() if s not in carried[2]}
+                self.kv, self.kv_spec = carried[0], carried[1]
+                self.kv_carried = True
+            else:
+                old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
+            old_backups, self.kv_backup = self.kv_backup, {}  # new ones come with the next AllocKv
             # a survivor's old pool is regrown as its new rank's by the next AllocKv (its pages are
             # resident: only the extension needs new ones); its contents are stale, never read
             # (SGLang writes a slot before it reads it, and the prefix index starts empty)
             old_spare, self.kv_spare = self.kv_spare, {}
             for s, seg in list(old_kv.items()):
-                if plan.old2new_rank[s] >= 0:
+                if carried is None and plan.old2new_rank[s] >= 0:
                     self.kv_spare[plan.old2new_rank[s]] = old_kv.pop(s)
             old_params, self.params, self.params_ready = self.params, {}, set()
             self.layout = plan.new_layout
@@ -176,13 +195,44 @@ class ModelStore:
             self.bytes_read += report.file_bytes_read
             self.pids = {}
         # Step 3: free the old shards and KV (other processes' mappings stay valid until unmapped).
-        olds = [*old.values(), *old_kv.values(), *old_params.values(), *old_spare.values()]
+        olds = [*old.values(), *old_kv.values(), *old_params.values(), *old_spare.values(), *old_backups.values()]
         if freed is not None:
             freed.extend(olds)
         else:
             for seg in olds:
                 seg.close()
         return report
+
+    def _carry_kv(self, plan: MigrationPlan, swap_lock=None) -> tuple[dict, KvSpec, set[int]] | None:
+        """(new pools, their spec, old ranks whose pools became new ones) when the KV pools and the
+        prefix index can follow ``plan`` (``kv_migrate``: every KV head of the new layout has a live
+        source), else None (the caller drops them). After a failure, the indexed slots written before
+        the backups existed are forgotten first (the dead rank's heads of them are nowhere)."""
+        self.last_kv = (0, 0.0)
+        spec = self.kv_spec
+        if not self.kv or spec is None or self.index is None:
+            return None
+        t0 = time.perf_counter()
+        with swap_lock or contextlib.nullcontext():
+            if plan.change.failed and self.kv_unbacked:
+                self.index.forget(sorted(self.kv_unbacked & self.index.held_slots()))
+            self.kv_unbacked = set()
+        old_attn, new_attn = plan.old_layout.family("attn"), plan.new_layout.family("attn")
+        new_spec = KvSpec(spec.num_layers, spec.head_dim, spec.num_slots, spec.dtype,
+                          {d: new_attn.rank_kv_heads(d) for d in range(plan.new_layout.tp_size)})
+        try:
+            got = migrate_kv(self.memory, spec, new_spec, old_attn, new_attn, plan.old2new_rank, dict(self.kv),
+                             dict(self.kv_backup), kv_allocs)
+        except Exception as e:  # noqa: BLE001 - the KV is dropped, as when it cannot be carried
+            logger.warning("KV pools not carried over (%s: %s); the requests will be prefilled again",
+                           type(e).__name__, e)
+            return None
+        if got is None:
+            logger.info("KV pools not carried over: a KV head has no live source (no backup)")
+            return None
+        self.last_kv = (self.index.cached_slots, time.perf_counter() - t0)
+        logger.info("KV pools carried over: %d indexed slots kept, %.3f s", *self.last_kv)
+        return got[0], new_spec, got[1]
 
     # ---- published parameters (SGLang's own tensors after loading) --------------------------------
     def publish_params(self, rank: int, specs: list[TensorAlloc]) -> Handles:
@@ -208,18 +258,26 @@ class ModelStore:
 
 
     # ---- KV ------------------------------------------------------------------------------------
-    def alloc_kv(self, spec: KvSpec, budget_slots: int, page_size: int) -> bool:
+    def alloc_kv(self, spec: KvSpec, budget_slots: int, page_size: int, backup: bool = False) -> bool:
         """One KV pool per held rank (or per rank of ``spec.kv_heads`` when no model is held).
 
         Idempotent: asking again for the same geometry (a restarted worker) keeps the pools and the
-        index and returns False; a different geometry is refused. True when allocated now.
+        index and returns False; a different geometry is refused, except for pools a migration carried
+        over that nobody asked for yet (they are dropped and allocated anew). True when allocated now.
+        ``backup``: every rank also gets a backup pool (``kv_backup``; at tp >= 2).
         """
         if self.kv:
             assert self.kv_spec is not None and self.index is not None
             same = (self.kv_spec.key() == spec.key() and self.index.page_size == page_size
                     and self.index.budget_slots == (budget_slots or spec.num_slots))
             if same:
+                self.kv_carried = False
+                self._ensure_backups(backup)
                 return False
+            if self.kv_carried:
+                logger.info("the KV pools carried over have another geometry than asked for: allocated anew")
+                self.drop_kv()
+        if self.kv:
             raise ValueError(
                 f"a KV pool of another geometry is allocated (layers={self.kv_spec.num_layers},"
                 f" head_dim={self.kv_spec.head_dim}, slots={self.kv_spec.num_slots}, dtype={self.kv_spec.dtype},"
@@ -247,21 +305,40 @@ class ModelStore:
         for s in spare.values():
             s.close()
         self.kv, self.kv_spec, self.index = built, spec, index
+        self.kv_carried, self.kv_unbacked = False, set()
         for seg in built.values():
             seg.reserve_async()
+        self._ensure_backups(backup)
         return True
 
+    def _ensure_backups(self, backup: bool) -> None:
+        """With ``backup`` and >= 2 pools: a backup pool for every pool that has none (sparse, its pages
+        reserved in the background). The slots the index holds now were written without a copy there."""
+        if not backup or len(self.kv) < 2 or self.kv_spec is None or self.index is None:
+            return
+        todo = [r for r in sorted(self.kv) if r not in self.kv_backup]
+        if not todo:
+            return
+        self.memory.check_fits({r: self.kv_spec.rank_bytes(r) for r in todo}, "the KV backups")
+        for r in todo:
+            seg = self.memory.allocate(r, "kvbak", kv_allocs(self.kv_spec, r))
+            self.kv_backup[r] = seg
+            seg.reserve_async()
+        self.kv_unbacked |= self.index.held_slots()
+
     def drop_kv(self) -> None:
-        for seg in self.kv.values():
+        for seg in [*self.kv.values(), *self.kv_backup.values()]:
             seg.close()
-        self.kv, self.kv_spec, self.index = {}, None, None
+        self.kv, self.kv_spec, self.index, self.kv_backup = {}, None, None, {}
+        self.kv_carried, self.kv_unbacked = False, set()
 
     # ---- export / stats -------------------------------------------------------------------------
     def handles(self, kind: str, rank: int) -> Handles:
-        table = {"weights": self.weights, "kv": self.kv, "params": self.params}[kind]
+        table = {"weights": self.weights, "kv": self.kv, "kvbak": self.kv_backup, "params": self.params}[kind]
         seg = table.get(rank)
         if seg is None:
             what = {"weights": "weights", "kv": "a KV pool (AllocKv first)",
+                    "kvbak": "a KV backup (AllocKv with backup, at tp >= 2)",
                     "params": "published parameters (PublishParams first)"}[kind]
             raise KeyError(f"rank {rank} has no {what} in this daemon; it holds ranks {sorted(table)}")
         return Handles(version=PROTOCOL_VERSION, instance=self.instance, rank=rank, kind=kind, epoch=self.epoch,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from sgl_elastic.daemon.client import DaemonClient
+from sgl_elastic.daemon.client import DaemonClient, DaemonError
 from sgl_elastic.memory import AttachedTensors
 
 __all__ = ["WorkerAttachment", "sglang_kv_rows"]
@@ -54,16 +54,30 @@ class WorkerAttachment:
         return a.tensors
 
     def kv_buffers(self, *, num_layers: int, head_dim: int, size: int, page_size: int, dtype: str,
-                   budget_slots: int = 0) -> tuple[list, list]:
+                   budget_slots: int = 0, backup: bool = False) -> tuple[list, list]:
         """Per-layer (K, V) views over the daemon's KV pool of this rank (allocated on first call).
 
         KV heads per rank come from the daemon's layout. ``budget_slots``: most slots the prefix index
-        may keep cached (0: all).
+        may keep cached (0: all). ``backup``: ask for backup pools too (``kv_backup_buffers``).
         """
         rows, alloc_rows = sglang_kv_rows(size, page_size)
         self.client.alloc_kv(num_layers=num_layers, head_dim=head_dim, num_slots=alloc_rows, dtype=dtype,
-                             budget_slots=budget_slots, page_size=page_size)
-        a = self.client.attach_kv(self.rank)  # not populated: the pool's pages come as tokens are written
+                             budget_slots=budget_slots, page_size=page_size, backup=backup)
+        return self._kv_views(num_layers, rows, backup=False)
+
+    def kv_backup_buffers(self, *, num_layers: int, size: int, page_size: int) -> tuple[list, list] | None:
+        """Per-layer (K, V) views over this rank's KV backup pool (after ``kv_buffers(backup=True)``),
+        shaped as its pool's; None when the daemon holds none (tp 1)."""
+        rows, _ = sglang_kv_rows(size, page_size)
+        try:
+            return self._kv_views(num_layers, rows, backup=True)
+        except DaemonError as e:
+            if e.code == "not_found":
+                return None
+            raise
+
+    def _kv_views(self, num_layers: int, rows: int, *, backup: bool) -> tuple[list, list]:
+        a = self.client.attach_kv(self.rank, backup=backup)  # not populated: pages come as tokens are written
         self._check_instance(a)
         self._mapped.append(a)
         kv = [a.tensors[f"kv.{layer}"] for layer in range(num_layers)]

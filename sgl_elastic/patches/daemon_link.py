@@ -295,13 +295,18 @@ def kv_buffers(pool, k_shape, v_shape):
         return None
     att = attachment()
     t0 = time.perf_counter()
+    from sgl_elastic.patches import reconfigure
+
+    backup = reconfigure.enabled()  # in-place failover: a backup (at tp >= 2) keeps the KV over a failure
     k, v = att.kv_buffers(num_layers=pool.layer_num, head_dim=k_shape[2], size=pool.size,
-                          page_size=pool.page_size, dtype=dtype_name(pool.store_dtype))
+                          page_size=pool.page_size, dtype=dtype_name(pool.store_dtype), backup=backup)
+    pool._sgle_kv_backup = att.kv_backup_buffers(num_layers=pool.layer_num, size=pool.size,
+                                                 page_size=pool.page_size) if backup else None
     if tuple(k[0].shape) != tuple(k_shape) or k[0].dtype != pool.store_dtype:
         raise RuntimeError(f"sgl-elastic: the daemon's KV pool has rows {tuple(k[0].shape)} {k[0].dtype} but SGLang"
                            f" wants {tuple(k_shape)} {pool.store_dtype}")
-    log(f"rank {att.rank}: KV pool attached from the daemon ({len(k)} layers x {tuple(k_shape)}) in"
-        f" {time.perf_counter() - t0:.3f} s")
+    log(f"rank {att.rank}: KV pool attached from the daemon ({len(k)} layers x {tuple(k_shape)}"
+        f"{', with its backup' if pool._sgle_kv_backup is not None else ''}) in {time.perf_counter() - t0:.3f} s")
     return k, v
 
 

@@ -1,4 +1,5 @@
-"""Patch of SGLang's ``mem_cache/memory_pool.py`` for the state daemon (``--elastic-daemon``).
+"""Patch of SGLang's ``mem_cache/memory_pool.py`` for the state daemon (``--elastic-daemon``): the KV
+pool lives in the daemon, and with in-place failover every write is mirrored into the rank's backup.
 
 Passes straight through unless ``SGLE_DAEMON_DIR`` was set at plugin load.
 """
@@ -17,3 +18,20 @@ def create_buffers_normal(original, self):
             self.k_buffer, self.v_buffer = kv
             return None
     return original(self)
+
+
+def set_kv_buffer(result, self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
+    """MHATokenToKVPool.set_kv_buffer (AFTER): the rows just written are copied into this rank's KV
+    backup (``daemon_link.kv_buffers``), which outlives the rank, so a failover keeps the KV."""
+    backup = getattr(self, "_sgle_kv_backup", None)
+    if backup is None:
+        return None
+    from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
+
+    override = args[2] if len(args) > 2 else kwargs.get("layer_id_override")
+    lid = (override if override is not None else layer.layer_id) - self.start_layer
+    loc = unwrap_write_loc(loc_info)[0]
+    k_backup, v_backup = backup
+    k_backup[lid][loc] = self.k_buffer[lid][loc]
+    v_backup[lid][loc] = self.v_buffer[lid][loc]
+    return None

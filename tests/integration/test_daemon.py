@@ -482,3 +482,67 @@ def test_kv_forget_drops_prefixes_using_freed_slots(loaded):
     assert c.kv_forget([6, 40]) == 0  # not held: nothing to drop
     assert c.kv_clear() == 3
     assert c.kv_dump().entries == []
+
+
+def _kv_code(layer: int, half: int, slots: int, head: int, head_dim: int) -> np.ndarray:
+    """What the test writes for KV head ``head`` (global) of every slot: exact in float32."""
+    s = np.arange(slots, dtype=np.float32)[:, None]
+    d = np.arange(head_dim, dtype=np.float32)[None, :]
+    return layer * 1e6 + half * 5e5 + s * 100 + head * 20 + d
+
+
+@pytest.mark.parametrize("failed,backup", [((1,), True), ((0,), True), ((1,), False)],
+                         ids=["kill1-backup", "kill0-backup", "kill1-no-backup"])
+def test_kv_pools_and_index_follow_a_failure_through_the_backups(daemon, ckpt, failed, backup):
+    """At tp 3 every rank writes its KV heads into its pool and its backup (as the patched SGLang
+    does); a rank dies; the migration carries the pools over to tp 2: every new rank's pool holds
+    exactly the KV of its new heads (kept ones moved in place, the dead rank's from its backup) at
+    the same slots, and the prefix index is kept. Without backups nothing is carried over."""
+    layers, head_dim, slots = 2, 16, 64
+    c = daemon.client()
+    try:
+        old = layout_of(ckpt, 3)
+        c.load_model(ckpt, old)
+        c.wait_ready(60)
+        c.alloc_kv(num_layers=layers, head_dim=head_dim, num_slots=slots, dtype="float32", backup=backup)
+        attn = old.family("attn")
+        for r in range(3):
+            for bk in (False, True) if backup else (False,):
+                with c.attach_kv(r, backup=bk) as a:
+                    a0, b0 = attn.rank_kv_head_range(r)
+                    for layer in range(layers):
+                        t = a.tensors[f"kv.{layer}"]
+                        for h in range(a0, b0):
+                            for half in (0, 1):
+                                t[half, :, h - a0] = torch.from_numpy(_kv_code(layer, half, slots, h, head_dim))
+        if not backup:
+            with pytest.raises(DaemonError) as e:
+                c.export_kv(0, backup=True)
+            assert e.value.code == "not_found"
+        c.kv_insert(list(range(100, 110)), list(range(10)))
+        plan = plan_migration(old, ClusterChange(failed=failed))
+        summary = c.apply_migration(plan, timeout=60)
+        if not backup:
+            assert summary.kv_kept_slots == 0 and c.stats().kv.cached_slots == 0
+            return
+        assert summary.kv_kept_slots == 10
+        # the rebuilt ranks ask for the same geometry: the carried pools and the index are theirs
+        detail = c.alloc_kv(num_layers=layers, head_dim=head_dim, num_slots=slots, dtype="float32", backup=True)
+        assert "already held" in detail
+        assert c.kv_match(list(range(100, 110))).num_tokens == 10
+        new_attn = plan.new_layout.family("attn")
+        for d in range(plan.new_layout.tp_size):
+            with c.attach_kv(d) as a:
+                a0, b0 = new_attn.rank_kv_head_range(d)
+                assert a.tensors["kv.0"].shape[2] == b0 - a0
+                for layer in range(layers):
+                    t = a.tensors[f"kv.{layer}"]
+                    for h in range(a0, b0):
+                        for half in (0, 1):
+                            np.testing.assert_array_equal(t[half, :, h - a0].numpy(),
+                                                          _kv_code(layer, half, slots, h, head_dim),
+                                                          err_msg=f"rank {d} layer {layer} head {h} half {half}")
+            with c.attach_kv(d, backup=True):  # a new backup for the next failure
+                pass
+    finally:
+        c.close()

@@ -220,6 +220,9 @@ def test_kill_rank_mid_stream(server, want, want_long, case):
     assert rec["migration"]["in_place_ranks"] == tp - 1, rec["migration"]
     m = rec["migration"]
     assert 0 < m["alloc_bytes"] < m["keep_bytes"] + m["peer_bytes"] + m["reload_bytes"], m  # < a whole copy
+    # the KV pools and the prefix index followed (the dead rank's heads from its backup): the prompts
+    # cached before the failure are not prefilled again
+    assert m["kv_kept_slots"] > 0, m
     assert rec["tfs_s"] is not None and rec["tfs_s"] >= rec["recovery_s"]
     metrics = requests.get(url + "/metrics", timeout=30).text
     assert 'sgl_elastic_recoveries_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
