@@ -36,6 +36,8 @@ class ElasticArgs:
     failover: in-place failover on the survivors when a rank dies (needs the daemon).
     eplb: expert parallelism: place the experts by their measured loads at every recovery.
     eplb_interval_s: expert parallelism: also rebalance every this many seconds (0: only at recoveries).
+    kv_backup: with failover, every rank mirrors its KV into a backup pool held on the next rank's device,
+        so a failover keeps the KV of requests in flight and of cached prefixes (no re-prefill).
     """
 
     tp_widths: tuple[int, ...] | None = None
@@ -48,6 +50,7 @@ class ElasticArgs:
     standby: int | None = None
     eplb: bool = True
     eplb_interval_s: float = 0.0
+    kv_backup: bool = True
 
     def __post_init__(self):
         if not self.eplb_interval_s >= 0:
@@ -132,6 +135,14 @@ class ElasticArgs:
                  " off). POST /elastic/rebalance asks for one now",
         )
 
+        group.add_argument(
+            "--elastic-kv-backup", action=argparse.BooleanOptionalAction, default=True,
+            help="with in-place failover: every rank also writes its KV into a backup pool held beside the next"
+                 " rank's, so after a failure the survivors keep the KV of the requests in flight and of cached"
+                 " prefixes instead of prefilling them again (default on; costs up to a second copy of the KV"
+                 " pools, in pages as tokens are written)",
+        )
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
         widths = parse_widths(args.elastic_tp_widths) if args.elastic_tp_widths else None
@@ -146,4 +157,5 @@ class ElasticArgs:
             standby=args.elastic_standby,
             eplb=args.elastic_eplb,
             eplb_interval_s=args.elastic_eplb_interval,
+            kv_backup=args.elastic_kv_backup,
         )

@@ -254,7 +254,8 @@ def _arm_failover(elastic_args, daemon):
     fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
            omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp),
            checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s,
-           spawn=_spawn_rank, standby=standby, eplb=elastic_args.eplb, eplb_interval_s=elastic_args.eplb_interval_s)
+           spawn=_spawn_rank, standby=standby, eplb=elastic_args.eplb, eplb_interval_s=elastic_args.eplb_interval_s,
+           kv_backup=elastic_args.kv_backup)
     token = AdminToken(elastic_args.admin_token)
     install_routes(app, token, fc)
     return fc, token

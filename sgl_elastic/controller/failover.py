@@ -181,7 +181,7 @@ class FailoverController:
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
             hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0, eplb: bool = True,
-            eplb_interval_s: float = 0.0) -> str:
+            eplb_interval_s: float = 0.0, kv_backup: bool = False) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
@@ -190,7 +190,8 @@ class FailoverController:
         ``spawn(slot, standby) -> Process``: start a new rank process on device slot ``slot``
         (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep; ``eplb``:
         with expert parallelism, rank 0 counts expert loads and every recovery places the experts by
-        them; ``eplb_interval_s``: also rebalance this often while serving (0: off).
+        them; ``eplb_interval_s``: also rebalance this often while serving (0: off); ``kv_backup``:
+        every rank mirrors its KV into a backup pool, so a failover keeps the KV (no re-prefill).
         """
         import zmq
 
@@ -209,6 +210,7 @@ class FailoverController:
         self._sock.bind(addr)
         os.environ[wire.ENV_CONTROL] = addr
         os.environ[wire.ENV_HEARTBEAT] = str(hung_timeout_s / 5) if hung_timeout_s > 0 else ""
+        os.environ[wire.ENV_KV_BACKUP] = "1" if kv_backup else ""
         self.eplb = bool(eplb and layout.expert_parallel and "experts" in layout.families)
         self.eplb_interval_s = eplb_interval_s if self.eplb else 0.0
         if self.eplb:

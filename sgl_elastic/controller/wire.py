@@ -15,13 +15,14 @@ from __future__ import annotations
 import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
-           "ENV_EXPERT_LOADS",
+           "ENV_EXPERT_LOADS", "ENV_KV_BACKUP",
            "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
            "test_faults", "ENV_TEST_HOLD_DISPATCH", "ENV_TEST_RAISE",
            "peer_failure"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
+ENV_KV_BACKUP = "SGLE_KV_BACKUP"  # "1": every rank mirrors its KV into a backup pool (--elastic-kv-backup)
 # Expert parallelism with --elastic-eplb: the file EP rank 0 writes its expert load counts to (moe.loads).
 ENV_EXPERT_LOADS = "SGLE_EXPERT_LOADS"
 # Fault-injection timing aid for tests (like SGLang's SGLANG_TEST_CRASH_*): "phase=seconds,...": the

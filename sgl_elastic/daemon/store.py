@@ -222,7 +222,7 @@ class ModelStore:
                           {d: new_attn.rank_kv_heads(d) for d in range(plan.new_layout.tp_size)})
         try:
             got = migrate_kv(self.memory, spec, new_spec, old_attn, new_attn, plan.old2new_rank, dict(self.kv),
-                             dict(self.kv_backup), kv_allocs)
+                             dict(self.kv_backup), kv_allocs, self.index.held_slots())
         except Exception as e:  # noqa: BLE001 - the KV is dropped, as when it cannot be carried
             logger.warning("KV pools not carried over (%s: %s); the requests will be prefilled again",
                            type(e).__name__, e)
@@ -312,8 +312,9 @@ class ModelStore:
         return True
 
     def _ensure_backups(self, backup: bool) -> None:
-        """With ``backup`` and >= 2 pools: a backup pool for every pool that has none (sparse, its pages
-        reserved in the background). The slots the index holds now were written without a copy there."""
+        """With ``backup`` and >= 2 pools: a backup pool for every pool that has none. Sparse: its pages
+        come as the rank writes KV (a backup costs memory for the tokens written, not the whole pool).
+        The slots the index holds now were written without a copy there."""
         if not backup or len(self.kv) < 2 or self.kv_spec is None or self.index is None:
             return
         todo = [r for r in sorted(self.kv) if r not in self.kv_backup]
@@ -321,9 +322,7 @@ class ModelStore:
             return
         self.memory.check_fits({r: self.kv_spec.rank_bytes(r) for r in todo}, "the KV backups")
         for r in todo:
-            seg = self.memory.allocate(r, "kvbak", kv_allocs(self.kv_spec, r))
-            self.kv_backup[r] = seg
-            seg.reserve_async()
+            self.kv_backup[r] = self.memory.allocate(r, "kvbak", kv_allocs(self.kv_spec, r))
         self.kv_unbacked |= self.index.held_slots()
 
     def drop_kv(self) -> None:

@@ -297,7 +297,7 @@ def kv_buffers(pool, k_shape, v_shape):
     t0 = time.perf_counter()
     from sgl_elastic.patches import reconfigure
 
-    backup = reconfigure.enabled()  # in-place failover: a backup (at tp >= 2) keeps the KV over a failure
+    backup = reconfigure.kv_backup()  # in-place failover: a backup (at tp >= 2) keeps the KV over a failure
     k, v = att.kv_buffers(num_layers=pool.layer_num, head_dim=k_shape[2], size=pool.size,
                           page_size=pool.page_size, dtype=dtype_name(pool.store_dtype), backup=backup)
     pool._sgle_kv_backup = att.kv_backup_buffers(num_layers=pool.layer_num, size=pool.size,

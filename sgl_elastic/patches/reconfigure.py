@@ -45,6 +45,7 @@ _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
 _heartbeat: "threading.Thread | None" = None
 _rebuild_delay_s = 0.0  # tests only: wait before building the new scheduler (wire.ENV_TEST_DELAYS)
 _test_faults: frozenset[str] = frozenset()  # tests only: injected faults (wire.ENV_TEST_FAIL)
+_kv_backup = False  # mirror the KV into the daemon's backup pool (--elastic-kv-backup), read once at plugin load
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
@@ -62,9 +63,10 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
 
 
 def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0,
-                     test_faults: frozenset[str] = frozenset()) -> None:
-    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults
+                     test_faults: frozenset[str] = frozenset(), kv_backup: bool = False) -> None:
+    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults, _kv_backup
     _control_addr = addr or None
+    _kv_backup = bool(kv_backup and addr)
     _heartbeat_s = heartbeat_s
     _rebuild_delay_s = rebuild_delay_s
     _test_faults = frozenset(test_faults)
@@ -96,6 +98,11 @@ def start_heartbeat() -> None:
 
 def enabled() -> bool:
     return _control_addr is not None
+
+
+def kv_backup() -> bool:
+    """Whether this rank mirrors its KV into a backup pool (in-place failover with --elastic-kv-backup)."""
+    return _kv_backup
 
 
 def log(msg: str) -> None:

@@ -65,6 +65,11 @@ def test_elastic_flags_parse_and_strip(parser):
     args = parser.parse_args(argv)
     assert ElasticArgs.from_cli_args(args) == ElasticArgs(tp_widths=(2, 1, 1), width_policy="capacity")
     assert _strip_elastic_flags(argv, parser) == ["--model-path", "m", "--tp", "3", "--port", "1"]
+    # the KV backups are on by default with failover; the flag turns them off and is not SGLang's
+    assert ElasticArgs.from_cli_args(args).kv_backup
+    argv = ["--model-path", "m", "--tp", "3", "--no-elastic-kv-backup", "--port", "1"]
+    assert not ElasticArgs.from_cli_args(parser.parse_args(argv)).kv_backup
+    assert _strip_elastic_flags(argv, parser) == ["--model-path", "m", "--tp", "3", "--port", "1"]
 
 
 def test_check_model_path(tmp_path):
