@@ -127,8 +127,9 @@ class ModelStore:
         copies from survivors and reloads the rest from the checkpoint. New segments are built off
         the lock and swapped in under ``swap_lock``. The failed ranks' segments are freed first; on
         failure nothing else changed, except when the CPU executor had started moving a survivor's
-        bytes in place (``executor.cpu``): then the model is dropped (``ModelDropped``). KV pools and the prefix index are dropped (KV is not
-        migrated: re-prefill). ``freed``: the old segments are appended there for the caller to
+        bytes in place (``executor.cpu``): then the model is dropped (``ModelDropped``). The KV pools
+        and the prefix index follow the new layout when every KV head has a live source (``_carry_kv``),
+        else they are dropped (the requests are prefilled again). ``freed``: the old segments are appended there for the caller to
         close (after it has answered: unmapping gigabytes takes ~0.1 s) instead of closed here.
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
@@ -182,9 +183,9 @@ class ModelStore:
             else:
                 old_kv, self.kv, self.kv_spec, self.index = self.kv, {}, None, None
             old_backups, self.kv_backup = self.kv_backup, {}  # new ones come with the next AllocKv
-            # a survivor's old pool is regrown as its new rank's by the next AllocKv (its pages are
-            # resident: only the extension needs new ones); its contents are stale, never read
-            # (SGLang writes a slot before it reads it, and the prefix index starts empty)
+            # KV dropped: a survivor's old pool is regrown as its new rank's by the next AllocKv (its
+            # pages are resident: only the extension needs new ones); its contents are stale, never
+            # read (SGLang writes a slot before it reads it, and the prefix index starts empty)
             old_spare, self.kv_spare = self.kv_spare, {}
             for s, seg in list(old_kv.items()):
                 if carried is None and plan.old2new_rank[s] >= 0:
