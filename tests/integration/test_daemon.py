@@ -236,20 +236,27 @@ def test_migration_runs_through_executor(loaded, ckpt, change):
     assert e.value.code == "not_found"
 
 
-def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt, tmp_path):
-    """The checkpoint loses its data after the load (truncated), so the migration's reloads fail
-    while the survivor's kept bytes are being moved in place: the daemon may not claim the old
-    shards are intact. It drops the model (state empty, a clear last_error), refuses exports,
-    frees every segment, and a new LoadModel works again."""
+def _load_a_copy(daemon, ckpt, tmp_path):
+    """A client of ``daemon`` holding a copy of ``ckpt`` (the test may spoil it) at tp 2:
+    (client, the copy's path, the layout)."""
     import shutil
 
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     c = daemon.client()
+    old = layout_of(str(copy), 2)
+    c.load_model(str(copy), old)
+    c.wait_ready(60)
+    return c, copy, old
+
+
+def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt, tmp_path):
+    """The checkpoint loses its data after the load (truncated), so the migration's reloads fail
+    while the survivor's kept bytes are being moved in place: the daemon may not claim the old
+    shards are intact. It drops the model (state empty, a clear last_error), refuses exports,
+    frees every segment, and a new LoadModel works again."""
+    c, copy, old = _load_a_copy(daemon, ckpt, tmp_path)
     try:
-        old = layout_of(str(copy), 2)
-        c.load_model(str(copy), old)
-        c.wait_ready(60)
         for f in glob.glob(str(copy / "*.safetensors")):
             with open(f, "r+b") as fh:  # keep the header, lose the tensors
                 n = int.from_bytes(fh.read(8), "little")
@@ -272,20 +279,11 @@ def test_failed_ranks_memory_is_freed_before_the_migration_starts(daemon, ckpt, 
     memory is lost with the device; freed first, its pages are what the migration gets again). Seen
     through a migration that fails before it changes anything (the checkpoint is gone): rank 1's
     segments are gone already, rank 0's are intact and still served, and the daemon is READY."""
-    import shutil
-
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt, copy)
-    c = daemon.client()
+    c, copy, old = _load_a_copy(daemon, ckpt, tmp_path)
     try:
-        old = layout_of(str(copy), 2)
-        c.load_model(str(copy), old)
-        c.wait_ready(60)
         c.alloc_kv(num_layers=2, head_dim=16, num_slots=64, dtype="float32")
-        kept = {ref.locator for kind in ("weights", "kv")
-                for ref in (c.export_weights(0) if kind == "weights" else c.export_kv(0)).segments}
-        lost = {ref.locator for kind in ("weights", "kv")
-                for ref in (c.export_weights(1) if kind == "weights" else c.export_kv(1)).segments}
+        kept = {ref.locator for h in (c.export_weights(0), c.export_kv(0)) for ref in h.segments}
+        lost = {ref.locator for h in (c.export_weights(1), c.export_kv(1)) for ref in h.segments}
         for f in glob.glob(str(copy / "*.safetensors")):
             os.unlink(f)
         with pytest.raises(DaemonError, match="survivors' shards are intact"):
