@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = ["backup_holder", "migrate_kv"]
 
+
 def backup_holder(rank: int, tp: int) -> int:
     """The rank whose device holds ``rank``'s KV backup: the next one (ring)."""
     return (rank + 1) % tp

@@ -231,6 +231,8 @@ class ModelStore:
         if got is None:
             logger.info("KV pools not carried over: a KV head has no live source (no backup)")
             return None
+        for seg in got[0].values():
+            seg.reserve_async()  # the rest of each pool's pages in the background, as alloc_kv does
         self.last_kv = (self.index.cached_slots, time.perf_counter() - t0)
         logger.info("KV pools carried over: %d indexed slots kept, %.3f s", *self.last_kv)
         return got[0], new_spec, got[1]
