@@ -128,9 +128,10 @@ class ModelStore:
         the lock and swapped in under ``swap_lock``. The failed ranks' segments are freed first; on
         failure nothing else changed, except when the CPU executor had started moving a survivor's
         bytes in place (``executor.cpu``): then the model is dropped (``ModelDropped``). The KV pools
-        and the prefix index follow the new layout when every KV head has a live source (``_carry_kv``),
-        else they are dropped (the requests are prefilled again). ``freed``: the old segments are appended there for the caller to
-        close (after it has answered: unmapping gigabytes takes ~0.1 s) instead of closed here.
+        and the prefix index follow the new layout when every KV head has a live source
+        (``_carry_kv``), else they are dropped (the requests are prefilled again). ``freed``: the old
+        segments are appended there for the caller to close (after it has answered: unmapping
+        gigabytes takes ~0.1 s) instead of closed here.
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
         from sgl_elastic.executor.cpu import InPlaceFailed

@@ -26,12 +26,23 @@ def set_kv_buffer(result, self, layer, loc_info, cache_k, cache_v, *args, **kwar
     backup = getattr(self, "_sgle_kv_backup", None)
     if backup is None:
         return None
-    from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
-
     override = args[2] if len(args) > 2 else kwargs.get("layer_id_override")
     lid = (override if override is not None else layer.layer_id) - self.start_layer
-    loc = unwrap_write_loc(loc_info)[0]
+    loc = _unwrap_write_loc()(loc_info)[0]
     k_backup, v_backup = backup
     k_backup[lid][loc] = self.k_buffer[lid][loc]
     v_backup[lid][loc] = self.v_buffer[lid][loc]
     return None
+
+
+_unwrap = None
+
+
+def _unwrap_write_loc():
+    """SGLang's ``unwrap_write_loc``, looked up once (the hook runs at every layer of every forward)."""
+    global _unwrap
+    if _unwrap is None:
+        from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
+
+        _unwrap = unwrap_write_loc
+    return _unwrap
