@@ -36,6 +36,8 @@ class ElasticArgs:
     failover: in-place failover on the survivors when a rank dies (needs the daemon).
     eplb: expert parallelism: place the experts by their measured loads at every recovery.
     eplb_interval_s: expert parallelism: also rebalance every this many seconds (0: only at recoveries).
+    redundant_experts: expert parallelism: expert slots beyond one per expert (hot experts get copies on
+        several ranks; a failure loses no expert another rank also holds).
     kv_backup: with failover, every rank mirrors its KV into a backup pool held on the next rank's device,
         so a failover keeps the KV of requests in flight and of cached prefixes (no re-prefill).
     """
@@ -51,8 +53,11 @@ class ElasticArgs:
     eplb: bool = True
     eplb_interval_s: float = 0.0
     kv_backup: bool = True
+    redundant_experts: int = 0
 
     def __post_init__(self):
+        if self.redundant_experts < 0:
+            raise ValueError(f"--elastic-redundant-experts {self.redundant_experts}: give a number of slots >= 0")
         if not self.eplb_interval_s >= 0:
             raise ValueError(f"--elastic-eplb-interval {self.eplb_interval_s}: give a number of seconds >= 0 (0: off)")
         if self.eplb_interval_s and not self.eplb:
@@ -136,6 +141,12 @@ class ElasticArgs:
         )
 
         group.add_argument(
+            "--elastic-redundant-experts", type=int, default=0, metavar="N",
+            help="with expert parallelism (--ep-size == --tp): N expert slots beyond one per expert, split over"
+                 " the ranks; the loads place copies of the hot experts there (each token goes to one copy), and"
+                 " a failure reloads no expert a survivor also holds (default 0)",
+        )
+        group.add_argument(
             "--elastic-kv-backup", action=argparse.BooleanOptionalAction, default=True,
             help="with in-place failover: every rank also writes its KV into a backup pool held beside the next"
                  " rank's, so after a failure the survivors keep the KV of the requests in flight and of cached"
@@ -158,4 +169,5 @@ class ElasticArgs:
             eplb=args.elastic_eplb,
             eplb_interval_s=args.elastic_eplb_interval,
             kv_backup=args.elastic_kv_backup,
+            redundant_experts=args.elastic_redundant_experts,
         )

@@ -60,6 +60,8 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name}: {fam.num_ranks} widths {fam.widths} for tp_size={self.tp_size}")
             if fam.placement and self.model is not None and len(fam.placement) != self.model.num_layers:
                 raise ValueError(f"experts: placement has {len(fam.placement)} layers, the model {self.model.num_layers}")
+            if fam.held and self.model is not None and len(fam.held) != self.model.num_layers:
+                raise ValueError(f"experts: held has {len(fam.held)} layers, the model {self.model.num_layers}")
 
     def family(self, name: str) -> FamilyLayout:
         """The FamilyLayout of ``name``; ValueError naming the families this model has otherwise."""
@@ -102,6 +104,7 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
         mlp_unit: int = 64,
         vocab_unit: int = 64,
         expert_parallel: bool = False,
+        redundant_experts: int = 0,
     ) -> "ElasticLayout":
         """Build the layout of a HF config on ``tp_size`` ranks, no weights loaded.
 
@@ -113,6 +116,11 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
             mlp_unit: intermediate columns per MLP / MoE unit; vocab_unit: vocab rows per unit.
             expert_parallel: shard MoE layers by whole experts ("experts") instead of by
                 intermediate columns ("moe").
+            redundant_experts: expert parallelism only: this many expert slots beyond one per expert
+                (``FamilyLayout.redundant``), split over the ranks like the other families; each
+                rank's slots start as a stripe: physical slot p, rank by rank, holds expert p mod
+                the experts, so the slots beyond the first copy of every expert hold second copies
+                of experts 0, 1, ... until the loads place them (at a recovery or a rebalance).
         """
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}; choose one of {POLICIES}")
@@ -170,10 +178,26 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
         if model.moe_layers:
             if expert_parallel:
                 families["experts"] = blocks("experts", model.num_experts, 1)
+                if redundant_experts:
+                    families["experts"] = _striped(families["experts"], widths_for("experts", model.num_experts
+                                                   + redundant_experts), model.num_layers, redundant_experts)
             else:
                 families["moe"] = blocks("moe", model.moe_intermediate_size, mlp_unit)
+        elif redundant_experts:
+            raise ValueError("redundant experts need an MoE model with expert parallelism (--ep-size == --tp)")
         families["vocab"] = blocks("vocab", model.vocab_size, vocab_unit)
         return cls(tp_size=tp_size, families=families, model=model, expert_parallel=expert_parallel, policy=policy)
+
+
+def _striped(fam: FamilyLayout, slots: tuple[int, ...], num_layers: int, redundant: int) -> FamilyLayout:
+    """``fam`` with ``slots`` expert slots per rank, slot p (rank by rank) holding expert p mod E."""
+    E = fam.num_units
+    if redundant < 0 or max(slots) > E:
+        raise ValueError(f"--elastic-redundant-experts {redundant}: give 0..{E * len(slots) - E} on {len(slots)}"
+                         f" ranks ({E} experts; a rank holds each expert at most once), got slots {slots}")
+    offs = [sum(slots[:r]) for r in range(len(slots))]
+    row = tuple(tuple(sorted((offs[r] + i) % E for i in range(slots[r]))) for r in range(len(slots)))
+    return fam.with_held(slots, (row,) * num_layers, redundant)
 
 
 @functools.lru_cache(maxsize=64)

@@ -15,6 +15,12 @@ rank that holds each logical expert. Every layer gives rank r exactly ``widths[r
 ascending expert order (the order of its fused parameters); with no placement rank r holds the
 contiguous experts of its unit range in every layer.
 
+Experts may also be *redundant* (``redundant`` > 0, ``--elastic-redundant-experts``): the widths are
+then physical expert *slots* per rank, summing to ``num_units + redundant``, and ``held`` gives, per
+MoE layer and rank, the distinct experts the rank holds (ascending; together every expert at least
+once). A hot expert may be held by several ranks (its *replicas*); each routed token goes to one of
+them (``patches.fused_moe``), and a failure loses no expert another rank also holds.
+
 Attention with fewer KV heads than ranks is *replicated* (as SGLang does): every rank holds exactly
 one KV head (width 1), the ranks holding head h form a contiguous group (``kv_head_of_rank``), and
 the query heads of head h are split among its replicas as equally as possible. Rank intervals may
@@ -51,6 +57,8 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         placement: experts only, optional: ``[num_layers][num_units]`` owner rank of every expert of
             every model layer (see module docstring; rows of dense layers are ignored). Empty:
             contiguous. ``placed`` builds one and drops it when it is the contiguous one.
+        redundant: experts only: slots beyond one per expert (``widths`` are then slots per rank).
+        held: redundant experts only: ``[num_layers][tp]`` ascending experts of each rank (``with_held``).
     """
 
     name: str
@@ -66,6 +74,8 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
     kv_head_of_rank: tuple[int, ...] = ()
     q_widths: tuple[int, ...] = ()
     placement: tuple[tuple[int, ...], ...] = ()
+    redundant: int = 0
+    held: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in FAMILY_NAMES:
@@ -88,7 +98,9 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"attn: q_per_kv={self.q_per_kv} != {self.num_q_heads}/{self.num_kv_heads}")
             if self.num_units != self.num_kv_heads or self.unit_size != 1:
                 raise ValueError("attn: one unit is one KV head: need unit_size=1 and num_units=num_kv_heads")
-        if self.replicated:
+        if self.redundant or self.held:
+            self._validate_held()
+        elif self.replicated:
             self._validate_replicated()
         else:
             if self.kv_head_of_rank:
@@ -111,6 +123,29 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             if counts != self.widths:
                 raise ValueError(f"experts: placement of layer {i} gives the ranks {counts} experts but the widths"
                                  f" are {self.widths}")
+
+    def _validate_held(self) -> None:
+        tp, E = len(self.widths), self.num_units
+        if self.name != "experts" or self.replicated or self.placement:
+            raise ValueError(f"{self.name}: only an unplaced experts family can have redundant slots")
+        if self.redundant < 0:
+            raise ValueError(f"experts: redundant={self.redundant} must be >= 0")
+        if not self.held:
+            raise ValueError(f"experts: {self.redundant} redundant slots need the experts each rank holds (held)")
+        if tp < 1 or any(not 0 <= w <= E for w in self.widths) or sum(self.widths) != E + self.redundant:
+            raise ValueError(f"experts: slot widths {self.widths} must each be 0..{E} and sum to {E} experts +"
+                             f" {self.redundant} redundant = {E + self.redundant}")
+        for i, row in enumerate(self.held):
+            if len(row) != tp:
+                raise ValueError(f"experts: held of layer {i} has {len(row)} ranks for tp={tp}")
+            for r, got in enumerate(row):
+                if len(got) != self.widths[r] or any(b <= a for a, b in zip(got, got[1:])) or (
+                        got and not (0 <= got[0] and got[-1] < E)):
+                    raise ValueError(f"experts: layer {i} rank {r} holds {got}: want {self.widths[r]} distinct"
+                                     f" experts of 0..{E - 1}, ascending")
+            missing = set(range(E)).difference(*map(set, row))
+            if missing:
+                raise ValueError(f"experts: layer {i} holds no copy of experts {sorted(missing)[:8]}")
 
     def _validate_replicated(self) -> None:
         tp = len(self.widths)
@@ -185,17 +220,39 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
     def rank_experts(self, rank: int, layer: int) -> tuple[int, ...]:
         """Experts of model layer ``layer`` held by ``rank``, ascending (experts only)."""
         self._check_rank(rank)
+        if self.held:
+            return self.held[layer][rank]
         if self.placement:
             return tuple(e for e, r in enumerate(self.placement[layer]) if r == rank)
         a, b = self.rank_unit_range(rank)
         return tuple(range(a, b))
 
     def expert_owner(self, layer: int, expert: int) -> int:
-        """The rank holding ``expert`` of model layer ``layer``."""
+        """The rank holding ``expert`` of model layer ``layer`` (redundant: the lowest that holds it)."""
+        if self.held:
+            return next(r for r, got in enumerate(self.held[layer]) if expert in got)
         if self.placement:
             return self.placement[layer][expert]
         offs = self.unit_offsets()
         return next(r for r in range(self.num_ranks) if offs[r] <= expert < offs[r + 1])
+
+    def expert_holders(self, layer: int, expert: int) -> tuple[int, ...]:
+        """Every rank holding ``expert`` of model layer ``layer`` (one unless experts are redundant)."""
+        if self.held:
+            return tuple(r for r, got in enumerate(self.held[layer]) if expert in got)
+        return (self.expert_owner(layer, expert),)
+
+    def holds(self, rank: int, layer: int, expert: int) -> bool:
+        """Whether ``rank`` holds ``expert`` of model layer ``layer``."""
+        if self.held:
+            return expert in self.held[layer][rank]
+        return self.expert_owner(layer, expert) == rank
+
+    def with_held(self, widths: tuple[int, ...], held, redundant: int | None = None) -> "FamilyLayout":
+        """Redundant experts: ``widths`` slots per rank holding ``held`` (``[layers][tp]`` experts; validated)."""
+        rows = tuple(tuple(tuple(sorted(int(e) for e in got)) for got in row) for row in held)
+        red = sum(widths) - self.num_units if redundant is None else redundant
+        return msgspec.structs.replace(self, widths=tuple(widths), placement=(), held=rows, redundant=red)
 
     def placed(self, placement) -> "FamilyLayout":
         """Same widths, experts placed by ``placement`` (``[layers][experts]`` owner ranks; validated).
@@ -247,7 +304,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         """Same family, new split (validated)."""
         return msgspec.structs.replace(
             self, widths=tuple(widths), kv_head_of_rank=tuple(kv_head_of_rank), replicated=bool(kv_head_of_rank),
-            q_widths=tuple(q_widths), placement=(),
+            q_widths=tuple(q_widths), placement=(), held=(), redundant=0,
         )
 
     def _check_rank(self, rank: int) -> None:
@@ -260,6 +317,9 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     def describe(self) -> str:
         noun = UNIT_NOUNS.get(self.name, "units")
+        if self.held:
+            return (f"{self.name}: {self.num_units} {noun} + {self.redundant} redundant placed per layer, slots"
+                    f" {self.widths}")
         if self.placement:
             return f"{self.name}: {self.num_units} {noun} placed per layer, widths {self.widths}"
         if self.replicated:

@@ -44,7 +44,7 @@ def shard_region(t: TensorSpec, layout: ElasticLayout, rank: int) -> Region | No
     """The region of ``t`` held by ``rank`` (None when the rank holds none of it: another rank's expert)."""
     rows, cols = rows_cols(t)
     if t.dim < 0:
-        if t.family == "experts" and layout.family("experts").expert_owner(t.layer, t.expert) != rank:
+        if t.family == "experts" and not layout.family("experts").holds(rank, t.layer, t.expert):
             return None
         return (0, rows, 0, cols)
     a, b = shard_granule_range(layout, t.family, t.subdim, rank)

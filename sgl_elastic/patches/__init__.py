@@ -81,6 +81,9 @@ def build_layout(elastic_args, server_args):
         return None
     if ep not in (1, tp):
         raise ValueError(f"--ep-size {ep} with --tp {tp}: elastic widths support --ep-size 1 or --ep-size {tp}")
+    red = getattr(elastic_args, "redundant_experts", 0)
+    if red and not (ep > 1 and ep == tp):
+        raise ValueError(f"--elastic-redundant-experts {red} needs expert parallelism: --ep-size {tp} (== --tp)")
     policy = elastic_args.width_policy
     layout = ElasticLayout.from_hf_config(
         hf_config,
@@ -89,6 +92,7 @@ def build_layout(elastic_args, server_args):
         policy=policy,
         capacities=_capacities(tp, server_args) if policy == "capacity" and elastic_args.tp_widths is None else None,
         expert_parallel=ep > 1,
+        redundant_experts=red,
     )
     attn = layout.family("attn")
     if attn.replicated:  # fewer KV heads than ranks: SGLang's own replication (or CPU padding)

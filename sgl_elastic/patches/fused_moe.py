@@ -16,6 +16,14 @@ allocates exactly ``width`` experts), then restores the global expert count and 
 global expert ids to local slots in ascending expert order (loader and dispatcher), and skips
 SGLang's expert-location metadata (its placement assumes equal experts per rank; see
 ``expert_location``).
+
+Redundant experts (``--elastic-redundant-experts``, ``FamilyLayout.held``): a rank's local slots
+hold its experts in ascending order, and an expert may be held by several ranks. Each routed
+(token, expert) entry must be computed by exactly one of them (the all-reduce after the experts
+sums the ranks' outputs), so before dispatch the layer maps the router's logical ids to physical
+slots (rank by rank: rank 0's slots first) with ``kernels.remap_experts``: round robin over the
+token index among the expert's copies, the same choice on every rank; the dispatcher's map then
+takes physical ids (-1: another rank's slot).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _ATTR = "_sgl_elastic_moe_slice"  # (start, size) of this rank's intermediate columns
 _EXPERTS_ATTR = "_sgl_elastic_experts"  # this rank's global expert id -> local slot
+_REMAP_ATTR = "_sgl_elastic_remap"  # redundant experts: (log2phy, logcnt, alive) of this layer
 _MAP_EPOCH_ATTR = "_sgl_elastic_map_epoch"  # recovery epoch of the layout this layer's expert map follows
 _HOLD_DIR = os.environ.get(ENV_TEST_HOLD_DISPATCH) or None  # tests only, read once
 _LOADS_PATH = os.environ.get(ENV_EXPERT_LOADS) or None  # --elastic-eplb: EP rank 0 counts expert loads
@@ -130,12 +139,36 @@ def _expert_parallel_init(original, self, *args, **kwargs):
         raise NotImplementedError(f"elastic expert parallelism supports the standard dispatcher, got {type(disp).__name__}")
     disp.num_experts = num_experts
     disp.moe_ep_size, disp.moe_ep_rank = par.moe_ep_size, rank
-    mapping = torch.full((num_experts,), -1, dtype=torch.int32, device=self.w13_weight.device)
-    mapping[list(held)] = torch.arange(len(held), dtype=torch.int32, device=mapping.device)
+    if fam.held:
+        mapping = _redundant_maps(self, fam, layer_id, rank)
+    else:
+        mapping = torch.full((num_experts,), -1, dtype=torch.int32, device=self.w13_weight.device)
+        mapping[list(held)] = torch.arange(len(held), dtype=torch.int32, device=mapping.device)
     disp.local_expert_mapping = mapping
     if layer_id == 0:
         logger.info("sgl-elastic: EP%d holds experts %s of %d%s", rank, _ranges(held), num_experts,
                     " (layer 0; placed per layer)" if fam.placement else "")
+
+
+def _redundant_maps(layer, fam, layer_id: int, rank: int):
+    """Set the layer's logical -> physical remap (``_REMAP_ATTR``); return the dispatcher's physical ->
+    local map of ``rank`` (module docstring)."""
+    import torch
+
+    dev = layer.w13_weight.device
+    offs = [sum(fam.widths[:r]) for r in range(fam.num_ranks + 1)]
+    phys: list[list[int]] = [[] for _ in range(fam.num_units)]
+    for r in range(fam.num_ranks):
+        for i, e in enumerate(fam.rank_experts(r, layer_id)):
+            phys[e].append(offs[r] + i)
+    width = max(len(p) for p in phys)
+    log2phy = torch.tensor([p + [-1] * (width - len(p)) for p in phys], dtype=torch.int64, device=dev)
+    logcnt = torch.tensor([len(p) for p in phys], dtype=torch.int64, device=dev)
+    alive = torch.ones(offs[-1], dtype=torch.bool, device=dev)
+    setattr(layer, _REMAP_ATTR, (log2phy, logcnt, alive))
+    mapping = torch.full((offs[-1],), -1, dtype=torch.int32, device=dev)
+    mapping[offs[rank]:offs[rank + 1]] = torch.arange(offs[rank + 1] - offs[rank], dtype=torch.int32, device=dev)
+    return mapping
 
 
 def _ranges(held) -> str:
@@ -173,6 +206,7 @@ def forward_impl(original, self, hidden_states, topk_output, *args, **kwargs):
     sending tokens to slots that no longer hold their experts.
 
     With ``--elastic-eplb``, EP rank 0 also counts the routed expert ids here (``moe.loads``).
+    With redundant experts the logical ids are then mapped to physical slots (module docstring).
     """
     epoch = getattr(self, _MAP_EPOCH_ATTR, None)
     if epoch is not None:
@@ -183,6 +217,11 @@ def forward_impl(original, self, hidden_states, topk_output, *args, **kwargs):
         if epoch != state.map_epoch():
             raise StaleExpertMap(f"MoE layer {self.layer_id}: expert map of epoch {epoch}, this process serves"
                                  f" epoch {state.map_epoch()}")
+        remap = getattr(self, _REMAP_ATTR, None)
+        if remap is not None:
+            from sgl_elastic.kernels.remap import remap_experts
+
+            topk_output = topk_output._replace(topk_ids=remap_experts(topk_output.topk_ids, *remap))
     return original(self, hidden_states, topk_output, *args, **kwargs)
 
 

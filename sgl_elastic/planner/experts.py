@@ -16,6 +16,14 @@ experts of single layers, so the contiguous-range machinery of the other familie
   first, each to the rank whose load / capacity it raises least; without, in expert order. Keeping is what a failure wants: only lost experts move (host reloads, no peer
   copy), and a survivor that gains experts keeps every one at the same or a higher offset of its
   shard, so the executor can regrow its file in place.
+- *Redundant experts* (``FamilyLayout.redundant``: slots beyond one per expert; ``_choose_held``).
+  The new ranks get the same number of redundant slots (at most what fits: a rank holds an expert
+  once), split equally. A failure: every device keeps what it held, up to its slots, sole copies
+  first; an expert no survivor holds takes a free slot, else the slot of a copy held twice; the free
+  slots then take second (third...) copies of the experts with the largest load per copy. A
+  rebalance: ``moe.rebalance_experts`` over the slots gives each rank a group (replicas included),
+  assigned as above, then the same filling (a group holding one expert twice leaves a slot free).
+  A lost expert that another survivor also holds is no reload at all.
 - *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
   from the holder with the fastest link (then the least loaded), else a host reload; consecutive
   experts with the same source and destination merge into one op.
@@ -41,7 +49,10 @@ def moe_layers(layout: ElasticLayout) -> tuple[int, ...]:
 
 
 def is_placed(layout: ElasticLayout) -> bool:
-    return "experts" in layout.families and bool(layout.family("experts").placement)
+    if "experts" not in layout.families:
+        return False
+    fam = layout.family("experts")
+    return bool(fam.placement or fam.held)
 
 
 def default_capacity(layout: ElasticLayout) -> tuple[float, ...]:
@@ -50,6 +61,17 @@ def default_capacity(layout: ElasticLayout) -> tuple[float, ...]:
     from sgl_elastic.moe import expert_budget
 
     return expert_budget(layout, [1 << 50] * layout.tp_size, 1).capacity
+
+
+def _all_holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[int, list[int]]:
+    """expert -> every surviving slot (= old rank) that holds it in ``layer`` (experts none holds: absent)."""
+    live = set(survivors)
+    out: dict[int, list[int]] = {}
+    for e in range(fam.num_units):
+        hs = [r for r in fam.expert_holders(layer, e) if r in live]
+        if hs:
+            out[e] = hs
+    return out
 
 
 def _holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[int, int]:
@@ -88,6 +110,8 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
             raise ValueError(f"expert loads of shape {tuple(w.shape)}; need [{old.model.num_layers} layers, {E} experts]")
         if (w < 0).any() or not np.isfinite(w).all():
             raise ValueError("expert loads must be finite and >= 0")
+    if old_fam.redundant:
+        return _choose_held(old, new_fam, order, survivors, w, cap, rebalance)
     if rebalance:
         import torch
 
@@ -110,6 +134,111 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
     for layer in range(old.model.num_layers):
         rows.append(moe_rows.get(layer, filler))
     return new_fam.placed(rows)
+
+
+def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
+                 w, cap: Sequence[float], rebalance: bool) -> FamilyLayout:
+    """``choose_placement`` for redundant experts (module docstring)."""
+    from sgl_elastic.layout.widths import equal_widths
+
+    old_fam = old.family("experts")
+    layers = moe_layers(old)
+    n, E = new_fam.num_ranks, new_fam.num_units
+    red = min(old_fam.redundant, n * E - E)
+    slots = equal_widths(E + red, n)
+    groups_all = None
+    if rebalance:
+        import torch
+
+        from sgl_elastic.moe import rebalance_experts
+
+        phy2log, _, _ = rebalance_experts(torch.from_numpy(w[list(layers)]), list(slots), cap)
+        offs = np.concatenate([[0], np.cumsum(slots)])
+        groups_all = [[{int(x) for x in phy2log[i, offs[r]:offs[r + 1]]} for r in range(n)] for i in range(len(layers))]
+    rows: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for i, layer in enumerate(layers):
+        hs = _all_holders(old_fam, layer, survivors)
+        own = [{e for e, ss in hs.items() if order[r] in ss} for r in range(n)]
+        start = own if groups_all is None else _assign_held_groups(groups_all[i], own, slots, cap)
+        rows[layer] = _fill_held(start, slots, E, None if w is None else w[layer], cap)
+    filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
+    return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
+
+
+def _assign_held_groups(groups: list[set[int]], own: list[set[int]], slots: Sequence[int],
+                        cap: Sequence[float]) -> list[set[int]]:
+    """Group g to new rank r among ranks of equal slots and capacity, keeping the most experts held."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = len(groups)
+    big = 10 * (sum(slots) + 1)
+    cost = np.full((n, n), float(big))
+    for r in range(n):
+        for g in range(n):
+            if slots[r] == slots[g] and abs(cap[r] - cap[g]) <= 1e-9:
+                cost[r, g] = -len(own[r] & groups[g])
+    rr, gg = linear_sum_assignment(cost)
+    out = [set() for _ in range(n)]
+    for r, g in zip(rr, gg):
+        out[int(r)] = set(groups[g])
+    return out
+
+
+def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
+               cap: Sequence[float] | None = None) -> tuple[tuple[int, ...], ...]:
+    """Each rank's experts (``[n]`` ascending tuples of ``slots[r]``, every expert at least once) from
+    what it holds: keep up to its slots (sole copies, then the heaviest), place the experts none holds
+    (a free slot, first on ranks that could not fill their free slots with copies of experts some rank
+    held, else the slot of a copy held twice), then fill the free slots with copies of the
+    experts with the largest load per copy, each where it raises load / capacity least; experts some
+    rank held already come first there (a peer copy, not a second host reload of a lost one). Load model:
+    an expert's load split evenly over its copies (as the dispatch splits its tokens)."""
+    n = len(slots)
+    wv = np.ones(E) if w is None else np.asarray(w, dtype=np.float64)
+    c = [max(float(x), 1e-9) for x in cap] if cap is not None else [1.0] * n
+    had = set().union(*own)
+    copies = np.zeros(E, dtype=np.int64)
+    for o in own:
+        for e in o:
+            copies[e] += 1
+    keep = [set(sorted(o, key=lambda e: (copies[e] > 1, -wv[e], e))[: slots[r]]) for r, o in enumerate(own)]
+    copies[:] = 0
+    for k in keep:
+        for e in k:
+            copies[e] += 1
+
+    def loads() -> list[float]:
+        return [sum(wv[e] / copies[e] for e in k) for k in keep]
+
+    for e in sorted((e for e in range(E) if copies[e] == 0), key=lambda e: (-wv[e], e)):
+        ld = loads()
+        free = [r for r in range(n) if len(keep[r]) < slots[r]]
+        # a rank with more free slots than experts it could copy from a peer takes the lost ones first
+        short = [r for r in free if slots[r] - len(keep[r]) > len(had - keep[r])]
+        if free:
+            r = min(short or free, key=lambda r: ((ld[r] + wv[e]) / c[r], r))
+        else:  # every slot taken and an expert homeless: some expert has two copies (pigeonhole)
+            r, x = min(((r, x) for r in range(n) for x in keep[r] if copies[x] >= 2),
+                       key=lambda rx: ((ld[rx[0]] - wv[rx[1]] / copies[rx[1]] + wv[e]) / c[rx[0]], -copies[rx[1]], rx))
+            keep[r].discard(x)
+            copies[x] -= 1
+        keep[r].add(e)
+        copies[e] += 1
+    while True:
+        free = [r for r in range(n) if len(keep[r]) < slots[r]]
+        if not free:
+            break
+        ld = loads()
+        for e in sorted(range(E), key=lambda e: (e not in had, -wv[e] / copies[e], copies[e], e)):
+            can = [r for r in free if e not in keep[r]]
+            if can:
+                break
+        else:
+            raise ValueError(f"expert slots {tuple(slots)} exceed {E} experts on a rank")
+        r = min(can, key=lambda r: ((ld[r] + wv[e] / (copies[e] + 1)) / c[r], r))
+        keep[r].add(e)
+        copies[e] += 1
+    return tuple(tuple(sorted(k)) for k in keep)
 
 
 def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int, w=None,
@@ -224,6 +353,9 @@ def expert_ops(old: ElasticLayout, new: ElasticLayout, order: Sequence[int], sur
     """Per-layer expert ops turning ``old`` into ``new`` (new rank r on slot ``order[r]``), and the
     reload lower bound (bytes of experts no survivor holds). ``w_layer``: bytes of one expert of one layer."""
     old_fam, new_fam = old.family("experts"), new.family("experts")
+    if old_fam.held or new_fam.held:
+        return _held_ops(old_fam, new_fam, moe_layers(old), order, survivors, topo, w_layer, peer_out,
+                         allow_keep, allow_peer)
     ops: list[FamilyOp] = []
     lower = 0
     for layer in moe_layers(old):
@@ -252,6 +384,40 @@ def expert_ops(old: ElasticLayout, new: ElasticLayout, order: Sequence[int], sur
     return ops, lower
 
 
+def _held_ops(old_fam: FamilyLayout, new_fam: FamilyLayout, layers, order: Sequence[int], survivors: Sequence[int],
+              topo: Topology, w_layer: int, peer_out: dict[int, int], allow_keep: bool,
+              allow_peer: bool) -> tuple[list[FamilyOp], int]:
+    """``expert_ops`` when either side has redundant experts: per new rank, each expert it holds is
+    kept (its device held it), copied from the surviving holder with the fastest link (then the
+    one sending least), or reloaded; the lower bound counts experts no survivor holds."""
+    ops: list[FamilyOp] = []
+    lower = 0
+    for layer in layers:
+        hs = _all_holders(old_fam, layer, survivors)
+        lower += w_layer * (old_fam.num_units - len(hs))
+        for r in range(new_fam.num_ranks):
+            slot = order[r]
+            pieces: list[list] = []
+            for e in new_fam.rank_experts(r, layer):
+                srcs = hs.get(e, []) if allow_keep else []
+                peers = [s for s in srcs if s != slot and topo.reachable(s, slot)] if allow_peer else []
+                if slot in srcs:
+                    piece = [KEEP, slot, slot, r]
+                elif peers:
+                    src = min(peers, key=lambda s: (-topo.bandwidth(s, slot), peer_out.get(s, 0), s))
+                    piece = [PEER, src, src, r]
+                    peer_out[src] = peer_out.get(src, 0) + w_layer
+                else:
+                    piece = [RELOAD, HOST, -1, r]
+                if pieces and pieces[-1][:4] == piece and pieces[-1][5] == e:
+                    pieces[-1][5] = e + 1
+                else:
+                    pieces.append(piece + [e, e + 1])
+            for kind, src, src_rank, dst, a, b in pieces:
+                ops.append(FamilyOp("experts", "e", kind, src, src_rank, dst, a, b, (b - a) * w_layer, 0, layer))
+    return ops, lower
+
+
 def expert_imbalance(layout: ElasticLayout, loads, capacity: Sequence[float] | None = None) -> float:
     """How much slower the busiest rank's experts are than a perfect split: over the MoE layers, the mean
     of ``max_r(load_r / capacity_r) / (total load / total capacity)`` (1.0: perfect; 0.0 without loads).
@@ -264,7 +430,9 @@ def expert_imbalance(layout: ElasticLayout, loads, capacity: Sequence[float] | N
         total = w[layer].sum()
         if total <= 0:
             continue
-        owner = np.array([fam.expert_owner(layer, e) for e in range(fam.num_units)])
-        per_rank = np.bincount(owner, weights=w[layer], minlength=fam.num_ranks)
+        per_rank = np.zeros(fam.num_ranks)
+        for e in range(fam.num_units):
+            hs = fam.expert_holders(layer, e)
+            per_rank[list(hs)] += w[layer, e] / len(hs)
         out.append(float((per_rank / cap).max() / (total / cap.sum())))
     return float(np.mean(out)) if out else 0.0
