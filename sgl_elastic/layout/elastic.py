@@ -173,6 +173,8 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
             return FamilyLayout(name=name, unit_name=_UNIT_NAMES[name], num_units=n, unit_size=unit,
                                 dim_size=dim_size, widths=widths_for(name, n))
 
+        if redundant_experts and not (model.moe_layers and expert_parallel):
+            raise ValueError("redundant experts need an MoE model with expert parallelism (--ep-size == --tp)")
         if model.dense_layers:
             families["mlp"] = blocks("mlp", model.intermediate_size, mlp_unit)
         if model.moe_layers:
@@ -183,8 +185,6 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
                                                    + redundant_experts), model.num_layers, redundant_experts)
             else:
                 families["moe"] = blocks("moe", model.moe_intermediate_size, mlp_unit)
-        elif redundant_experts:
-            raise ValueError("redundant experts need an MoE model with expert parallelism (--ep-size == --tp)")
         families["vocab"] = blocks("vocab", model.vocab_size, vocab_unit)
         return cls(tp_size=tp_size, families=families, model=model, expert_parallel=expert_parallel, policy=policy)
 

@@ -18,11 +18,12 @@ experts of single layers, so the contiguous-range machinery of the other familie
   shard, so the executor can regrow its file in place.
 - *Redundant experts* (``FamilyLayout.redundant``: slots beyond one per expert; ``_choose_held``).
   The new ranks get the same number of redundant slots (at most what fits: a rank holds an expert
-  once), split equally. A failure: every device keeps what it held, up to its slots, sole copies
+  once), the slots split in proportion to the ranks' capacities when loads are given, else equally. A failure: every device keeps what it held, up to its slots, sole copies
   first; an expert no survivor holds takes a free slot, else the slot of a copy held twice; the free
-  slots then take second (third...) copies of the experts with the largest load per copy. A
-  rebalance: ``moe.rebalance_experts`` over the slots gives each rank a group (replicas included),
-  assigned as above, then the same filling (a group holding one expert twice leaves a slot free).
+  slots then take, one by one, the copy that lowers the max load / capacity most. A
+  rebalance: ``moe.rebalance_experts`` over the slots gives each rank a group (replicas included;
+  a second copy of an expert on one rank is exchanged for an expert of similar load per copy of a
+  rank without one), assigned as above, then the same filling.
   A lost expert that another survivor also holds is no reload at all.
 - *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
   from the holder with the fastest link (then the least loaded), else a host reload; consecutive
@@ -139,13 +140,11 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
 def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
                  w, cap: Sequence[float], rebalance: bool) -> FamilyLayout:
     """``choose_placement`` for redundant experts (module docstring)."""
-    from sgl_elastic.layout.widths import equal_widths
-
     old_fam = old.family("experts")
     layers = moe_layers(old)
     n, E = new_fam.num_ranks, new_fam.num_units
     red = min(old_fam.redundant, n * E - E)
-    slots = equal_widths(E + red, n)
+    slots = _slots(E + red, E, cap if w is not None else None, n)
     groups_all = None
     if rebalance:
         import torch
@@ -154,7 +153,8 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
 
         phy2log, _, _ = rebalance_experts(torch.from_numpy(w[list(layers)]), list(slots), cap)
         offs = np.concatenate([[0], np.cumsum(slots)])
-        groups_all = [[{int(x) for x in phy2log[i, offs[r]:offs[r + 1]]} for r in range(n)] for i in range(len(layers))]
+        groups_all = [_spread_copies([[int(x) for x in phy2log[i, offs[r]:offs[r + 1]]] for r in range(n)],
+                                     w[layer]) for i, layer in enumerate(layers)]
     rows: dict[int, tuple[tuple[int, ...], ...]] = {}
     for i, layer in enumerate(layers):
         hs = _all_holders(old_fam, layer, survivors)
@@ -163,6 +163,48 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
         rows[layer] = _fill_held(start, slots, E, None if w is None else w[layer], cap)
     filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
     return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
+
+
+def _slots(total: int, E: int, cap: Sequence[float] | None, n: int) -> tuple[int, ...]:
+    """``total`` expert slots over ``n`` ranks: in proportion to ``cap`` (equal when None), at most ``E``
+    each (a rank holds an expert once); the excess goes to the ranks with the most capacity per slot."""
+    from sgl_elastic.layout.widths import capacity_widths, equal_widths
+
+    if cap is None or max(cap) - min(cap) <= 1e-9:
+        return equal_widths(total, n)
+    out = list(capacity_widths(total, [max(float(c), 1e-9) for c in cap]))
+    extra = sum(max(0, x - E) for x in out)
+    out = [min(x, E) for x in out]
+    for _ in range(extra):
+        r = max((r for r in range(n) if out[r] < E), key=lambda r: (cap[r] / (out[r] + 1), -r))
+        out[r] += 1
+    return tuple(out)
+
+
+def _spread_copies(groups: list[list[int]], w) -> list[set[int]]:
+    """The rebalancer's groups (replicas per rank, an expert possibly twice on one rank) as sets with
+    every copy on its own rank: a rank's second copy of e is exchanged for an expert x of another rank
+    that holds no e, where x's load per copy is nearest e's (copy counts, so loads per copy, unchanged)."""
+    w = np.asarray(w, dtype=np.float64)
+    cnt = np.zeros(len(w))
+    for g in groups:
+        for e in g:
+            cnt[e] += 1
+    share = w / np.maximum(cnt, 1)
+    out = [list(g) for g in groups]
+    for r, g in enumerate(out):
+        for e in sorted({e for e in g if g.count(e) > 1}):
+            while g.count(e) > 1:
+                cands = [(abs(share[x] - share[e]), r2, x) for r2, g2 in enumerate(out) if r2 != r and e not in g2
+                         for x in set(g2) if x not in g]
+                if not cands:
+                    break  # every rank holds e already: the slot stays for the filling
+                _, r2, x = min(cands)
+                g.remove(e)
+                g.append(x)
+                out[r2].remove(x)
+                out[r2].append(e)
+    return [set(g) for g in out]
 
 
 def _assign_held_groups(groups: list[set[int]], own: list[set[int]], slots: Sequence[int],
@@ -189,9 +231,10 @@ def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
     """Each rank's experts (``[n]`` ascending tuples of ``slots[r]``, every expert at least once) from
     what it holds: keep up to its slots (sole copies, then the heaviest), place the experts none holds
     (a free slot, first on ranks that could not fill their free slots with copies of experts some rank
-    held, else the slot of a copy held twice), then fill the free slots with copies of the
-    experts with the largest load per copy, each where it raises load / capacity least; experts some
-    rank held already come first there (a peer copy, not a second host reload of a lost one). Load model:
+    held, else the slot of a copy held twice), then fill the free slots one by one with the copy (expert,
+    rank) that leaves the lowest max load / capacity (then the lowest sum of squared load / capacity);
+    experts some rank held already come first there (a peer copy, not a second host reload of a lost
+    one). Load model:
     an expert's load split evenly over its copies (as the dispatch splits its tokens)."""
     n = len(slots)
     wv = np.ones(E) if w is None else np.asarray(w, dtype=np.float64)
@@ -224,19 +267,39 @@ def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
             copies[x] -= 1
         keep[r].add(e)
         copies[e] += 1
+    hold = np.zeros((n, E), dtype=bool)
+    for r, k in enumerate(keep):
+        hold[r, list(k)] = True
+    cv = np.asarray(c, dtype=np.float64)
+    was = np.zeros(E, dtype=bool)
+    was[list(had)] = True
     while True:
-        free = [r for r in range(n) if len(keep[r]) < slots[r]]
-        if not free:
+        free = np.array([len(keep[r]) < slots[r] for r in range(n)])
+        if not free.any():
             break
-        ld = loads()
-        for e in sorted(range(E), key=lambda e: (e not in had, -wv[e] / copies[e], copies[e], e)):
-            can = [r for r in free if e not in keep[r]]
-            if can:
-                break
-        else:
+        ok = free[:, None] & ~hold
+        if not ok.any():
             raise ValueError(f"expert slots {tuple(slots)} exceed {E} experts on a rank")
-        r = min(can, key=lambda r: ((ld[r] + wv[e] / (copies[e] + 1)) / c[r], r))
+        if (ok & was).any():
+            ok &= was[None, :]
+        # a copy of e on r: e's holders each lose wv/k - wv/(k+1); r gains wv/(k+1)
+        ld = np.array(loads())
+        k = copies.astype(np.float64)
+        share = wv / (k + 1)
+        after = (ld[:, None] + hold * (share - wv / k)[None, :]) / cv[:, None]  # every rank but the new holder
+        top = np.argsort(-after, axis=0, kind="stable")
+        first = after[top[0], np.arange(E)]
+        second = after[top[1], np.arange(E)] if n > 1 else np.full(E, -np.inf)
+        others = np.where(np.arange(n)[:, None] == top[0][None, :], second[None, :], first[None, :])
+        mine = (ld[:, None] + share[None, :]) / cv[:, None]
+        worst = np.where(ok, np.maximum(mine, others), np.inf)
+        # the lowest resulting max load / capacity; among equals, the lowest sum of squared ratios
+        before = ld / cv
+        squares = ((after ** 2 - before[:, None] ** 2) * hold).sum(0)[None, :] + mine ** 2 - before[:, None] ** 2
+        tied = worst <= worst.min() * (1 + 1e-9) + 1e-12
+        r, e = divmod(int(np.where(tied, squares, np.inf).argmin()), E)
         keep[r].add(e)
+        hold[r, e] = True
         copies[e] += 1
     return tuple(tuple(sorted(k)) for k in keep)
 

@@ -70,6 +70,21 @@ def test_elastic_flags_parse_and_strip(parser):
     argv = ["--model-path", "m", "--tp", "3", "--no-elastic-kv-backup", "--port", "1"]
     assert not ElasticArgs.from_cli_args(parser.parse_args(argv)).kv_backup
     assert _strip_elastic_flags(argv, parser) == ["--model-path", "m", "--tp", "3", "--port", "1"]
+    argv = ["--model-path", "m", "--tp", "3", "--ep-size", "3", "--elastic-redundant-experts", "4"]
+    assert ElasticArgs.from_cli_args(parser.parse_args(argv)).redundant_experts == 4
+    assert _strip_elastic_flags(argv, parser) == ["--model-path", "m", "--tp", "3", "--ep-size", "3"]
+    with pytest.raises(ValueError, match="--elastic-redundant-experts -1"):
+        ElasticArgs(redundant_experts=-1)
+
+
+def test_redundant_experts_need_expert_parallelism(tiny_models):
+    from sgl_elastic.patches import build_layout
+
+    args = {"model_path": str(tiny_models["mixtral"]), "tp_size": 3, "ep_size": 1}
+    with pytest.raises(ValueError, match="needs expert parallelism: --ep-size 3"):
+        build_layout(ElasticArgs(redundant_experts=2), args)
+    lay = build_layout(ElasticArgs(redundant_experts=2), args | {"ep_size": 3})
+    assert lay.family("experts").widths == (4, 3, 3) and lay.family("experts").redundant == 2
 
 
 def test_check_model_path(tmp_path):

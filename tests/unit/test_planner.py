@@ -369,8 +369,7 @@ def _execute_reference(plan, full: dict[str, np.ndarray]) -> dict[tuple[int, str
     def shard(layout, rank, t):
         if t.dim < 0:
             if t.family == "experts":
-                a, b = shard_granule_range(layout, "experts", "e", rank)
-                return full[t.name] if a <= t.expert < b else None
+                return full[t.name] if layout.family("experts").holds(rank, t.layer, t.expert) else None
             return full[t.name]
         a, b = shard_granule_range(layout, t.family, t.subdim, rank)
         return _slice(full[t.name], t.dim, a * t.granule_elems, b * t.granule_elems)
@@ -419,6 +418,75 @@ def test_tensor_ops_rebuild_the_new_shards(tp, failed, added, ep):
     specs = {t.name: t for t in old.tensors()}
     for (r, name), got in new.items():
         np.testing.assert_array_equal(got, shard(plan.new_layout, r, specs[name]), err_msg=f"rank {r} {name}")
+
+
+def _toy_ep_layout(tp: int, redundant: int) -> ElasticLayout:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_type="qwen3_moe", num_hidden_layers=2, hidden_size=3, num_attention_heads=8,
+                          num_key_value_heads=4, head_dim=2, intermediate_size=11, moe_intermediate_size=5,
+                          num_experts=6, vocab_size=13)
+    return ElasticLayout.from_hf_config(cfg, tp, mlp_unit=2, vocab_unit=3, expert_parallel=True,
+                                        redundant_experts=redundant)
+
+
+@pytest.mark.parametrize("tp,redundant,failed,added,loads,rebalance", [
+    (4, 5, (1,), 0, False, False), (4, 5, (0, 3), 0, True, False), (3, 4, (), 1, False, False),
+    (4, 2, (2,), 1, True, False), (4, 6, (), 0, True, True), (3, 9, (1,), 0, True, True)])
+def test_tensor_ops_rebuild_redundant_expert_shards(tp, redundant, failed, added, loads, rebalance):
+    """Redundant experts through failures, a scale-up and rebalances: the per-tensor ops rebuild
+    exactly every new rank's experts (copies included), and nothing no survivor held is missed."""
+    rng = np.random.default_rng(1)
+    old = _toy_ep_layout(tp, redundant)
+    w = rng.gamma(0.3, 100.0, size=(2, 6)) if loads else None
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added), expert_loads=w, rebalance_experts=rebalance)
+    fam = plan.new_layout.family("experts")
+    assert fam.held and sum(fam.widths) == 6 + fam.redundant and fam.redundant == min(redundant, 6 * len(fam.widths) - 6)
+    full = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in old.tensors()}
+    new, shard = _execute_reference(plan, full)
+    specs = {t.name: t for t in old.tensors()}
+    for (r, name), got in new.items():
+        np.testing.assert_array_equal(got, shard(plan.new_layout, r, specs[name]), err_msg=f"rank {r} {name}")
+    assert plan.reload_bytes >= plan.lower_bound_reload_bytes
+
+
+def test_redundant_copies_survive_a_failure():
+    """Mixtral-8x22B's 8 experts on tp 3 with 6 redundant slots (5, 5, 4: slot p holds expert p mod 8).
+    Rank 1 (experts 0, 1, 5, 6, 7) dies: 0, 1 and 5 live on; only 6 and 7 are read from the
+    checkpoint, where with no redundant slots all of rank 1's three experts are. Every survivor keeps
+    what it held, and the slots stay 6 beyond the experts (7 + 7)."""
+    from sgl_elastic.planner.experts import expert_imbalance
+
+    cfg = mixtral_8x22b()
+    one = sum(t.nbytes for t in ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True).tensors()
+              if t.family == "experts" and t.expert == 0)  # one expert, every layer
+    lower = {}
+    for red in (0, 6):
+        old = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True, redundant_experts=red)
+        plan = plan_migration(old, ClusterChange(failed=(1,)))
+        lost = sum(op.nbytes for op in plan.ops if op.family == "experts" and op.kind == RELOAD)
+        lower[red] = lost
+        assert plan.reload_bytes == plan.lower_bound_reload_bytes
+        if red:
+            fam, was = plan.new_layout.family("experts"), old.family("experts")
+            assert fam.widths == (7, 7)
+            for layer in range(56):
+                assert set(was.rank_experts(0, layer)) <= set(fam.rank_experts(0, layer))
+                assert set(was.rank_experts(2, layer)) <= set(fam.rank_experts(1, layer))
+    assert lower == {0: 3 * one, 6: 2 * one}
+    # skewed loads: the copies of a rebalance go to the hot experts, and balance beats no copies
+    rng = np.random.default_rng(4)
+    loads = rng.gamma(0.3, 100.0, size=(56, 8))
+    got = {}
+    for red in (0, 6):
+        old = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True, redundant_experts=red)
+        plan = plan_migration(old, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+        assert plan.reload_bytes == 0
+        got[red] = expert_imbalance(plan.new_layout, loads)
+        if red:
+            fam = plan.new_layout.family("experts")
+            assert all(len(fam.expert_holders(l, int(loads[l].argmax()))) >= 2 for l in range(56))
+    assert got[6] < got[0]
 
 
 def test_cost_model_by_hand():
