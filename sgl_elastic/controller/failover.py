@@ -62,6 +62,12 @@ REBUILD_RETRY_S = 3 * wire.REBUILD_INIT_TIMEOUT_S
 JOIN_TIMEOUT_S = 180.0  # a new rank process must import SGLang and check in within this
 
 
+def _is_placed(layout) -> bool:
+    from sgl_elastic.planner.experts import is_placed
+
+    return is_placed(layout)
+
+
 def _log(msg: str) -> None:
     print(f"[sgl-elastic failover] {msg}", file=sys.stderr, flush=True)
 
@@ -277,8 +283,9 @@ class FailoverController:
                 "widths": widths,
                 "standby": [p.pid for p in self.standby if p.is_alive()],
                 "eplb": {"enabled": self.eplb, "interval_s": self.eplb_interval_s,
-                         "placed": bool(self.layout is not None and "experts" in self.layout.families
-                                        and self.layout.family("experts").placement),
+                         "placed": bool(self.layout is not None and _is_placed(self.layout)),
+                         "redundant": (self.layout.family("experts").redundant
+                                       if self.layout is not None and "experts" in self.layout.families else 0),
                          "imbalance_now": self._imbalance_now(), "last": self.eplb_last},
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
             }
@@ -728,7 +735,7 @@ class FailoverController:
             loads = None if given is not None else self._eplb_loads()
             plan = given or plan_migration(self.layout, ClusterChange(failed=tuple(failed), added=1 if joiner is not None else 0),
                                            expert_loads=loads)
-            if loads is not None and plan.new_layout.family("experts").placement:
+            if loads is not None and _is_placed(plan.new_layout):
                 _log(f"experts placed by the loads of {loads.sum():.0f} routed tokens (capacity-weighted)")
             # migrating (after a failure the survivors tear down meanwhile and check in)
             self._to(rec, Phase.MIGRATING, f"plan: keep {plan.keep_bytes / 1e6:.1f} MB, peer"

@@ -13,12 +13,12 @@ After the server stops: none of its processes and none of its daemon's /dev/shm 
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import requests
 
+from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
@@ -51,87 +51,22 @@ def server(tiny_models):
 
 
 def _generate(url, ids, n=MAX_NEW, stream=False):
-    import json
-
-    body = {"input_ids": ids, "stream": stream,
-            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
-    r = requests.post(url + "/generate", json=body, timeout=300, stream=stream)
-    r.raise_for_status()
-    if not stream:
-        return r.json()["output_ids"]
-    out = []
-    for line in r.iter_lines():
-        if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
-            now = json.loads(line[5:])["output_ids"]
-            assert now[:len(out)] == out, f"stream went back: {out} then {now}"
-            out = now
-    return out
+    return generate(url, ids, n, stream=stream)
 
 
 def _status(url):
-    r = requests.get(url + "/elastic/status", headers=AUTH, timeout=30)
-    r.raise_for_status()
-    return r.json()
+    return admin_status(url, TOKEN)
 
 
 def _wait(url, pred, what, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = _status(url)
-        if st["state"] == "serving" and pred(st):
-            return st
-        time.sleep(0.2)
-    pytest.fail(f"{what} within {timeout} s; status: {_status(url)}")
+    try:
+        return wait_serving(url, TOKEN, pred, what, timeout)
+    except AssertionError as e:
+        pytest.fail(str(e))
 
 
-class _Load:
-    """Requests in threads (long streams and plain ones, over and over until stopped) and a /health probe."""
-
-    def __init__(self, url):
-        self.url, self.results, self.errors, self.bad_health = url, [], [], []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._streams, daemon=True),
-                        threading.Thread(target=self._plain, daemon=True),
-                        threading.Thread(target=self._health, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, key, *a, **kw):
-        try:
-            self.results.append((key, _generate(self.url, *a, **kw)))
-        except Exception as e:  # noqa: BLE001 - reported by the test's assertion
-            self.errors.append(f"{key}: {type(e).__name__}: {e}")
-
-    def _streams(self):
-        while not self.stop.is_set():
-            for i, p in enumerate(PROMPTS[:2]):
-                self._run(("long", i), p, LONG, stream=True)
-
-    def _plain(self):
-        while not self.stop.is_set():
-            for i, p in enumerate(PROMPTS):
-                self._run(("plain", i), p)
-
-    def _health(self):
-        while not self.stop.is_set():
-            try:
-                code = requests.get(self.url + "/health", timeout=30).status_code
-            except requests.RequestException as e:
-                code = repr(e)
-            if code != 200:
-                self.bad_health.append(code)
-            self.stop.wait(0.2)
-
-    def finish(self, want, want_long):
-        self.stop.set()
-        for t in self.threads:
-            t.join(300)
-        assert not any(t.is_alive() for t in self.threads), "a client thread did not finish"
-        assert not self.errors, self.errors
-        assert not self.bad_health, f"/health failed: {self.bad_health}"
-        assert self.results
-        for (kind, i), got in self.results:
-            assert got == (want_long if kind == "long" else want)[i], f"{kind} request {i}: {got}"
+def _Load(url):
+    return BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
 
 
 def test_periodic_rebalance_moves_experts_by_peer_copies(server, want, want_long):

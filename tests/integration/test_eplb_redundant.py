@@ -1,0 +1,117 @@
+"""Redundant experts on a live server (Mixtral tiny, tp 3, expert parallelism, 6 redundant slots, float32).
+
+One server with ``--elastic-redundant-experts 6``: 14 expert slots (5, 5, 4), slot p holding expert
+p mod 8, so experts 0 to 5 start with two copies. In order:
+1. every routed token goes to one copy of its expert: greedy tokens equal HF's (a token sent to
+   both copies, or to the wrong slot, would change them);
+2. rank 1 (experts 0, 1, 5, 6, 7) dies mid-stream: every request completes with HF's tokens, and
+   the recovery reads from the checkpoint exactly the lower bound, which counts only experts 6 and
+   7 (0, 1 and 5 live on in copies), less than the same failure without redundant slots;
+3. a rebalance at tp 2 (``POST /elastic/rebalance``) places the copies by the loads, by peer
+   copies only, and the tokens stay HF's.
+After the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+
+from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
+from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+TOKEN = "redundant-admin-token"
+PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
+MAX_NEW, LONG = 24, 64
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models):
+    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def want_long(tiny_models):
+    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS[:2], LONG)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = ServerProcess(tiny_models["mixtral"], tp_size=3, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--ep-size", "3", "--elastic-redundant-experts", "6"])
+    srv.start()
+    pids = children_of(srv)
+    yield srv
+    assert stop_and_check_leaks(srv, pids) is not None
+
+
+def _wait(url, pred, what):
+    try:
+        return wait_serving(url, TOKEN, pred, what)
+    except AssertionError as e:
+        pytest.fail(str(e))
+
+
+def _lower_bounds(model_path):
+    """The planner's reload lower bound for rank 1's failure from the start layout, with and without
+    the redundant slots."""
+    from transformers import AutoConfig
+
+    from sgl_elastic.layout import ElasticLayout
+    from sgl_elastic.planner import ClusterChange, plan_migration
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    out = {}
+    for red in (6, 0):
+        lay = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True, redundant_experts=red)
+        out[red] = plan_migration(lay, ClusterChange(failed=(1,))).lower_bound_reload_bytes
+    return out
+
+
+def test_copies_serve_hf_tokens(server, want):
+    st = admin_status(server.url, TOKEN)
+    assert st["eplb"]["redundant"] == 6 and st["eplb"]["placed"] and st["tp_size"] == 3
+    assert [generate(server.url, p, MAX_NEW) for p in PROMPTS] == want
+
+
+def test_failure_reloads_only_experts_without_a_surviving_copy(server, want, want_long, tiny_models):
+    url = server.url
+    st = admin_status(url, TOKEN)
+    n = len(st["recoveries"])
+    victim = next(r["pid"] for r in st["ranks"] if r["rank"] == 1)
+    load = BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
+    try:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        st = _wait(url, lambda s: s["tp_size"] == 2 and len(s["recoveries"]) > n, "the recovery at tp 2")
+        time.sleep(1.0)  # requests resumed and new ones served at tp 2
+    finally:
+        load.finish(want, want_long)
+    rec = next(r for r in st["recoveries"][n:] if r["failed_ranks"])
+    assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1] and rec["tp_after"] == 2
+    m = rec["migration"]
+    bounds = _lower_bounds(str(tiny_models["mixtral"]))
+    assert m["reload_bytes"] == m["file_bytes_read"] == m["lower_bound_reload_bytes"] == bounds[6] < bounds[0]
+    assert st["eplb"]["redundant"] == 6
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
+
+
+def test_rebalance_places_copies_by_peer_copies(server, want):
+    url = server.url
+    for p in PROMPTS:  # loads since the last placement
+        generate(url, p, MAX_NEW)
+    n = len(admin_status(url, TOKEN)["recoveries"])
+    r = requests.post(url + "/elastic/rebalance", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert r.status_code == 202, r.text
+    st = _wait(url, lambda s: s["eplb"]["last"].get("decision") in ("moved", "skipped", "failed"), "a rebalance decision")
+    last = st["eplb"]["last"]  # the survivors kept what they held: the loads now place the copies better
+    assert last["decision"] == "moved" and last["imbalance_after"] < last["imbalance_before"], last
+    (rec,) = st["recoveries"][n:]
+    assert rec["outcome"] == "ok" and not rec["failed_ranks"] and rec["tp_after"] == 2
+    assert rec["migration"]["reload_bytes"] == 0 < rec["migration"]["peer_bytes"]
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
