@@ -117,10 +117,11 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
             expert_parallel: shard MoE layers by whole experts ("experts") instead of by
                 intermediate columns ("moe").
             redundant_experts: expert parallelism only: this many expert slots beyond one per expert
-                (``FamilyLayout.redundant``), split over the ranks like the other families; each
-                rank's slots start as a stripe: physical slot p, rank by rank, holds expert p mod
-                the experts, so the slots beyond the first copy of every expert hold second copies
-                of experts 0, 1, ... until the loads place them (at a recovery or a rebalance).
+                (``FamilyLayout.redundant``), split over the ranks like the other families. Until
+                the loads place them (at a recovery or a rebalance), every rank holds a contiguous
+                block of experts (in proportion to its slots) and, in its other slots, copies of the
+                next ranks' first experts (a ring): any one failure loses only the experts of its
+                block that its predecessor holds no copy of.
         """
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}; choose one of {POLICIES}")
@@ -181,23 +182,29 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
             if expert_parallel:
                 families["experts"] = blocks("experts", model.num_experts, 1)
                 if redundant_experts:
-                    families["experts"] = _striped(families["experts"], widths_for("experts", model.num_experts
-                                                   + redundant_experts), model.num_layers, redundant_experts)
+                    families["experts"] = _ring(families["experts"], widths_for("experts", model.num_experts
+                                                + redundant_experts), model.num_layers, redundant_experts)
             else:
                 families["moe"] = blocks("moe", model.moe_intermediate_size, mlp_unit)
         families["vocab"] = blocks("vocab", model.vocab_size, vocab_unit)
         return cls(tp_size=tp_size, families=families, model=model, expert_parallel=expert_parallel, policy=policy)
 
 
-def _striped(fam: FamilyLayout, slots: tuple[int, ...], num_layers: int, redundant: int) -> FamilyLayout:
-    """``fam`` with ``slots`` expert slots per rank, slot p (rank by rank) holding expert p mod E."""
-    E = fam.num_units
+def _ring(fam: FamilyLayout, slots: tuple[int, ...], num_layers: int, redundant: int) -> FamilyLayout:
+    """``fam`` with ``slots`` expert slots per rank: a contiguous block of experts per rank, the other
+    slots holding copies of the experts that follow the block (the next ranks' first experts)."""
+    E, n = fam.num_units, len(slots)
     if redundant < 0 or max(slots) > E:
-        raise ValueError(f"--elastic-redundant-experts {redundant}: give 0..{E * len(slots) - E} on {len(slots)}"
-                         f" ranks ({E} experts; a rank holds each expert at most once), got slots {slots}")
-    offs = [sum(slots[:r]) for r in range(len(slots))]
-    row = tuple(tuple(sorted((offs[r] + i) % E for i in range(slots[r]))) for r in range(len(slots)))
-    return fam.with_held(slots, (row,) * num_layers, redundant)
+        raise ValueError(f"--elastic-redundant-experts {redundant}: give 0..{E * n - E} on {n} ranks ({E} experts;"
+                         f" a rank holds each expert at most once), got slots {slots}")
+    block = proportional_widths(E, slots)
+    row = []
+    for r in range(n):
+        start = sum(block[:r])
+        if block[r] > slots[r]:
+            raise ValueError(f"--elastic-redundant-experts {redundant}: slots {slots} cannot hold blocks {block}")
+        row.append(tuple(sorted((start + i) % E for i in range(slots[r]))))
+    return fam.with_held(slots, (tuple(row),) * num_layers, redundant)
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,7 +23,8 @@ experts of single layers, so the contiguous-range machinery of the other familie
   slots then take, one by one, the copy that lowers the max load / capacity most. A
   rebalance: ``moe.rebalance_experts`` over the slots gives each rank a group (replicas included;
   a second copy of an expert on one rank is exchanged for an expert of similar load per copy of a
-  rank without one), assigned as above, then the same filling.
+  rank without one), assigned as above, then the same filling; a swap search from what the ranks
+  hold competes with it, as for single experts (fewest moves within ``REBALANCE_TOL``).
   A lost expert that another survivor also holds is no reload at all.
 - *Moves* (``expert_ops``): per layer and expert, keep when the device holds it, else a peer copy
   from the holder with the fastest link (then the least loaded), else a host reload; consecutive
@@ -159,10 +160,79 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
     for i, layer in enumerate(layers):
         hs = _all_holders(old_fam, layer, survivors)
         own = [{e for e, ss in hs.items() if order[r] in ss} for r in range(n)]
-        start = own if groups_all is None else _assign_held_groups(groups_all[i], own, slots, cap)
-        rows[layer] = _fill_held(start, slots, E, None if w is None else w[layer], cap)
+        wl = None if w is None else w[layer]
+        if groups_all is None:
+            rows[layer] = _fill_held(own, slots, E, wl, cap)
+        else:
+            full = _fill_held(_assign_held_groups(groups_all[i], own, slots, cap), slots, E, wl, cap)
+            rows[layer] = _fewest_moves_held(full, own, slots, wl, cap)
     filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
     return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
+
+
+def _held_ratio(sets, w, cap) -> float:
+    """Max over ranks of load / capacity, an expert's load split evenly over its copies."""
+    hold = np.zeros((len(sets), len(w)), dtype=bool)
+    for r, k in enumerate(sets):
+        hold[r, list(k)] = True
+    share = np.asarray(w, dtype=np.float64) / np.maximum(hold.sum(0), 1)
+    return float(((hold @ share) / np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)).max())
+
+
+def _held_swap_search(sets, w, cap: Sequence[float], target: float, max_swaps: int) -> list[set[int]]:
+    """``_swap_search`` for redundant experts: while the busiest rank's load / capacity is above
+    ``target``, exchange one of its experts for a lighter one of a rank holding neither the other's
+    (copy counts, so loads per copy, unchanged), the pair whose larger new ratio is lowest."""
+    n, E = len(sets), len(w)
+    hold = np.zeros((n, E), dtype=bool)
+    for r, k in enumerate(sets):
+        hold[r, list(k)] = True
+    share = np.asarray(w, dtype=np.float64) / np.maximum(hold.sum(0), 1)
+    c = np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)
+    for _ in range(max_swaps):
+        per = hold @ share
+        f = per / c
+        top = int(f.argmax())
+        if f[top] <= target:
+            break
+        best = None
+        for o in range(n):
+            if o == top:
+                continue
+            a = np.flatnonzero(hold[top] & ~hold[o])
+            b = np.flatnonzero(hold[o] & ~hold[top])
+            if not len(a) or not len(b):
+                continue
+            d = share[a][:, None] - share[b][None, :]
+            worst = np.maximum((per[top] - d) / c[top], (per[o] + d) / c[o])
+            worst[d <= 0] = np.inf
+            k = int(worst.argmin())
+            if best is None or worst.flat[k] < best[0]:
+                ia, ib = divmod(k, len(b))
+                best = (float(worst.flat[k]), o, int(a[ia]), int(b[ib]))
+        if best is None or not best[0] < f[top] - 1e-12:
+            break
+        _, o, ea, eb = best
+        hold[top, ea], hold[o, ea], hold[o, eb], hold[top, eb] = False, True, False, True
+    return [set(np.flatnonzero(hold[r]).tolist()) for r in range(n)]
+
+
+def _fewest_moves_held(full, own: list[set[int]], slots: Sequence[int], w, cap: Sequence[float]):
+    """``_fewest_moves`` for redundant experts: the full rebalance's sets, or a swap search from what
+    the ranks hold, whichever moves fewer experts within ``REBALANCE_TOL`` of the better max ratio."""
+    w = np.asarray(w, dtype=np.float64)
+    target = _held_ratio(full, w, cap)
+    start = _fill_held(own, slots, len(w), w, cap)
+    local = tuple(tuple(sorted(k)) for k in _held_swap_search(start, w, cap, target * (1 + REBALANCE_TOL),
+                                                              max_swaps=len(w)))
+    cands = [(full, target), (local, _held_ratio(local, w, cap))]
+    best = min(m for _, m in cands)
+
+    def moved(sets) -> int:
+        return sum(len(set(k) - own[r]) for r, k in enumerate(sets))
+
+    ok = [sets for sets, m in cands if m <= best * (1 + REBALANCE_TOL) + 1e-12]
+    return min(ok, key=moved)
 
 
 def _slots(total: int, E: int, cap: Sequence[float] | None, n: int) -> tuple[int, ...]:

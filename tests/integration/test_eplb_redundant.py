@@ -1,12 +1,13 @@
 """Redundant experts on a live server (Mixtral tiny, tp 3, expert parallelism, 6 redundant slots, float32).
 
-One server with ``--elastic-redundant-experts 6``: 14 expert slots (5, 5, 4), slot p holding expert
-p mod 8, so experts 0 to 5 start with two copies. In order:
+One server with ``--elastic-redundant-experts 6``: 14 expert slots (5, 5, 4): blocks of 3, 3 and 2
+experts, each rank's other slots holding copies of the experts after its block (experts 0, 1, 3, 4,
+6, 7 start with two copies). In order:
 1. every routed token goes to one copy of its expert: greedy tokens equal HF's (a token sent to
    both copies, or to the wrong slot, would change them);
-2. rank 1 (experts 0, 1, 5, 6, 7) dies mid-stream: every request completes with HF's tokens, and
-   the recovery reads from the checkpoint exactly the lower bound, which counts only experts 6 and
-   7 (0, 1 and 5 live on in copies), less than the same failure without redundant slots;
+2. rank 1 (experts 3 to 7) dies mid-stream: every request completes with HF's tokens, and the
+   recovery reads from the checkpoint exactly the lower bound, which counts only expert 5 (the others
+   live on in copies), less than the same failure without redundant slots;
 3. a rebalance at tp 2 (``POST /elastic/rebalance``) places the copies by the loads, by peer
    copies only, and the tokens stay HF's.
 After the server stops: none of its processes and none of its daemon's /dev/shm segments remain.

@@ -184,15 +184,16 @@ def test_placed_experts_geometry_validation_and_roundtrip():
         ep.family("attn").placed([row])
 
 
-def test_redundant_experts_stripe_geometry_validation_and_roundtrip():
+def test_redundant_experts_ring_geometry_validation_and_roundtrip():
     from sgl_elastic.layout.geometry import rank_tensors
 
     lay = ElasticLayout.from_hf_config(mixtral_8x22b(), 3, expert_parallel=True, redundant_experts=6)
-    fam = lay.family("experts")  # 14 slots: 5, 5, 4; slot p holds expert p mod 8
+    fam = lay.family("experts")  # 14 slots: 5, 5, 4; blocks 3, 3, 2, each followed by copies (a ring)
     assert fam.widths == (5, 5, 4) and fam.redundant == 6 and len(fam.held) == 56
-    assert fam.rank_experts(1, 3) == (0, 1, 5, 6, 7) and fam.rank_experts(2, 3) == (2, 3, 4, 5)
-    assert fam.expert_holders(0, 5) == (1, 2) and fam.expert_holders(0, 6) == (1,) and fam.expert_owner(0, 0) == 0
-    assert fam.holds(2, 9, 3) and not fam.holds(0, 9, 7)
+    assert fam.rank_experts(0, 3) == (0, 1, 2, 3, 4) and fam.rank_experts(1, 3) == (3, 4, 5, 6, 7)
+    assert fam.rank_experts(2, 3) == (0, 1, 6, 7)
+    assert fam.expert_holders(0, 6) == (1, 2) and fam.expert_holders(0, 5) == (1,) and fam.expert_owner(0, 0) == 0
+    assert fam.holds(2, 9, 7) and not fam.holds(2, 9, 3)
     assert ElasticLayout.from_bytes(lay.to_bytes()) == lay
     for r in range(3):  # every rank holds the tensors of exactly its experts, copies included
         got = {t.expert for t, _ in rank_tensors(lay, r) if t.family == "experts" and t.layer == 7}
@@ -202,6 +203,8 @@ def test_redundant_experts_stripe_geometry_validation_and_roundtrip():
         fam.with_held((5, 5, 5), [row] * 56, 6)
     with pytest.raises(ValueError, match="distinct"):
         fam.with_held((5, 5, 4), [((0, 0, 1, 2, 3), row[1], row[2])] * 56)
+    with pytest.raises(ValueError, match="distinct"):
+        fam.with_held((5, 5, 4), [((0, 1, 2, 3, 9), row[1], row[2])] * 56)
     with pytest.raises(ValueError, match="no copy of experts"):
         fam.with_held((5, 5, 4), [((0, 1, 2, 3, 4), (0, 1, 2, 3, 4), (0, 1, 2, 3))] * 56)
     with pytest.raises(ValueError, match="56"):
