@@ -5,6 +5,9 @@
   daemon-held memory is dropped by the migration that follows);
 - ``POST /elastic/add_rank``: scale-up by one rank (202: accepted; it runs as a recovery whose
   phases show in the status; 409 while a recovery runs or when no wider layout exists).
+- ``POST /elastic/rebalance [{"algorithm": "ours" | "deepseek" | "elasticity_aware"}]``: place the
+  experts by their measured loads now (202; ``controller.placers``: the baselines, for comparisons,
+  need equal expert slots per rank, else 409; an unknown algorithm gets 400).
 
 Every call needs the admin token (``Authorization: Bearer <token>`` or ``X-Elastic-Token``):
 ``--elastic-admin-token``, or one generated at start and written to a 0600 file whose path is
@@ -15,6 +18,7 @@ and changes nothing.
 # (no "from __future__ import annotations": FastAPI reads the handlers' annotations at route creation)
 
 import hmac
+import json
 import os
 import secrets
 import signal
@@ -97,7 +101,15 @@ def install_routes(app, token: AdminToken, controller) -> None:
     async def rebalance(request: Request):
         if not token.check(_presented(request)):
             return _deny()
-        err, code = controller.request_rebalance()
+        body = await request.body()
+        try:
+            algorithm = json.loads(body).get("algorithm", "ours") if body.strip() else "ours"
+        except (ValueError, AttributeError):
+            return JSONResponse({"error": 'the body must be empty or JSON {"algorithm": "ours" | "deepseek" |'
+                                          ' "elasticity_aware"}'}, status_code=400)
+        if not isinstance(algorithm, str):
+            return JSONResponse({"error": f"algorithm must be a string, got {algorithm!r}"}, status_code=400)
+        err, code = controller.request_rebalance(algorithm)
         if err:
             return JSONResponse({"error": err}, status_code=code)
         return JSONResponse({"accepted": True, "epoch": controller.epoch,

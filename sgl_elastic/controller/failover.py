@@ -182,6 +182,7 @@ class FailoverController:
         self._loads = None  # moe.loads.LoadReader of rank 0's counts
         self._eplb_t = time.monotonic()  # last periodic rebalance check (or the last recovery)
         self._rebalance_requested = False
+        self._rebalance_algorithm = "ours"  # of the requested rebalance (controller.placers)
         self.eplb_last: dict = {}  # the last rebalance decision, for /elastic/status
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
@@ -371,7 +372,7 @@ class FailoverController:
                     return
                 if msg == b"rebalance" and self.enabled:
                     try:
-                        self._rebalance(forced=True)
+                        self._rebalance(forced=True, algorithm=self._rebalance_algorithm)
                     except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
                         _log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
                     finally:
@@ -436,9 +437,14 @@ class FailoverController:
         return None, 202
 
     # ---- expert rebalance -------------------------------------------------------------------------------
-    def request_rebalance(self) -> tuple[str | None, int]:
+    def request_rebalance(self, algorithm: str = "ours") -> tuple[str | None, int]:
         """``POST /elastic/rebalance``: (error, http status); None: accepted, it runs in the controller's
-        thread (a recovery in /elastic/status when experts move, else ``eplb.last`` says why not)."""
+        thread (a recovery in /elastic/status when experts move, else ``eplb.last`` says why not).
+        ``algorithm``: ``controller.placers`` (another than ours is applied whenever it moves experts)."""
+        from sgl_elastic.controller import placers
+
+        if algorithm not in placers.ALGORITHMS:
+            return f"unknown placement algorithm {algorithm!r}; choose one of {', '.join(placers.ALGORITHMS)}", 400
         with self.lock:
             if not self.enabled or self._wake_w is None:
                 return "in-place failover is off (--no-elastic-failover, or tp 1 at start): no rebalance", 409
@@ -446,7 +452,11 @@ class FailoverController:
                 return "expert rebalancing needs expert parallelism (--ep-size == --tp) and --elastic-eplb", 409
             if self.phase is not Phase.SERVING or self._rebalance_requested or self._grow_requested:
                 return f"a recovery or scale-up is in progress (phase {self.phase.value}); try again when serving", 409
+            why = placers.fits(algorithm, self.layout) if self.layout is not None else None
+            if why:
+                return why, 409
             self._rebalance_requested = True
+            self._rebalance_algorithm = algorithm
         self._wake_w.send(b"rebalance")
         return None, 202
 
@@ -466,9 +476,11 @@ class FailoverController:
 
         return round(expert_imbalance(self.layout, loads, default_capacity(self.layout)), 4)
 
-    def _rebalance(self, forced: bool) -> None:
+    def _rebalance(self, forced: bool, algorithm: str = "ours") -> None:
         """Place the experts by the loads measured since the last placement, and move them (a recovery
-        with no failure: the ranks regroup) when that lowers the imbalance by >= 5 % (``forced``: at all)."""
+        with no failure: the ranks regroup) when that lowers the imbalance by >= 5 % (``forced``: at all;
+        another ``algorithm`` than ours: whenever it moves experts, to measure it)."""
+        from sgl_elastic.controller.placers import placer
         from sgl_elastic.planner.cmm import plan_migration
         from sgl_elastic.planner.experts import default_capacity, expert_imbalance
         from sgl_elastic.planner.plan import ClusterChange
@@ -479,14 +491,15 @@ class FailoverController:
             self.eplb_last = {"decision": "skipped", "why": "no expert loads measured since the last placement"}
             _log(f"expert rebalance: {self.eplb_last['why']}")
             return
-        plan = plan_migration(self.layout, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+        plan = plan_migration(self.layout, ClusterChange(), expert_loads=loads, rebalance_experts=True,
+                              expert_placer=placer(algorithm))
         cap = default_capacity(self.layout)
         before, after = expert_imbalance(self.layout, loads, cap), expert_imbalance(plan.new_layout, loads, cap)
         moved = plan.peer_bytes + plan.reload_bytes
         self.eplb_last = {"imbalance_before": round(before, 4), "imbalance_after": round(after, 4),
                           "tokens": float(loads.sum()), "moved_bytes": moved,
-                          "plan_s": round(time.monotonic() - t0, 4)}
-        if moved == 0 or after >= before or (not forced and after > 0.95 * before):
+                          "plan_s": round(time.monotonic() - t0, 4), "algorithm": algorithm}
+        if moved == 0 or (algorithm == "ours" and (after >= before or (not forced and after > 0.95 * before))):
             self.eplb_last |= {"decision": "skipped", "why": "the placement is already as good (within 5 %)"
                                if moved else "the experts are already placed so"}
             _log(f"expert rebalance skipped: imbalance {before:.3f} -> {after:.3f}, {moved / 1e6:.1f} MB to move")

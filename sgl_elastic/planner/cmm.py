@@ -363,6 +363,7 @@ def plan_migration(
     expert_loads=None,
     expert_capacity: Sequence[float] | None = None,
     rebalance_experts: bool = False,
+    expert_placer=None,
 ) -> MigrationPlan:
     """Plan the recovery from ``old_layout`` after ``change`` (failed ranks and/or added devices).
 
@@ -382,6 +383,8 @@ def plan_migration(
             (default: from the new attention split, ``planner.experts.default_capacity``).
         rebalance_experts: place every expert by ``expert_loads`` (``moe.rebalance_experts``),
             moving survivors' experts too (by peer copies).
+        expert_placer: with ``rebalance_experts``, another placement algorithm to apply instead
+            (``planner.experts.choose_placement``'s ``placer``; a baseline such as DeepSeek's EPLB).
 
     Returns a MigrationPlan whose reload bytes equal the lower bound (bytes no survivor holds) when
     every needed byte held by a survivor is reachable, and whose peer bytes are then minimal.
@@ -452,7 +455,8 @@ def plan_migration(
             cap = default_capacity(new_layout)
         fams = dict(fams)
         fams["experts"] = choose_placement(old_layout, fams["experts"], order, survivors, expert_loads,
-                                           cap if expert_loads is not None else None, rebalance_experts)
+                                           cap if expert_loads is not None else None, rebalance_experts,
+                                           expert_placer)
         new_layout = new_layout.with_families(fams)
     return build_plan(old_layout, change, new_layout, order, topo)
 

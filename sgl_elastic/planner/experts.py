@@ -88,12 +88,17 @@ def _holders(fam: FamilyLayout, layer: int, survivors: Sequence[int]) -> dict[in
 
 
 def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
-                     loads=None, capacity: Sequence[float] | None = None, rebalance: bool = False) -> FamilyLayout:
+                     loads=None, capacity: Sequence[float] | None = None, rebalance: bool = False,
+                     placer=None) -> FamilyLayout:
     """``new_fam`` (its widths chosen) with a placement for new ranks on slots ``order``.
 
     ``loads``: ``[num_layers, num_experts]`` tokens routed per expert (rows of dense layers ignored),
     or None; ``capacity``: ``[new tp]`` relative capacity of each new rank (None: all equal);
     ``rebalance``: place every expert by the loads, else keep and fill (module docstring).
+    ``placer``: a rebalance's placement algorithm instead of ``moe.rebalance_experts`` (a baseline to
+    compare with, e.g. DeepSeek's EPLB): ``placer(weight [moe layers, E] float64 tensor, slots per
+    rank, capacity) -> phy2log``, on equal slots per rank; its groups are applied as they are (only
+    assigned to the ranks keeping the most experts), with no movement-aware alternative.
     """
     old_fam = old.family("experts")
     layers = moe_layers(old)
@@ -113,13 +118,9 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
         if (w < 0).any() or not np.isfinite(w).all():
             raise ValueError("expert loads must be finite and >= 0")
     if old_fam.redundant:
-        return _choose_held(old, new_fam, order, survivors, w, cap, rebalance)
+        return _choose_held(old, new_fam, order, survivors, w, cap, rebalance, placer)
     if rebalance:
-        import torch
-
-        from sgl_elastic.moe import rebalance_experts
-
-        phy2log, _, _ = rebalance_experts(torch.from_numpy(w[list(layers)]), list(widths), cap)
+        phy2log = _place(placer, w[list(layers)], widths, cap)
         offs = np.concatenate([[0], np.cumsum(widths)])
         groups_all = [[tuple(int(x) for x in phy2log[i, offs[r]:offs[r + 1]]) for r in range(n)]
                       for i in range(len(layers))]
@@ -128,7 +129,9 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
         held = _holders(old_fam, layer, survivors)
         own = [{e for e, s in held.items() if s == order[r]} for r in range(n)]
         if groups_all is not None:
-            owner = _fewest_moves(_assign_groups(groups_all[i], own, widths, cap), own, widths, w[layer], cap)
+            owner = _assign_groups(groups_all[i], own, widths, cap)
+            if placer is None:
+                owner = _fewest_moves(owner, own, widths, w[layer], cap)
         else:
             owner = _keep_then_fill(own, widths, E, None if w is None else w[layer], cap)
         moe_rows[layer] = tuple(owner)
@@ -138,21 +141,38 @@ def choose_placement(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[
     return new_fam.placed(rows)
 
 
+def _place(placer, w, slots: Sequence[int], cap: Sequence[float]):
+    """phy2log ``[layers, sum(slots)]`` of ``placer`` (None: ``moe.rebalance_experts``) for loads ``w``."""
+    import torch
+
+    weight = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))
+    if placer is None:
+        from sgl_elastic.moe import rebalance_experts
+
+        return rebalance_experts(weight, list(slots), cap)[0]
+    if len(set(slots)) != 1:
+        raise ValueError(f"this placement algorithm needs equal expert slots per rank, got {tuple(slots)}: with"
+                         f" --elastic-redundant-experts, choose experts + redundant divisible by the ranks")
+    phy2log = torch.as_tensor(placer(weight, list(slots), list(cap)))
+    if tuple(phy2log.shape) != (w.shape[0], sum(slots)) or bool((phy2log < 0).any()) or bool((phy2log >= w.shape[1]).any()):
+        raise ValueError(f"the placement algorithm returned phy2log of shape {tuple(phy2log.shape)}, want"
+                         f" [{w.shape[0]}, {sum(slots)}] of experts 0..{w.shape[1] - 1}")
+    return phy2log
+
+
 def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int], survivors: Sequence[int],
-                 w, cap: Sequence[float], rebalance: bool) -> FamilyLayout:
+                 w, cap: Sequence[float], rebalance: bool, placer=None) -> FamilyLayout:
     """``choose_placement`` for redundant experts (module docstring)."""
+    from sgl_elastic.layout.widths import equal_widths
+
     old_fam = old.family("experts")
     layers = moe_layers(old)
     n, E = new_fam.num_ranks, new_fam.num_units
     red = min(old_fam.redundant, n * E - E)
-    slots = _slots(E + red, E, cap if w is not None else None, n)
+    slots = equal_widths(E + red, n) if placer is not None else _slots(E + red, E, cap if w is not None else None, n)
     groups_all = None
     if rebalance:
-        import torch
-
-        from sgl_elastic.moe import rebalance_experts
-
-        phy2log, _, _ = rebalance_experts(torch.from_numpy(w[list(layers)]), list(slots), cap)
+        phy2log = _place(placer, w[list(layers)], slots, cap)
         offs = np.concatenate([[0], np.cumsum(slots)])
         groups_all = [_spread_copies([[int(x) for x in phy2log[i, offs[r]:offs[r + 1]]] for r in range(n)],
                                      w[layer]) for i, layer in enumerate(layers)]
@@ -165,7 +185,7 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
             rows[layer] = _fill_held(own, slots, E, wl, cap)
         else:
             full = _fill_held(_assign_held_groups(groups_all[i], own, slots, cap), slots, E, wl, cap)
-            rows[layer] = _fewest_moves_held(full, own, slots, wl, cap)
+            rows[layer] = full if placer is not None else _fewest_moves_held(full, own, slots, wl, cap)
     filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
     return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
 

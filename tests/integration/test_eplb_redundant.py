@@ -116,3 +116,23 @@ def test_rebalance_places_copies_by_peer_copies(server, want):
     assert rec["outcome"] == "ok" and not rec["failed_ranks"] and rec["tp_after"] == 2
     assert rec["migration"]["reload_bytes"] == 0 < rec["migration"]["peer_bytes"]
     assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
+
+
+def test_rebalance_with_a_baseline_algorithm(server, want):
+    """``{"algorithm": "deepseek"}`` applies SGLang's DeepSeek EPLB (7 + 7 slots: equal, as it needs);
+    a bad body or algorithm gets 400 and changes nothing."""
+    url, auth = server.url, {"Authorization": f"Bearer {TOKEN}"}
+    n = len(admin_status(url, TOKEN)["recoveries"])
+    for body, code in (("not json", 400), ('{"algorithm": "magic"}', 400), ('{"algorithm": 3}', 400)):
+        r = requests.post(url + "/elastic/rebalance", headers=auth, data=body, timeout=30)
+        assert r.status_code == code and "algorithm" in r.json()["error"], r.text
+    assert len(admin_status(url, TOKEN)["recoveries"]) == n
+    for p in PROMPTS:
+        generate(url, p, MAX_NEW)
+    r = requests.post(url + "/elastic/rebalance", headers=auth, json={"algorithm": "deepseek"}, timeout=30)
+    assert r.status_code == 202, r.text
+    st = _wait(url, lambda s: s["eplb"]["last"].get("algorithm") == "deepseek"
+               and s["eplb"]["last"].get("decision") in ("moved", "skipped", "failed"), "the deepseek rebalance")
+    assert st["eplb"]["last"]["decision"] in ("moved", "skipped"), st["eplb"]["last"]
+    assert all(rec["outcome"] == "ok" and rec["migration"]["reload_bytes"] == 0 for rec in st["recoveries"][n:])
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
