@@ -27,12 +27,24 @@ perfect split, from rank 0's counts). Policies:
   * ``none``: ``--no-elastic-eplb``: the planner's contiguous experts (CMM, bytes only);
   * ``lost``: the default: survivors keep their experts, the lost ones go where load / capacity rises least;
   * ``rebalance``: the default, then ``POST /elastic/rebalance`` (every expert placed by
-    ``rebalance_experts``, moved by peer copies), with its planning and apply times.
-DeepSeek's and SGLang's ``elasticity_aware`` placements need equal slot counts; 16 experts on 3 ranks
-have none without redundant slots, so they appear only in the pure section.
+    ``rebalance_experts``, moved by peer copies), with its planning and apply times;
+  * ``copies``: ``--elastic-redundant-experts R`` (``--redundant``, default 5: 21 slots), the failure
+    (survivors keep their experts and copies, the free slots take copies by load), then a rebalance;
+  * ``copies-deepseek``: the same, but the rebalance applies SGLang's DeepSeek EPLB
+    (``{"algorithm": "deepseek"}``; it needs equal slots: 16 + 5 = 7 on each of 3 ranks).
+SGLang's ``elasticity_aware`` on the shrunk layout (every rank active) places as DeepSeek's does; it
+is compared in the pure section, where it masks the dead rank of the 8.
 
-Usage: ``python bench/eplb_bench.py [--pure] [--layers 58] [--seed 0] [--sigma 1.5] [--json PATH]``,
-``python bench/eplb_bench.py --server [--policies none,lost,rebalance] [--json PATH]``
+Section ``--planner``: redundant expert slots in the planner at Qwen3-30B-A3B scale (128 experts, 48
+layers, tp 4, seeded gamma(0.3) loads): for each ``--redundant-list`` N, a rebalance (plan time,
+imbalance before / after, bytes moved), then rank 2 dies under the same loads (bytes reloaded, the
+lower bound, peer bytes, imbalance after). Imbalance: ``planner.experts.expert_imbalance`` (the
+busiest rank's load / capacity over a perfect split, an expert's load split over its copies).
+
+Usage: ``python bench/eplb_bench.py --planner [--redundant-list 0,4,16,32]``,
+``python bench/eplb_bench.py [--pure] [--layers 58] [--seed 0] [--sigma 1.5] [--json PATH]``,
+``python bench/eplb_bench.py --server [--policies none,lost,rebalance,copies,copies-deepseek] [--redundant 5]
+[--json PATH]``
 """
 
 from __future__ import annotations
@@ -180,11 +192,50 @@ def print_table(rows: list[dict]) -> None:
               f" {r['imbalance_mean']:>11.4f} {r['imbalance_worst']:>7.4f} {r['time_ms']:>9.1f}")
 
 
+def bench_planner(redundant: list[int], seed: int) -> list[dict]:
+    import numpy as np
+
+    from sgl_elastic.layout.presets import preset_config
+    from sgl_elastic.planner import ClusterChange, plan_migration
+    from sgl_elastic.planner.experts import default_capacity, expert_imbalance
+
+    cfg = preset_config("Qwen3-30B-A3B")
+    loads = np.random.default_rng(seed).gamma(0.3, 100.0, size=(cfg.num_hidden_layers, cfg.num_experts))
+    rows = []
+    for n in redundant:
+        old = ElasticLayout.from_hf_config(cfg, 4, expert_parallel=True, redundant_experts=n)
+        t = time.perf_counter()
+        plan = plan_migration(old, ClusterChange(), expert_loads=loads, rebalance_experts=True)
+        plan_s = time.perf_counter() - t
+        cap = default_capacity(old)
+        t = time.perf_counter()
+        fail = plan_migration(plan.new_layout, ClusterChange(failed=(2,)), expert_loads=loads)
+        fail_s = time.perf_counter() - t
+        rows.append(dict(redundant=n, rebalance_plan_s=plan_s, imbalance_before=expert_imbalance(old, loads, cap),
+                         imbalance_rebalanced=expert_imbalance(plan.new_layout, loads, cap),
+                         rebalance_moved_gb=(plan.peer_bytes + plan.reload_bytes) / 1e9, failure_plan_s=fail_s,
+                         failure_reload_gb=fail.reload_bytes / 1e9, failure_lower_bound_gb=fail.lower_bound_reload_bytes / 1e9,
+                         failure_peer_gb=fail.peer_bytes / 1e9,
+                         imbalance_after_failure=expert_imbalance(fail.new_layout, loads, default_capacity(fail.new_layout))))
+    head = (f"{'N':>3} {'plan s':>7} {'imbal.':>7} {'-> rebal.':>9} {'moved GB':>9} | {'fail plan s':>11}"
+            f" {'reload GB':>9} {'bound GB':>8} {'peer GB':>7} {'imbal.':>7}")
+    print(head)
+    for r in rows:
+        print(f"{r['redundant']:>3} {r['rebalance_plan_s']:>7.2f} {r['imbalance_before']:>7.3f}"
+              f" {r['imbalance_rebalanced']:>9.3f} {r['rebalance_moved_gb']:>9.2f} | {r['failure_plan_s']:>11.2f}"
+              f" {r['failure_reload_gb']:>9.2f} {r['failure_lower_bound_gb']:>8.2f} {r['failure_peer_gb']:>7.2f}"
+              f" {r['imbalance_after_failure']:>7.3f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pure", action="store_true", help="pure-function comparison (the default section)")
     ap.add_argument("--server", action="store_true", help="policies on a running server (tp 4 -> 3)")
-    ap.add_argument("--policies", default="none,lost,rebalance")
+    ap.add_argument("--planner", action="store_true", help="redundant slots in the planner (Qwen3-30B scale)")
+    ap.add_argument("--redundant-list", default="0,4,16,32", help="planner section: redundant slots to try")
+    ap.add_argument("--policies", default="none,lost,rebalance,copies,copies-deepseek")
+    ap.add_argument("--redundant", type=int, default=5, help="redundant expert slots of the copies policies")
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--hot", type=int, default=3, help="hot experts per layer (server section)")
     ap.add_argument("--hot-scale", type=float, default=3.0, help="router row scale of a hot expert")
@@ -204,6 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         from eplb_server import bench_server
 
         return bench_server(args)
+    if args.planner:
+        try:
+            red = [int(x) for x in args.redundant_list.split(",") if x.strip()]
+        except ValueError:
+            red = []
+        if not red or min(red) < 0:
+            print(f"error: --redundant-list {args.redundant_list!r}: give comma-separated slot counts >= 0", file=sys.stderr)
+            return 2
+        rows = bench_planner(red, args.seed)
+        if args.json:
+            args.json.write_text(json.dumps(dict(seed=args.seed, rows=rows), indent=2))
+            print(f"wrote {args.json}")
+        return 0
     if args.layers < 1:
         print(f"error: --layers={args.layers} must be >= 1", file=sys.stderr)
         return 2

@@ -86,10 +86,13 @@ def _status(url: str) -> dict:
     return requests.get(url + "/elastic/status", headers=AUTH, timeout=30).json()
 
 
-def _rebalance(url: str, timeout_s: float = 300) -> tuple[dict, dict | None]:
+POLICIES = ("none", "lost", "rebalance", "copies", "copies-deepseek")
+
+
+def _rebalance(url: str, algorithm: str = "ours", timeout_s: float = 300) -> tuple[dict, dict | None]:
     """POST /elastic/rebalance and wait for its decision: (eplb.last, the move's recovery or None)."""
     n = len(_status(url)["recoveries"])
-    r = requests.post(url + "/elastic/rebalance", headers=AUTH, timeout=30)
+    r = requests.post(url + "/elastic/rebalance", headers=AUTH, json={"algorithm": algorithm}, timeout=30)
     if r.status_code != 202:
         raise RuntimeError(f"rebalance refused: {r.status_code} {r.text}")
     deadline = time.monotonic() + timeout_s
@@ -106,6 +109,8 @@ def _rebalance(url: str, timeout_s: float = 300) -> tuple[dict, dict | None]:
 def run_policy(model: Path, policy: str, args, rep: int) -> dict:
     tp = args.tp
     extra = list(FLAGS) + ["--ep-size", str(tp)] + (["--no-elastic-eplb"] if policy == "none" else [])
+    if policy.startswith("copies"):
+        extra += ["--elastic-redundant-experts", str(args.redundant)]
     srv = ServerProcess(model, tp_size=tp, extra_args=extra, start_timeout_s=1800)
     srv.start()
     res: dict = {"policy": policy, "repeat": rep, "tp_before": tp, "tp_after": tp - 1, "server_log": str(srv.log_path)}
@@ -121,15 +126,17 @@ def run_policy(model: Path, policy: str, args, rep: int) -> dict:
         res.update(recovery_s=rec["recovery_s"], phases_s=rec["phases_s"],
                    placed_after_failure=_status(url)["eplb"]["placed"])
         _decode_tput(url, args.clients, args.max_new, args.seed + 7)  # traffic after the recovery (loads)
-        if policy == "rebalance":
-            last, move = _rebalance(url)
+        if policy in ("rebalance", "copies", "copies-deepseek"):
+            last, move = _rebalance(url, "deepseek" if policy == "copies-deepseek" else "ours")
             res["rebalance"] = {"decision": last.get("decision"), "plan_s": last.get("plan_s"),
                                 "imbalance_before": last.get("imbalance_before"),
                                 "imbalance_after": last.get("imbalance_after"), "moved_bytes": last.get("moved_bytes"),
                                 "apply_s": move["recovery_s"] if move else None,
                                 "migration_s": move["migration"].get("seconds") if move else None}
-        res["decode_tok_s_after"] = _decode_tput(url, args.clients, args.max_new, args.seed)
-        res["prefill_tok_s_after"] = _prefill_tput(url, args.clients, args.prefill_len, args.seed)
+        # new prompts: the survivors keep the KV cache (--elastic-kv-backup), so the prompts measured
+        # before would be prefix-cache hits now
+        res["decode_tok_s_after"] = _decode_tput(url, args.clients, args.max_new, args.seed + 1000)
+        res["prefill_tok_s_after"] = _prefill_tput(url, args.clients, args.prefill_len, args.seed + 1000)
         res["imbalance_after"] = _status(url)["eplb"]["imbalance_now"]
         return res
     finally:
@@ -138,9 +145,9 @@ def run_policy(model: Path, policy: str, args, rep: int) -> dict:
 
 def bench_server(args) -> int:
     policies = [p for p in args.policies.split(",") if p]
-    bad = [p for p in policies if p not in ("none", "lost", "rebalance")]
+    bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or args.tp < 2 or args.repeats < 1:
-        print(f"error: policies {policies} must be a non-empty subset of none,lost,rebalance,"
+        print(f"error: policies {policies} must be a non-empty subset of {','.join(POLICIES)},"
               f" --tp {args.tp} >= 2, --repeats {args.repeats} >= 1", file=sys.stderr)
         return 2
     model = skewed_model(args.hot, args.hot_scale, args.seed)
@@ -167,7 +174,7 @@ def bench_server(args) -> int:
             row[k] = med(k)
         row["decode_of_bound"] = row["decode_tok_s_after"] / (0.75 * row["decode_tok_s_before"])
         row["prefill_of_bound"] = row["prefill_tok_s_after"] / (0.75 * row["prefill_tok_s_before"])
-        if policy == "rebalance":
+        if "rebalance" in mine[0]:
             row.update({f"rebalance_{k}": med(k, "rebalance") for k in ("plan_s", "apply_s", "migration_s", "moved_bytes")})
         rows.append(row)
     print(f"\n{'policy':<10} {'decode before':>13} {'after':>7} {'of 3/4':>7} {'prefill before':>14} {'after':>7}"
@@ -176,7 +183,7 @@ def bench_server(args) -> int:
         print(f"{r['policy']:<10} {r['decode_tok_s_before']:>13.1f} {r['decode_tok_s_after']:>7.1f}"
               f" {r['decode_of_bound']:>7.3f} {r['prefill_tok_s_before']:>14.1f} {r['prefill_tok_s_after']:>7.1f}"
               f" {r['prefill_of_bound']:>7.3f} {r['imbalance_after'] or 0:>12.3f} {r['recovery_s']:>10.3f}")
-        if r["policy"] == "rebalance":
+        if "rebalance_plan_s" in r:
             print(f"{'':<10} rebalance: plan {r['rebalance_plan_s']} s, apply (pause) {r['rebalance_apply_s']} s,"
                   f" migration {r['rebalance_migration_s']} s, {(r['rebalance_moved_bytes'] or 0) / 1e6:.1f} MB moved")
     if args.json:

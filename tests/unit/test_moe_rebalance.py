@@ -271,6 +271,8 @@ def test_eplb_bench_pure_section_runs_and_ours_is_never_worse(tmp_path):
     # the server section refuses bad arguments before it builds a model or starts a server
     for bad in (["--policies", "bogus"], ["--policies", ","], ["--tp", "1"], ["--repeats", "0"]):
         assert bench.main(["--server", *bad]) == 2, bad
+    for bad in ("a", "-1", ","):
+        assert bench.main(["--planner", "--redundant-list", bad]) == 2, bad
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     for scenario in {r["scenario"] for r in rows}:
         got = {r["algorithm"]: r for r in rows if r["scenario"] == scenario and "note" not in r}

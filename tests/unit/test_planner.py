@@ -517,6 +517,34 @@ def test_redundant_rebalance_moves_few_experts_and_is_stable():
     assert after[16][0] < after[0][0] and after[16][1] < after[0][1]
 
 
+def test_baseline_placers_apply_on_equal_slots_only():
+    """A rebalance may apply SGLang's DeepSeek EPLB or elasticity_aware (``controller.placers``) instead
+    of ours: on equal slots its groups are served as they are; unequal slots are refused up front."""
+    from sgl_elastic.controller import placers
+
+    cfg = qwen3_moe_30b()
+    rng = np.random.default_rng(2)
+    loads = rng.gamma(0.3, 100.0, size=(48, 128))
+    old = ElasticLayout.from_hf_config(cfg, 4, expert_parallel=True, redundant_experts=16)  # 144 = 4 x 36
+    for name in ("deepseek", "elasticity_aware"):
+        assert placers.fits(name, old) is None
+        plan = plan_migration(old, ClusterChange(), expert_loads=loads, rebalance_experts=True,
+                              expert_placer=placers.placer(name))
+        fam = plan.new_layout.family("experts")
+        assert fam.widths == (36,) * 4 and plan.reload_bytes == 0 < plan.peer_bytes
+    odd = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True, redundant_experts=16)  # 144 on 3: 48 each
+    assert placers.fits("deepseek", odd) is None
+    seven = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True, redundant_experts=17)
+    assert "do not divide by 3" in placers.fits("deepseek", seven)
+    with pytest.raises(ValueError, match="equal expert slots"):
+        plan_migration(seven, ClusterChange(), expert_loads=loads, rebalance_experts=True,
+                       expert_placer=lambda w, s, c: None)
+    plain = ElasticLayout.from_hf_config(cfg, 3, expert_parallel=True)  # 43, 43, 42
+    assert "equal expert slots" in placers.fits("deepseek", plain) and placers.fits("ours", plain) is None
+    with pytest.raises(ValueError, match="unknown placement algorithm"):
+        placers.placer("magic")
+
+
 def test_cost_model_by_hand():
     old = ElasticLayout.from_hf_config(mixtral_8x22b(), 2)
     plan = plan_migration(old, ClusterChange(failed=(1,)))
