@@ -32,3 +32,20 @@ def tiny_models():
     from sgl_elastic.testing.models import FAMILIES, build_model
 
     return {family: build_model(family, "tiny") for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def hf_tokens(tiny_models):
+    """``hf_tokens(family, prompts, max_new)``: HF's greedy float32 tokens on the tiny checkpoint
+    (computed once per arguments in a session)."""
+    from sgl_elastic.testing.reference import hf_greedy
+
+    cache = {}
+
+    def get(family, prompts, max_new):
+        key = (family, tuple(map(tuple, prompts)), max_new)
+        if key not in cache:
+            cache[key] = hf_greedy(str(tiny_models[family]), prompts, max_new)
+        return cache[key]
+
+    return get

@@ -203,7 +203,7 @@ def _ring(fam: FamilyLayout, slots: tuple[int, ...], num_layers: int, redundant:
         start = sum(block[:r])
         if block[r] > slots[r]:
             raise ValueError(f"--elastic-redundant-experts {redundant}: slots {slots} cannot hold blocks {block}")
-        row.append(tuple(sorted((start + i) % E for i in range(slots[r]))))
+        row.append(tuple((start + i) % E for i in range(slots[r])))
     return fam.with_held(slots, (tuple(row),) * num_layers, redundant)
 
 

@@ -17,8 +17,9 @@ contiguous experts of its unit range in every layer.
 
 Experts may also be *redundant* (``redundant`` > 0, ``--elastic-redundant-experts``): the widths are
 then physical expert *slots* per rank, summing to ``num_units + redundant``, and ``held`` gives, per
-MoE layer and rank, the distinct experts the rank holds (ascending; together every expert at least
-once). A hot expert may be held by several ranks (its *replicas*); each routed token goes to one of
+MoE layer and rank, the distinct experts the rank holds in its slot order (the order of its fused
+parameters: a rebalance that swaps an expert rewrites one slot and moves no other; together every
+expert at least once). A hot expert may be held by several ranks (its *replicas*); each routed token goes to one of
 them (``patches.fused_moe``), and a failure loses no expert another rank also holds.
 
 Attention with fewer KV heads than ranks is *replicated* (as SGLang does): every rank holds exactly
@@ -58,7 +59,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             every model layer (see module docstring; rows of dense layers are ignored). Empty:
             contiguous. ``placed`` builds one and drops it when it is the contiguous one.
         redundant: experts only: slots beyond one per expert (``widths`` are then slots per rank).
-        held: redundant experts only: ``[num_layers][tp]`` ascending experts of each rank (``with_held``).
+        held: redundant experts only: ``[num_layers][tp]`` experts of each rank in slot order (``with_held``).
     """
 
     name: str
@@ -139,10 +140,10 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             if len(row) != tp:
                 raise ValueError(f"experts: held of layer {i} has {len(row)} ranks for tp={tp}")
             for r, got in enumerate(row):
-                if len(got) != self.widths[r] or any(b <= a for a, b in zip(got, got[1:])) or (
-                        got and not (0 <= got[0] and got[-1] < E)):
+                if len(got) != self.widths[r] or len(set(got)) != len(got) or (
+                        got and not (0 <= min(got) and max(got) < E)):
                     raise ValueError(f"experts: layer {i} rank {r} holds {got}: want {self.widths[r]} distinct"
-                                     f" experts of 0..{E - 1}, ascending")
+                                     f" experts of 0..{E - 1}")
             missing = set(range(E)).difference(*map(set, row))
             if missing:
                 raise ValueError(f"experts: layer {i} holds no copy of experts {sorted(missing)[:8]}")
@@ -218,7 +219,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     # ---- placed experts ------------------------------------------------------------------------
     def rank_experts(self, rank: int, layer: int) -> tuple[int, ...]:
-        """Experts of model layer ``layer`` held by ``rank``, ascending (experts only)."""
+        """Experts of model layer ``layer`` held by ``rank``, in its slot order (ascending unless redundant)."""
         self._check_rank(rank)
         if self.held:
             return self.held[layer][rank]
@@ -249,8 +250,9 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         return self.expert_owner(layer, expert) == rank
 
     def with_held(self, widths: tuple[int, ...], held, redundant: int | None = None) -> "FamilyLayout":
-        """Redundant experts: ``widths`` slots per rank holding ``held`` (``[layers][tp]`` experts; validated)."""
-        rows = tuple(tuple(tuple(sorted(int(e) for e in got)) for got in row) for row in held)
+        """Redundant experts: ``widths`` slots per rank holding ``held`` (``[layers][tp]`` experts in slot
+        order; validated)."""
+        rows = tuple(tuple(tuple(int(e) for e in got) for got in row) for row in held)
         red = sum(widths) - self.num_units if redundant is None else redundant
         return msgspec.structs.replace(self, widths=tuple(widths), placement=(), held=rows, redundant=red)
 

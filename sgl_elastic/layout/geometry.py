@@ -62,10 +62,40 @@ def shard_shape(t: TensorSpec, layout: ElasticLayout, rank: int) -> tuple[int, .
 
 
 def rank_tensors(layout: ElasticLayout, rank: int) -> list[tuple[TensorSpec, tuple[int, ...]]]:
-    """Every tensor ``rank`` holds in ``layout`` with its shard shape (checkpoint order)."""
+    """Every tensor ``rank`` holds in ``layout`` with its shard shape (checkpoint order; redundant
+    experts: each layer's expert tensors in the rank's slot order, group by group)."""
     out = []
     for t in layout.tensors():
         shape = shard_shape(t, layout, rank)
         if shape is not None:
             out.append((t, shape))
+    if "experts" in layout.families and layout.family("experts").held:
+        out = _slot_ordered(out, layout.family("experts"), rank)
+    return out
+
+
+def _slot_ordered(items: list, fam: FamilyLayout, rank: int) -> list:
+    """Reorder every run of one layer's expert tensors by (group, slot of the expert, checkpoint order):
+    the checkpoint order is group by group (gate and up of every expert, then every down), experts
+    ascending in each, so a group starts where the expert id falls."""
+    out, i = [], 0
+    while i < len(items):
+        t = items[i][0]
+        if t.family != "experts":
+            out.append(items[i])
+            i += 1
+            continue
+        j = i
+        while j < len(items) and items[j][0].family == "experts" and items[j][0].layer == t.layer:
+            j += 1
+        slot = {e: k for k, e in enumerate(fam.rank_experts(rank, t.layer))}
+        keys, group, prev = [], 0, -1
+        for k in range(i, j):
+            e = items[k][0].expert
+            if e < prev:
+                group += 1
+            prev = e
+            keys.append((group, slot[e], k))
+        out.extend(items[k] for _, _, k in sorted(keys))
+        i = j
     return out

@@ -175,9 +175,11 @@ def _parts(name: str, shards: dict) -> list[str] | None:
         if name.endswith(".experts." + param):
             stem = name[: -len(param)]
             for pieces in namings:
-                experts = sorted({int(k[len(stem):].split(".", 1)[0]) for k in shards
-                                  if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()
-                                  and k.endswith(f".{pieces[0]}.weight")})
+                experts = {int(k[len(stem):].split(".", 1)[0]) for k in shards
+                           if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()
+                           and k.endswith(f".{pieces[0]}.weight")}
+                # in the order they lie in the segment: the rank's slot order (ascending unless redundant)
+                experts = sorted(experts, key=lambda e: shards[f"{stem}{e}.{pieces[0]}.weight"].data_ptr())
                 if experts:
                     return [f"{stem}{e}.{p}.weight" for e in experts for p in pieces]
     return None

@@ -18,7 +18,8 @@ SGLang's expert-location metadata (its placement assumes equal experts per rank;
 ``expert_location``).
 
 Redundant experts (``--elastic-redundant-experts``, ``FamilyLayout.held``): a rank's local slots
-hold its experts in ascending order, and an expert may be held by several ranks. Each routed
+hold its experts in the layout's slot order (so a rebalance rewrites only the slots it changes), and
+an expert may be held by several ranks. Each routed
 (token, expert) entry must be computed by exactly one of them (the all-reduce after the experts
 sums the ranks' outputs), so before dispatch the layer maps the router's logical ids to physical
 slots (rank by rank: rank 0's slots first) with ``kernels.remap_experts``: round robin over the
@@ -146,7 +147,7 @@ def _expert_parallel_init(original, self, *args, **kwargs):
         mapping[list(held)] = torch.arange(len(held), dtype=torch.int32, device=mapping.device)
     disp.local_expert_mapping = mapping
     if layer_id == 0:
-        logger.info("sgl-elastic: EP%d holds experts %s of %d%s", rank, _ranges(held), num_experts,
+        logger.info("sgl-elastic: EP%d holds experts %s of %d%s", rank, _ranges(sorted(held)), num_experts,
                     " (layer 0; placed per layer)" if fam.placement else "")
 
 

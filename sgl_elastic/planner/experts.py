@@ -186,6 +186,9 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
         else:
             full = _fill_held(_assign_held_groups(groups_all[i], own, slots, cap), slots, E, wl, cap)
             rows[layer] = full if placer is not None else _fewest_moves_held(full, own, slots, wl, cap)
+        live = set(survivors)
+        rows[layer] = tuple(_in_slot_order(rows[layer][r], old_fam.rank_experts(order[r], layer)
+                                           if order[r] in live else ()) for r in range(n))
     filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
     return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
 
@@ -243,7 +246,7 @@ def _fewest_moves_held(full, own: list[set[int]], slots: Sequence[int], w, cap: 
     w = np.asarray(w, dtype=np.float64)
     target = _held_ratio(full, w, cap)
     start = _fill_held(own, slots, len(w), w, cap)
-    local = tuple(tuple(sorted(k)) for k in _held_swap_search(start, w, cap, target * (1 + REBALANCE_TOL),
+    local = tuple(tuple(k) for k in _held_swap_search(start, w, cap, target * (1 + REBALANCE_TOL),
                                                               max_swaps=len(w)))
     cands = [(full, target), (local, _held_ratio(local, w, cap))]
     best = min(m for _, m in cands)
@@ -297,6 +300,20 @@ def _spread_copies(groups: list[list[int]], w) -> list[set[int]]:
     return [set(g) for g in out]
 
 
+def _in_slot_order(experts, before: Sequence[int]) -> tuple[int, ...]:
+    """``experts`` in slot order: each one the device held keeps its slot, a newcomer takes the slot
+    of one that left (in slot order), the rest come after (ascending); when the rank shrank, the
+    slots left empty close up. A rebalance that swaps experts thus rewrites only their slots."""
+    new = set(experts)
+    slots: list[int | None] = [e if e in new else None for e in before]
+    kept = {e for e in slots if e is not None}
+    comers = iter(sorted(new - kept))
+    for k, e in enumerate(slots):
+        if e is None:
+            slots[k] = next(comers, None)
+    return tuple([e for e in slots if e is not None] + list(comers))
+
+
 def _assign_held_groups(groups: list[set[int]], own: list[set[int]], slots: Sequence[int],
                         cap: Sequence[float]) -> list[set[int]]:
     """Group g to new rank r among ranks of equal slots and capacity, keeping the most experts held."""
@@ -318,7 +335,7 @@ def _assign_held_groups(groups: list[set[int]], own: list[set[int]], slots: Sequ
 
 def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
                cap: Sequence[float] | None = None) -> tuple[tuple[int, ...], ...]:
-    """Each rank's experts (``[n]`` ascending tuples of ``slots[r]``, every expert at least once) from
+    """Each rank's experts (``[n]`` tuples of ``slots[r]``, every expert at least once) from
     what it holds: keep up to its slots (sole copies, then the heaviest), place the experts none holds
     (a free slot, first on ranks that could not fill their free slots with copies of experts some rank
     held, else the slot of a copy held twice), then fill the free slots one by one with the copy (expert,
@@ -391,7 +408,7 @@ def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
         keep[r].add(e)
         hold[r, e] = True
         copies[e] += 1
-    return tuple(tuple(sorted(k)) for k in keep)
+    return tuple(tuple(sorted(k)) for k in keep)  # ascending here; _choose_held puts them in slot order
 
 
 def _keep_then_fill(own: list[set[int]], widths: Sequence[int], E: int, w=None,

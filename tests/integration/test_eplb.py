@@ -19,7 +19,6 @@ import pytest
 import requests
 
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
-from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -31,13 +30,13 @@ MAX_NEW, LONG = 24, 64
 
 
 @pytest.fixture(scope="module")
-def want(tiny_models):
-    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS, MAX_NEW)
+def want(hf_tokens):
+    return hf_tokens("mixtral", PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
-def want_long(tiny_models):
-    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS[:2], LONG)
+def want_long(hf_tokens):
+    return hf_tokens("mixtral", PROMPTS[:2], LONG)
 
 
 @pytest.fixture(scope="module")

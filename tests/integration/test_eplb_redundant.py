@@ -9,7 +9,8 @@ experts, each rank's other slots holding copies of the experts after its block (
    recovery reads from the checkpoint exactly the lower bound, which counts only expert 5 (the others
    live on in copies), less than the same failure without redundant slots;
 3. a rebalance at tp 2 (``POST /elastic/rebalance``) places the copies by the loads, by peer
-   copies only, and the tokens stay HF's.
+   copies only, in place (a kept expert keeps its slot), and the tokens stay HF's; then the same
+   with SGLang's DeepSeek EPLB (``{"algorithm": "deepseek"}``).
 After the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
 """
 
@@ -21,7 +22,6 @@ import pytest
 import requests
 
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
-from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -32,13 +32,13 @@ MAX_NEW, LONG = 24, 64
 
 
 @pytest.fixture(scope="module")
-def want(tiny_models):
-    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS, MAX_NEW)
+def want(hf_tokens):
+    return hf_tokens("mixtral", PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
-def want_long(tiny_models):
-    return hf_greedy(str(tiny_models["mixtral"]), PROMPTS[:2], LONG)
+def want_long(hf_tokens):
+    return hf_tokens("mixtral", PROMPTS[:2], LONG)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,8 @@ def test_rebalance_places_copies_by_peer_copies(server, want):
     (rec,) = st["recoveries"][n:]
     assert rec["outcome"] == "ok" and not rec["failed_ranks"] and rec["tp_after"] == 2
     assert rec["migration"]["reload_bytes"] == 0 < rec["migration"]["peer_bytes"]
+    # every kept expert keeps its slot, so both ranks' arenas are rewritten in place (no new shard)
+    assert rec["migration"]["in_place_ranks"] == 2
     assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
 
 

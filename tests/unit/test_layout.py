@@ -191,13 +191,15 @@ def test_redundant_experts_ring_geometry_validation_and_roundtrip():
     fam = lay.family("experts")  # 14 slots: 5, 5, 4; blocks 3, 3, 2, each followed by copies (a ring)
     assert fam.widths == (5, 5, 4) and fam.redundant == 6 and len(fam.held) == 56
     assert fam.rank_experts(0, 3) == (0, 1, 2, 3, 4) and fam.rank_experts(1, 3) == (3, 4, 5, 6, 7)
-    assert fam.rank_experts(2, 3) == (0, 1, 6, 7)
+    assert fam.rank_experts(2, 3) == (6, 7, 0, 1)  # slot order: its block, then the copies
     assert fam.expert_holders(0, 6) == (1, 2) and fam.expert_holders(0, 5) == (1,) and fam.expert_owner(0, 0) == 0
     assert fam.holds(2, 9, 7) and not fam.holds(2, 9, 3)
     assert ElasticLayout.from_bytes(lay.to_bytes()) == lay
-    for r in range(3):  # every rank holds the tensors of exactly its experts, copies included
-        got = {t.expert for t, _ in rank_tensors(lay, r) if t.family == "experts" and t.layer == 7}
-        assert got == set(fam.rank_experts(r, 7))
+    for r in range(3):  # every rank holds the tensors of exactly its experts, copies included, in slot order
+        got = [t for t, _ in rank_tensors(lay, r) if t.family == "experts" and t.layer == 7]
+        order = fam.rank_experts(r, 7)
+        assert [t.expert for t in got] == [e for e in order for _ in range(2)] + list(order)  # w1 w3 ..., w2 ...
+        assert [t.name.rsplit(".", 2)[1] for t in got[:2]] == ["w1", "w3"] and got[-1].name.endswith(".w2.weight")
     row = fam.held[0]
     with pytest.raises(ValueError, match="sum to 8 experts"):
         fam.with_held((5, 5, 5), [row] * 56, 6)
