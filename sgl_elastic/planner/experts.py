@@ -177,6 +177,7 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
         groups_all = [_spread_copies([[int(x) for x in phy2log[i, offs[r]:offs[r + 1]]] for r in range(n)],
                                      w[layer]) for i, layer in enumerate(layers)]
     rows: dict[int, tuple[tuple[int, ...], ...]] = {}
+    live = set(survivors)
     for i, layer in enumerate(layers):
         hs = _all_holders(old_fam, layer, survivors)
         own = [{e for e, ss in hs.items() if order[r] in ss} for r in range(n)]
@@ -186,18 +187,23 @@ def _choose_held(old: ElasticLayout, new_fam: FamilyLayout, order: Sequence[int]
         else:
             full = _fill_held(_assign_held_groups(groups_all[i], own, slots, cap), slots, E, wl, cap)
             rows[layer] = full if placer is not None else _fewest_moves_held(full, own, slots, wl, cap)
-        live = set(survivors)
         rows[layer] = tuple(_in_slot_order(rows[layer][r], old_fam.rank_experts(order[r], layer)
                                            if order[r] in live else ()) for r in range(n))
     filler = rows[layers[0]] if layers else _fill_held([set() for _ in range(n)], slots, E, None, cap)
     return new_fam.with_held(slots, [rows.get(layer, filler) for layer in range(old.model.num_layers)], red)
 
 
-def _held_ratio(sets, w, cap) -> float:
-    """Max over ranks of load / capacity, an expert's load split evenly over its copies."""
-    hold = np.zeros((len(sets), len(w)), dtype=bool)
+def _hold_matrix(sets, E: int) -> np.ndarray:
+    """``[ranks, E]`` bool: whether rank r holds expert e."""
+    hold = np.zeros((len(sets), E), dtype=bool)
     for r, k in enumerate(sets):
         hold[r, list(k)] = True
+    return hold
+
+
+def _held_ratio(sets, w, cap) -> float:
+    """Max over ranks of load / capacity, an expert's load split evenly over its copies."""
+    hold = _hold_matrix(sets, len(w))
     share = np.asarray(w, dtype=np.float64) / np.maximum(hold.sum(0), 1)
     return float(((hold @ share) / np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)).max())
 
@@ -206,10 +212,8 @@ def _held_swap_search(sets, w, cap: Sequence[float], target: float, max_swaps: i
     """``_swap_search`` for redundant experts: while the busiest rank's load / capacity is above
     ``target``, exchange one of its experts for a lighter one of a rank holding neither the other's
     (copy counts, so loads per copy, unchanged), the pair whose larger new ratio is lowest."""
-    n, E = len(sets), len(w)
-    hold = np.zeros((n, E), dtype=bool)
-    for r, k in enumerate(sets):
-        hold[r, list(k)] = True
+    n = len(sets)
+    hold = _hold_matrix(sets, len(w))
     share = np.asarray(w, dtype=np.float64) / np.maximum(hold.sum(0), 1)
     c = np.maximum(np.asarray(cap, dtype=np.float64), 1e-12)
     for _ in range(max_swaps):
@@ -374,9 +378,7 @@ def _fill_held(own: list[set[int]], slots: Sequence[int], E: int, w=None,
             copies[x] -= 1
         keep[r].add(e)
         copies[e] += 1
-    hold = np.zeros((n, E), dtype=bool)
-    for r, k in enumerate(keep):
-        hold[r, list(k)] = True
+    hold = _hold_matrix(keep, E)
     cv = np.asarray(c, dtype=np.float64)
     was = np.zeros(E, dtype=bool)
     was[list(had)] = True
