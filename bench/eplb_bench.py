@@ -31,9 +31,9 @@ perfect split, from rank 0's counts). Policies:
   * ``copies``: ``--elastic-redundant-experts R`` (``--redundant``, default 5: 21 slots), the failure
     (survivors keep their experts and copies, the free slots take copies by load), then a rebalance;
   * ``copies-deepseek``: the same, but the rebalance applies SGLang's DeepSeek EPLB
-    (``{"algorithm": "deepseek"}``; it needs equal slots: 16 + 5 = 7 on each of 3 ranks).
-SGLang's ``elasticity_aware`` on the shrunk layout (every rank active) places as DeepSeek's does; it
-is compared in the pure section, where it masks the dead rank of the 8.
+    (``{"algorithm": "deepseek"}``; it needs equal slots: 16 + 5 = 7 on each of 3 ranks);
+  * ``copies-elasticity``: the same with SGLang's ``elasticity_aware`` (every rank of the shrunk
+    layout active; the pure section also compares it masking the dead rank of the 8).
 
 Section ``--planner``: redundant expert slots in the planner at Qwen3-30B-A3B scale (128 experts, 48
 layers, tp 4, seeded gamma(0.3) loads): for each ``--redundant-list`` N, a rebalance (plan time,
@@ -43,7 +43,8 @@ busiest rank's load / capacity over a perfect split, an expert's load split over
 
 Usage: ``python bench/eplb_bench.py --planner [--redundant-list 0,4,16,32]``,
 ``python bench/eplb_bench.py [--pure] [--layers 58] [--seed 0] [--sigma 1.5] [--json PATH]``,
-``python bench/eplb_bench.py --server [--policies none,lost,rebalance,copies,copies-deepseek] [--redundant 5]
+``python bench/eplb_bench.py --server [--policies none,lost,rebalance,copies,copies-deepseek,copies-elasticity]
+[--redundant 5]
 [--json PATH]``
 """
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", action="store_true", help="policies on a running server (tp 4 -> 3)")
     ap.add_argument("--planner", action="store_true", help="redundant slots in the planner (Qwen3-30B scale)")
     ap.add_argument("--redundant-list", default="0,4,16,32", help="planner section: redundant slots to try")
-    ap.add_argument("--policies", default="none,lost,rebalance,copies,copies-deepseek")
+    ap.add_argument("--policies", default="none,lost,rebalance,copies,copies-deepseek,copies-elasticity")
     ap.add_argument("--redundant", type=int, default=5, help="redundant expert slots of the copies policies")
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--hot", type=int, default=3, help="hot experts per layer (server section)")

@@ -86,7 +86,8 @@ def _status(url: str) -> dict:
     return requests.get(url + "/elastic/status", headers=AUTH, timeout=30).json()
 
 
-POLICIES = ("none", "lost", "rebalance", "copies", "copies-deepseek")
+POLICIES = ("none", "lost", "rebalance", "copies", "copies-deepseek", "copies-elasticity")
+ALGORITHM = {"rebalance": "ours", "copies": "ours", "copies-deepseek": "deepseek", "copies-elasticity": "elasticity_aware"}
 
 
 def _rebalance(url: str, algorithm: str = "ours", timeout_s: float = 300) -> tuple[dict, dict | None]:
@@ -126,8 +127,8 @@ def run_policy(model: Path, policy: str, args, rep: int) -> dict:
         res.update(recovery_s=rec["recovery_s"], phases_s=rec["phases_s"],
                    placed_after_failure=_status(url)["eplb"]["placed"])
         _decode_tput(url, args.clients, args.max_new, args.seed + 7)  # traffic after the recovery (loads)
-        if policy in ("rebalance", "copies", "copies-deepseek"):
-            last, move = _rebalance(url, "deepseek" if policy == "copies-deepseek" else "ours")
+        if policy in ALGORITHM:
+            last, move = _rebalance(url, ALGORITHM[policy])
             res["rebalance"] = {"decision": last.get("decision"), "plan_s": last.get("plan_s"),
                                 "imbalance_before": last.get("imbalance_before"),
                                 "imbalance_after": last.get("imbalance_after"), "moved_bytes": last.get("moved_bytes"),
