@@ -13,6 +13,6 @@ from sgl_elastic.patches import state
 
 def compute_initial_expert_location_metadata(original, *args, **kwargs):
     layout = state.layout()
-    if layout is not None and layout.expert_parallel and layout.tp_size > 1:
+    if layout is not None and layout.expert_parallel:
         return None
     return original(*args, **kwargs)

@@ -50,10 +50,14 @@ _counter = None  # moe.loads.LoadCounter of this process (EP rank 0 only)
 
 def fused_moe_init(original, self, *args, **kwargs):
     layout = state.layout()
-    if layout is None or layout.tp_size == 1:
+    if layout is None:
         return original(self, *args, **kwargs)
     if layout.expert_parallel:
+        # at tp 1 too: the one rank left holds its experts in the slot order the survivors kept (a
+        # redundant layout's), not SGLang's ascending order, so its expert map must follow the layout
         return _expert_parallel_init(original, self, *args, **kwargs)
+    if layout.tp_size == 1:
+        return original(self, *args, **kwargs)
     from sglang.srt.runtime_context import get_parallel
 
     par = get_parallel()
