@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
 
+    from sgl_elastic.controller.shm_ledger import ShmLedger
+
+    ledger = ShmLedger(os.getpid()).start()
     try:
         run_server(server_args)
     finally:
@@ -212,7 +215,29 @@ def main(argv: list[str] | None = None) -> int:
         if daemon is not None:
             daemon.stop()
         kill_process_tree(os.getpid(), include_parent=False)
+        _wait_children(10.0)
+        removed = ledger.sweep()
+        if removed:
+            print(f"[sgl-elastic] removed {len(removed)} /dev/shm file(s) SGLang's processes left:"
+                  f" {removed[:4]}{' ...' if len(removed) > 4 else ''}", file=sys.stderr, flush=True)
     return 0
+
+
+def _wait_children(timeout_s: float) -> None:
+    """Wait (bounded) until every process this one started has exited."""
+    import psutil
+
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    _, alive = psutil.wait_procs(kids, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2.0)
 
 
 def _spawn_rank(slot: int, standby: bool):

@@ -45,7 +45,7 @@ class ServerDaemon:
 
     def start(self) -> None:
         t0 = time.perf_counter()
-        self.proc = DaemonProcess.start(backend=self.backend)
+        self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True)
         _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint}"
              f" for {self.layout.tp_size} rank(s)")
         with self.proc.client() as c:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 
 from sgl_elastic.daemon.server import Daemon, DaemonConfig
 
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="HF checkpoint directory to load at start (with --layout-file)")
     p.add_argument("--layout-file", help="ElasticLayout.to_bytes() of the layout to load")
     p.add_argument("--ranks", help="comma-separated ranks this node holds (default: all)")
+    p.add_argument("--parent-pid", type=int, help="exit (freeing every segment) when this process is gone:"
+                   " the server that started it")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -39,8 +43,32 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return Daemon(config).run()
+    daemon = Daemon(config)
+    if a.parent_pid:
+        _watch_parent(a.parent_pid)
+    return daemon.run()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """SIGTERM this process (a clean stop) once ``parent_pid`` is gone (checked every 0.5 s: a child is
+    re-parented when its parent dies). Not the parent-death signal: that follows the parent *thread*
+    that started the child, and a server may start its daemon from a thread that ends."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        logging.getLogger("sgl_elastic.daemon").warning("the server (pid %d) is gone: stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sgle-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every segment is freed and the socket closed by now: exit without the interpreter's finalization
+    # (atexit hooks of imported libraries), which must not keep a stopped daemon alive.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

@@ -43,7 +43,8 @@ class DaemonProcess:
 
     @classmethod
     def start(cls, *, tcp: bool = False, backend: str = "shm", checkpoint: str | None = None, layout=None,
-              run_dir: str | None = None, timeout: float = 30.0, log=None) -> "DaemonProcess":
+              run_dir: str | None = None, timeout: float = 30.0, log=None,
+              exit_with_parent: bool = False) -> "DaemonProcess":
         own = run_dir is None
         reap_dead()  # what crashed daemons of earlier runs left behind
         # The parent makes the private directory (0700), so it knows where to look before the child starts.
@@ -51,6 +52,8 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "sgl_elastic.daemon", "--run-dir", run_dir, "--backend", backend]
         if tcp:
             cmd.append("--tcp")
+        if exit_with_parent:  # a server's daemon: it must not outlive the server
+            cmd += ["--parent-pid", str(os.getpid())]
         layout_file = None
         if checkpoint is not None:
             layout_file = os.path.join(run_dir, "layout.msgpack")

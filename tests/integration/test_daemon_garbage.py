@@ -87,3 +87,48 @@ def test_raw_multiframe_garbage_from_a_dealer(daemon):
     finally:
         s.close(0)
     assert isinstance(c.stats(), P.StatsReply)
+
+
+def test_a_servers_daemon_exits_when_its_server_is_gone(tiny_models):
+    """``exit_with_parent`` (what a server starts its daemon with): the server SIGKILLed (nothing of it
+    runs its clean-up), its daemon notices, frees its segments and exits, within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoConfig
+
+    from sgl_elastic.layout import ElasticLayout
+
+    path = str(tiny_models["qwen3-moe"])
+    code = ("import sys, time\n"
+            "from transformers import AutoConfig\n"
+            "from sgl_elastic.daemon import DaemonProcess\n"
+            "from sgl_elastic.layout import ElasticLayout\n"
+            f"lay = ElasticLayout.from_hf_config(AutoConfig.from_pretrained({path!r}), 2)\n"
+            f"d = DaemonProcess.start(checkpoint={path!r}, layout=lay, exit_with_parent=True)\n"
+            "d.client().wait_ready(timeout=60)\n"
+            "print(d.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(server.stdout.readline())
+        assert segments_of_pid(pid), "the daemon holds no segment after loading"
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the daemon outlived its server by 15 s")
+        assert segments_of_pid(pid) == [], "the daemon exited without freeing its segments"
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -1,0 +1,88 @@
+"""Stopping a server the way a user does leaves nothing behind, after failovers too.
+
+Checked from outside the server, as a user would see it (no help from the test harness's own
+clean-up): tiny Qwen3-MoE, float32, ``--tp 3``; a rank is SIGKILLed (3 -> 2), then Ctrl-C (SIGINT
+to the server's whole process group). Within a bounded time the server's main process exits, no
+process of its group and not its state daemon is left, and none of the ``/dev/shm`` files that its
+processes mapped while it ran (SGLang's message queues ``sgl_shm_mq_*``, its load report
+``sglang_loads_*.shm``, semaphores, the daemon's segments) is still there.
+"""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from sgl_elastic.controller.procs import shm_inodes_of
+from sgl_elastic.testing.clients import admin_status, generate, wait_serving
+from sgl_elastic.testing.server import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+TOKEN = "shutdown-admin-token"
+PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4]]
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def _note(pids: list[int], into: dict[str, int]) -> None:
+    """Name -> inode of every /dev/shm file ``pids`` map or hold open now."""
+    inodes = shm_inodes_of(pids)
+    for e in os.scandir("/dev/shm"):
+        try:
+            if e.inode() in inodes:
+                into[e.name] = e.inode()
+        except OSError:
+            continue
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_ctrl_c_after_a_failover_leaves_nothing(tiny_models, hf_tokens):
+    want = hf_tokens("qwen3-moe", PROMPTS, 8)
+    srv = ServerProcess(tiny_models["qwen3-moe"], tp_size=3, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "0"])
+    srv.start()
+    try:
+        url, seen, files = srv.url, set(), {}
+        assert [generate(url, p, 8) for p in PROMPTS] == want
+        seen |= set(_tree(srv.proc.pid))
+        _note(list(seen), files)
+        st = admin_status(url, TOKEN)
+        os.kill(next(r["pid"] for r in st["ranks"] if r["rank"] == 1), signal.SIGKILL)
+        wait_serving(url, TOKEN, lambda s: s["tp_size"] == 2, "the failover to tp 2")
+        assert [generate(url, p, 8) for p in PROMPTS] == want
+        time.sleep(1.0)
+        seen |= set(_tree(srv.proc.pid))
+        _note(_alive(seen), files)
+        assert any(n.startswith("sgl_shm_") for n in files), f"SGLang's queues were not seen: {sorted(files)}"
+        assert any(n.startswith("sgle-") for n in files), f"the daemon's segments were not seen: {sorted(files)}"
+
+        os.killpg(srv.proc.pid, signal.SIGINT)  # Ctrl-C in the server's terminal
+        deadline = time.monotonic() + 60
+        while (srv.proc.poll() is None or _alive(seen)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        left = _alive(seen)
+        assert srv.proc.poll() is not None, "the server's main process did not exit within 60 s of Ctrl-C"
+        assert not left, f"processes left running 60 s after Ctrl-C: {[(p, psutil.Process(p).name()) for p in left]}"
+        stale = sorted(n for n, ino in files.items()
+                       if os.path.exists(f"/dev/shm/{n}") and os.stat(f"/dev/shm/{n}").st_ino == ino)
+        assert not stale, f"/dev/shm files of the server left after it stopped: {stale}"
+    finally:
+        srv.stop()
