@@ -40,6 +40,8 @@ class ElasticArgs:
         several ranks; a failure loses no expert another rank also holds).
     kv_backup: with failover, every rank mirrors its KV into a backup pool held on the next rank's device,
         so a failover keeps the KV of requests in flight and of cached prefixes (no re-prefill).
+    drain_timeout_s: on SIGTERM, how long the requests in flight may take to finish before the rest are
+        aborted (each gets an explicit error) and the server exits.
     """
 
     tp_widths: tuple[int, ...] | None = None
@@ -54,6 +56,7 @@ class ElasticArgs:
     eplb_interval_s: float = 0.0
     kv_backup: bool = True
     redundant_experts: int = 0
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.redundant_experts < 0:
@@ -66,6 +69,8 @@ class ElasticArgs:
             raise ValueError(f"--elastic-checkin-timeout {self.checkin_timeout_s}: give a positive number of seconds")
         if self.standby is not None and not 0 <= self.standby <= 8:
             raise ValueError(f"--elastic-standby {self.standby}: give 0..8 standby processes")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"--elastic-drain-timeout {self.drain_timeout_s}: give a number of seconds >= 0")
         if not self.hung_timeout_s >= 0:
             raise ValueError(f"--elastic-hung-timeout {self.hung_timeout_s}: give a number of seconds >= 0 (0: off)")
         if self.width_policy not in WIDTH_POLICIES:
@@ -147,6 +152,12 @@ class ElasticArgs:
                  " a failure reloads no expert a survivor also holds (default 0)",
         )
         group.add_argument(
+            "--elastic-drain-timeout", type=float, default=30.0, metavar="SECONDS",
+            help="on SIGTERM the server stops admitting requests (new ones get a 503), lets those in flight"
+                 " finish for up to this many seconds, aborts the rest (each gets an explicit error), then exits"
+                 " leaving no process or shared-memory file behind (default 30)",
+        )
+        group.add_argument(
             "--elastic-kv-backup", action=argparse.BooleanOptionalAction, default=True,
             help="with in-place failover: every rank also writes its KV into a backup pool held beside the next"
                  " rank's, so after a failure the survivors keep the KV of the requests in flight and of cached"
@@ -170,4 +181,5 @@ class ElasticArgs:
             eplb_interval_s=args.elastic_eplb_interval,
             kv_backup=args.elastic_kv_backup,
             redundant_experts=args.elastic_redundant_experts,
+            drain_timeout_s=args.elastic_drain_timeout,
         )

@@ -205,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from sgl_elastic.controller.shm_ledger import ShmLedger
 
+    from sglang.srt.entrypoints.http_server import app
+
+    from sgl_elastic.controller.drain import Admission, DrainGuard
+
     ledger = ShmLedger(os.getpid()).start()
+    app.add_middleware(Admission)
+    DrainGuard(elastic_args.drain_timeout_s).start()
     try:
         run_server(server_args)
     finally:

@@ -9,7 +9,16 @@
   experts by their measured loads now (202; ``controller.placers``: the baselines, for comparisons,
   need equal expert slots per rank, else 409; an unknown algorithm gets 400).
 
-Every call needs the admin token (``Authorization: Bearer <token>`` or ``X-Elastic-Token``):
+Probes (no token; what a load balancer or an orchestrator asks):
+- ``GET /health`` (liveness): SGLang's own check while serving; **200 while a recovery runs**
+  (requests are held, not failed: the server must not be taken out for a recovery that will
+  finish), also when SGLang's one-token probe timed out because a recovery started meanwhile;
+  503 once a recovery has given up (state ``failed`` and its fallback restart failed) or while
+  the server drains for shutdown.
+- ``GET /ready`` (readiness): 503 ``{"status": "recovering" | "failed"}`` while a recovery runs
+  or after one gave up, else SGLang's answer.
+
+Every admin call needs the admin token (``Authorization: Bearer <token>`` or ``X-Elastic-Token``):
 ``--elastic-admin-token``, or one generated at start and written to a 0600 file whose path is
 logged. A missing or wrong token gets 401 (compared in constant time); a bad body gets 400/409
 and changes nothing.
@@ -26,6 +35,26 @@ import sys
 import tempfile
 
 __all__ = ["AdminToken", "install_routes"]
+
+
+def _tokenizer_manager():
+    from sglang.srt.entrypoints.http_server import _global_state
+
+    return getattr(_global_state, "tokenizer_manager", None)
+
+
+def _draining() -> bool:
+    tm = _tokenizer_manager()
+    return bool(getattr(tm, "gracefully_exit", False))
+
+
+def _mark_up() -> None:
+    """Undo SGLang's UnHealthy mark left by a one-token probe that waited through a recovery."""
+    from sglang.srt.managers.tokenizer_manager import ServerStatus
+
+    tm = _tokenizer_manager()
+    if tm is not None and tm.server_status == ServerStatus.UnHealthy:
+        tm.server_status = ServerStatus.Up
 
 
 class AdminToken:
@@ -115,6 +144,35 @@ def install_routes(app, token: AdminToken, controller) -> None:
         return JSONResponse({"accepted": True, "epoch": controller.epoch,
                              "detail": "the experts are placed by their measured loads; /elastic/status shows"
                                        " the decision (eplb.last) and the move (recoveries)"}, status_code=202)
+
+    from sglang.srt.entrypoints import http_server as sglang_http
+
+    async def health(request: Request):
+        state = controller.health()
+        if state == "failed":
+            return JSONResponse({"status": "failed", "detail": controller.failure_reason()}, status_code=503)
+        if state == "recovering":
+            return JSONResponse({"status": "recovering"}, status_code=200)
+        n = controller.recovery_count()
+        resp = await sglang_http.health_generate(request)
+        if resp.status_code == 503 and controller.recovery_count() != n and controller.health() != "failed" \
+                and not _draining():
+            _mark_up()  # SGLang's probe timed out on the pause of a recovery that started meanwhile
+            return JSONResponse({"status": "recovered"}, status_code=200)
+        return resp
+
+    async def ready(request: Request):
+        state = controller.health()
+        if state != "serving":
+            return JSONResponse({"status": state}, status_code=503)
+        return await sglang_http.ready()
+
+    # ahead of SGLang's own routes for the same paths (the first match serves)
+    probes = [("/health", health), ("/health_generate", health), ("/ready", ready)]
+    for path, fn in probes:
+        app.add_api_route(path, fn, methods=["GET"])
+    routes = app.router.routes
+    routes[:0] = [routes.pop() for _ in probes][::-1]
 
     app.add_api_route("/elastic/status", status, methods=["GET"])
     app.add_api_route("/elastic/rebalance", rebalance, methods=["POST"])

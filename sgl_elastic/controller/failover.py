@@ -90,6 +90,9 @@ for _p in (Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, P
 # a survivor that does not check in (hung) or dies during a recovery: that recovery is abandoned
 # and a new one starts from the layout the daemon holds, without it
 _LEGAL[Phase.RECONFIGURING] = _LEGAL[Phase.RECONFIGURING] | {Phase.FROZEN}
+# a regroup (scale-up, rebalance) collects the ranks' check-ins while migrating, before any byte
+# moved: one that does not check in abandons it the same way
+_LEGAL[Phase.MIGRATING] = _LEGAL[Phase.MIGRATING] | {Phase.FROZEN}
 _LEGAL[Phase.FAILED] = frozenset({Phase.SERVING})  # after the fallback restart
 
 
@@ -184,6 +187,7 @@ class FailoverController:
         self._rebalance_requested = False
         self._rebalance_algorithm = "ours"  # of the requested rebalance (controller.placers)
         self.eplb_last: dict = {}  # the last rebalance decision, for /elastic/status
+        self.add_rank_last: dict = {}  # the last scale-up's end (decision, why, tp_after), for /elastic/status
 
     # ---- set-up (launcher, before SGLang spawns the schedulers) ----------------------------------------
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
@@ -283,6 +287,9 @@ class FailoverController:
                 "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive()} for r, p in enumerate(self.ranks)],
                 "widths": widths,
                 "standby": [p.pid for p in self.standby if p.is_alive()],
+                "pending": [k for k, on in (("add_rank", self._grow_requested),
+                                            ("rebalance", self._rebalance_requested)) if on],
+                "add_rank_last": self.add_rank_last,
                 "eplb": {"enabled": self.eplb, "interval_s": self.eplb_interval_s,
                          "placed": bool(self.layout is not None and _is_placed(self.layout)),
                          "redundant": (self.layout.family("experts").redundant
@@ -290,6 +297,25 @@ class FailoverController:
                          "imbalance_now": self._imbalance_now(), "last": self.eplb_last},
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
             }
+
+    def health(self) -> str:
+        """For the probes (``controller.admin``): "serving", "recovering" (a recovery, or its fallback
+        restart, runs: requests are held) or "failed" (a recovery gave up and its fallback failed)."""
+        if not self.armed or not self.enabled:
+            return "serving"
+        phase = self.phase
+        if phase is Phase.SERVING:
+            return "serving"
+        rec = self.recoveries[-1] if self.recoveries else None
+        if phase is Phase.FAILED and rec is not None and rec.fallback.startswith("failed"):
+            return "failed"
+        return "recovering"
+
+    def failure_reason(self) -> str:
+        return self.recoveries[-1].outcome if self.recoveries else ""
+
+    def recovery_count(self) -> int:
+        return len(self.recoveries)
 
     def check_injectable(self, rank: int) -> tuple[str | None, int, int]:
         """(error, http status, pid) for an injected failure of ``rank``; error None: go ahead."""
@@ -375,6 +401,7 @@ class FailoverController:
                         self._rebalance(forced=True, algorithm=self._rebalance_algorithm)
                     except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
                         _log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
+                        self._unstick(e)
                     finally:
                         self._rebalance_requested = False
                     continue
@@ -383,6 +410,9 @@ class FailoverController:
                         self._grow()
                     except Exception as e:  # noqa: BLE001 - logged; the server serves at its width
                         _log(f"ERROR: scale-up failed: {type(e).__name__}: {e}")
+                        self.add_rank_last = {"decision": "failed", "why": f"{type(e).__name__}: {e}",
+                                              "tp_after": len(self.ranks)}
+                        self._unstick(e)
                     finally:
                         self._grow_requested = False
                     continue
@@ -398,12 +428,19 @@ class FailoverController:
                         self._rebalance(forced=False)
                     except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
                         _log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
+                        self._unstick(e)
                 try:
                     self._check_self_reported(live)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
                     _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
                 continue
             if dead and self.enabled:
+                from sgl_elastic.controller.drain import draining
+
+                if draining():
+                    _log("the server is shutting down (SIGTERM): the ranks' exits are not failures")
+                    self.enabled = False
+                    return
                 time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
                 if not self.enabled or not any(p.is_alive() for p in live if p not in dead):
                     _log("every rank is gone (server shutting down, or a total failure): no recovery")
@@ -413,6 +450,7 @@ class FailoverController:
                     self._recover(dead)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
                     _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
+                    self._unstick(e)
 
     # ---- scale-up ---------------------------------------------------------------------------------------
     def request_add_rank(self) -> tuple[str | None, int]:
@@ -547,9 +585,12 @@ class FailoverController:
                 if not joiner.is_alive():
                     raise RuntimeError(f"the new rank process (pid {joiner.pid}) exited ({joiner.exitcode}) before joining")
                 with self.lock:
-                    if any(not p.is_alive() for p in self.ranks):
-                        raise RuntimeError("a rank died while the new one was starting: recovering from that first;"
-                                           " ask again")
+                    dead = [p for p in self.ranks if p.pid not in self.departed and not p.is_alive()]
+                if dead:  # the accepted scale-up waits for that recovery, then goes on
+                    _log("a rank died while the new one was starting: recovering from that first; the scale-up"
+                         " goes on after it")
+                    self._recover(dead)
+                    continue
                 try:
                     self._collect(got, {joiner.pid}, -1, 0.5, "hello")
                 except _Stragglers:
@@ -561,6 +602,33 @@ class FailoverController:
             raise
         _log(f"scale-up: the new rank checked in {time.monotonic() - t0:.2f} s after the request")
         self._recover([], got, joiner=joiner)
+        rec = self.recoveries[-1]
+        self.add_rank_last = {"decision": "done" if rec.outcome == "ok" else "failed", "why": rec.outcome,
+                              "tp_after": len(self.ranks)}
+
+    def _unstick(self, e: Exception) -> None:
+        """After an error escaped a recovery: a recovery left half-way (neither serving nor failed)
+        would hold every request forever, so it fails now and falls back to restarting every scheduler
+        (the requests in flight get an error; later ones are served)."""
+        if self.phase in (Phase.SERVING, Phase.FAILED) or not self.enabled:
+            return
+        rec = self.recoveries[-1] if self.recoveries else None
+        if rec is None:
+            return
+        rec.outcome = f"failed: {type(e).__name__}: {e}"
+        self.falling_back = True
+        self._to(rec, Phase.FAILED, rec.outcome)
+        self.metrics.recovery("failed", rec.phases_s, 0.0, 0)
+        for pid in list(self._hello_ids):
+            try:
+                self._sock.send_multipart([self._hello_ids[pid], wire.encode(wire.Retire(epoch=self.epoch,
+                                                                                         reason=str(e)))])
+            except Exception:  # noqa: BLE001 - a rank gone: nothing to tell
+                pass
+        try:
+            self._fallback(rec)
+        except Exception as e2:  # noqa: BLE001 - reported in the status; the server stays FAILED
+            _log(f"ERROR: the fallback after a stuck recovery failed: {type(e2).__name__}: {e2}")
 
     def _fence_silent(self, live: list) -> None:
         """SIGKILL every rank whose heartbeat is older than the hung timeout (the sentinel then fires)."""
@@ -684,6 +752,13 @@ class FailoverController:
                 got[msg.pid] = msg
         return got
 
+    def _clear_regroup(self) -> None:
+        """Withdraw a regroup request that no rank took (each has left its group already)."""
+        try:
+            os.unlink(wire.regroup_path(self._addr))
+        except FileNotFoundError:
+            pass
+
     def _recv_control(self) -> tuple[bytes, object]:
         """One message of the control socket (a message is waiting): (sender, decoded; None if malformed)."""
         ident, data = self._sock.recv_multipart()
@@ -736,6 +811,7 @@ class FailoverController:
         self.recoveries.append(rec)
         survivors = [p for i, p in enumerate(ranks) if i not in failed] + ([joiner] if joiner is not None else [])
         given, plan = plan, None
+        before_move = False  # a straggler found before the migration (a regroup's check-in)
         self._to(rec, Phase.FROZEN, rec.reason)
         if joiner is not None or not dead:  # rank 0 takes the request and broadcasts a Regroup marker to every rank
             with open(wire.regroup_path(self._addr), "w") as f:
@@ -764,6 +840,7 @@ class FailoverController:
                 except _Stragglers as s:
                     s = self._fence_hung_first(s, hellos, alive, epoch)
                     straggle = (s, self.layout, list(ranks), hellos, self.checkin_timeout_s)
+                    before_move = True
                     raise _Retry() from None
             daemon_dir = self._migrate(rec, plan)
             # reconfiguring
@@ -781,6 +858,7 @@ class FailoverController:
                 s = self._fence_hung_first(s, hellos, {p.pid for p in survivors}, epoch)
                 straggle = (s, plan.new_layout, new_ranks, hellos, self.checkin_timeout_s)
                 raise _Retry() from None
+            self._clear_regroup()  # every rank has left its group: a request left now would regroup later
             port = free_port()
             bind = self._omp_bind(new_tp)
             layout_bytes = plan.new_layout.to_bytes()
@@ -839,7 +917,9 @@ class FailoverController:
             self.metrics.serving(new_tp, epoch)
             self._after_serving()
         except _Retry:
-            return self._without(rec, *straggle)
+            # before the migration the joiner is not a rank yet: the next recovery still adds it
+            pending_joiner = joiner if before_move else None
+            return self._without(rec, *straggle, joiner=pending_joiner)
         except Exception as e:
             # failed inside the migration: what the daemon holds is in doubt (see _fallback)
             reload = plan.new_layout if plan is not None and self.phase is Phase.MIGRATING else None
@@ -920,7 +1000,7 @@ class FailoverController:
             return _Stragglers(sorted(set(hung) | set(s2.pids)), f"{s}; then {s2}")
 
     def _without(self, rec: Recovery, s: _Stragglers, layout, ranks: list, hellos: dict[int, bytes],
-                 checkin_s: float | None = None) -> None:
+                 checkin_s: float | None = None, joiner=None) -> None:
         """Abandon ``rec``: fence the stragglers (SIGKILL) and recover again, from ``layout`` (what the
         daemon holds now), without them. The survivors that checked in keep waiting for orders."""
         import signal
@@ -936,8 +1016,12 @@ class FailoverController:
         with self.lock:
             self.layout, self.ranks = layout, ranks
         self._on_new_layout(layout)
+        with self.lock:
+            self._joiners = [j for j in self._joiners if j.pid not in s.pids]
+        if joiner is not None and (joiner.pid in s.pids or not joiner.is_alive()):
+            joiner = None  # the new rank itself failed: the scale-up is over (the status says so)
         dead = [p for p in ranks if p.pid in s.pids]  # the next recovery moves RECONFIGURING -> FROZEN
-        self._recover(dead, hellos, checkin_s)
+        self._recover(dead, hellos, checkin_s, joiner=joiner)
 
     def _fallback(self, rec: Recovery, reload=None) -> None:
         """The in-place path failed: restart every scheduler from the daemon, at the layout it holds now.

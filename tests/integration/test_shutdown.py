@@ -86,3 +86,74 @@ def test_ctrl_c_after_a_failover_leaves_nothing(tiny_models, hf_tokens):
         assert not stale, f"/dev/shm files of the server left after it stopped: {stale}"
     finally:
         srv.stop()
+
+
+def _stream(url, ids, n, out: dict, key: str, started):
+    """A streaming /generate; ``out[key]``: (output ids, the last chunk's finish_reason) or the error."""
+    import json
+
+    import requests
+
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
+    try:
+        with requests.post(url + "/generate", json=body, timeout=120, stream=True) as r:
+            ids_now, reason = [], None
+            for line in r.iter_lines():
+                if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+                    chunk = json.loads(line[5:])
+                    ids_now = chunk.get("output_ids", ids_now)
+                    reason = chunk.get("meta_info", {}).get("finish_reason", reason)
+                    started.set()
+            out[key] = (ids_now, reason)
+    except Exception as e:  # noqa: BLE001 - checked by the test
+        out[key] = e
+        started.set()
+
+
+def test_sigterm_drains_then_exits(tiny_models, hf_tokens):
+    """SIGTERM to the server (what an orchestrator sends): a new request gets a 503 at once, a request
+    in flight that can finish within ``--elastic-drain-timeout`` (3 s) finishes with all its tokens,
+    one that cannot is aborted with an explicit abort reason (not cut off silently), then the server
+    exits and leaves no process and no /dev/shm file of its own."""
+    import threading
+
+    import requests
+
+    short = hf_tokens("qwen3-moe", [PROMPTS[0]], 16)[0]
+    srv = ServerProcess(tiny_models["qwen3-moe"], tp_size=2, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "0",
+        "--elastic-drain-timeout", "3"])
+    srv.start()
+    try:
+        url, files = srv.url, {}
+        seen = set(_tree(srv.proc.pid))
+        _note(list(seen), files)
+        out, started = {}, [threading.Event(), threading.Event()]
+        long_t = threading.Thread(target=_stream, args=(url, PROMPTS[1], 1500, out, "long", started[0]))
+        long_t.start()
+        assert started[0].wait(60), "the long stream never started"
+        short_t = threading.Thread(target=_stream, args=(url, PROMPTS[0], 16, out, "short", started[1]))
+        short_t.start()
+        assert started[1].wait(60), "the short stream never started"
+        _note(list(seen), files)
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        r = requests.post(url + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 4}},
+                          timeout=30)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"], (r.status_code, r.text)
+        long_t.join(60)
+        short_t.join(60)
+        assert not long_t.is_alive() and not short_t.is_alive(), "a request in flight never ended"
+        assert isinstance(out["short"], tuple) and out["short"][0] == short, out["short"]
+        ids, reason = out["long"]
+        assert len(ids) < 1500 and reason and reason.get("type") == "abort", (len(ids), reason)
+        deadline = time.monotonic() + 60
+        while (srv.proc.poll() is None or _alive(seen)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert srv.proc.poll() is not None and not _alive(seen), f"left running after the drain: {_alive(seen)}"
+        stale = sorted(n for n, ino in files.items()
+                       if os.path.exists(f"/dev/shm/{n}") and os.stat(f"/dev/shm/{n}").st_ino == ino)
+        assert not stale, f"/dev/shm files of the server left after it stopped: {stale}"
+    finally:
+        srv.stop()
