@@ -60,6 +60,7 @@ READY_TIMEOUT_S = 120.0  # rebuilt schedulers must be ready within this (else: f
 # bounded rendezvous (wire.REBUILD_INIT_TIMEOUT_S), then they check in again
 REBUILD_RETRY_S = 3 * wire.REBUILD_INIT_TIMEOUT_S
 JOIN_TIMEOUT_S = 180.0  # a new rank process must import SGLang and check in within this
+DAEMON_STARTS = 3  # a migration whose daemon is gone tries this many new ones (each may die while it starts)
 
 
 def _is_placed(layout) -> bool:
@@ -882,6 +883,15 @@ class FailoverController:
                 self._hello_ids = {}
                 straggle = (s, plan.new_layout, new_ranks, {}, self.checkin_timeout_s + REBUILD_RETRY_S)
                 raise _Retry() from None
+            if failed_builds and not self.daemon.alive():
+                # case: the state daemon died after the migration, before the ranks attached. They ask
+                # again (their rebuild is retried); a new recovery of the same layout starts a new daemon
+                _log(f"the state daemon died before the ranks attached ({len(failed_builds)} rebuild(s) failed);"
+                     " recovering again with a new daemon")
+                self._hello_ids = {}
+                straggle = (_Stragglers([], "the state daemon died during the rebuild"), plan.new_layout, new_ranks,
+                            {}, self.checkin_timeout_s + REBUILD_RETRY_S)
+                raise _Retry()
             if failed_builds:
                 raise RuntimeError(f"survivors could not rebuild: {failed_builds}")
             with self.lock:
@@ -961,7 +971,15 @@ class FailoverController:
         _log("ERROR: the state daemon is gone: starting a new one, which loads the new layout from the checkpoint"
              " (every byte again: its memory died with it)")
         self.daemon.layout = plan.new_layout
-        self.daemon.ensure()
+        for attempt in range(1, DAEMON_STARTS + 1):  # a new daemon can die while it starts, too
+            try:
+                self.daemon.ensure()
+                break
+            except (RuntimeError, TimeoutError, DaemonUnavailable, DaemonError, OSError) as e:
+                if attempt == DAEMON_STARTS:
+                    raise
+                _log(f"the new state daemon failed to start ({type(e).__name__}: {e}); starting another"
+                     f" ({attempt + 1} of {DAEMON_STARTS})")
         with self.daemon.proc.client(timeout=30.0) as c:
             read = c.stats().checkpoint_bytes_read
         rec.migration = {"seconds": round(time.monotonic() - t0, 4), "daemon_restarted": 1.0,

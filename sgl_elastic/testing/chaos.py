@@ -109,7 +109,15 @@ def _generate(url: str, ids: list[int], n: int, stream: bool) -> list[int]:
             if now[:len(out)] != out or len(now) < len(out):
                 raise AssertionError(f"stream went back or repeated: {out} then {now}")
             out = now
+            _check_reason((chunk.get("meta_info") or {}).get("finish_reason"))
     return out
+
+
+def _check_reason(reason) -> None:
+    """A request the server ended early says so in its finish reason: an explicit error, not a short answer."""
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in (None, "length", "stop"):
+        raise RuntimeError(f"ended by the server: finish_reason {reason!r}")
 
 
 def _openai(url: str, prompt: str, n: int) -> str:
@@ -117,7 +125,12 @@ def _openai(url: str, prompt: str, n: int) -> str:
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300, max_retries=0)
     chunks = client.completions.create(model="default", prompt=prompt, max_tokens=n, temperature=0, stream=True)
-    return "".join(c.choices[0].text for c in chunks if c.choices)
+    text = []
+    for c in chunks:
+        if c.choices:
+            text.append(c.choices[0].text)
+            _check_reason(c.choices[0].finish_reason)
+    return "".join(text)
 
 
 def _openai_chat(url: str, prompt: str, n: int) -> str:
@@ -126,7 +139,12 @@ def _openai_chat(url: str, prompt: str, n: int) -> str:
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300, max_retries=0)
     chunks = client.chat.completions.create(model="default", messages=[{"role": "user", "content": prompt}],
                                             max_tokens=n, temperature=0, stream=True)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = []
+    for c in chunks:
+        if c.choices:
+            text.append(c.choices[0].delta.content or "")
+            _check_reason(c.choices[0].finish_reason)
+    return "".join(text)
 
 
 class _Clients:
