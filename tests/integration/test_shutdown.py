@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from sgl_elastic.controller.procs import shm_inodes_of
+from sgl_elastic.testing.chaos import _alive, _note_shm as _note, _tree
 from sgl_elastic.testing.clients import admin_status, generate, wait_serving
 from sgl_elastic.testing.server import ServerProcess
 
@@ -23,35 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 TOKEN = "shutdown-admin-token"
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4]]
-
-
-def _tree(pid: int) -> list[int]:
-    try:
-        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
-    except psutil.Error:
-        return []
-
-
-def _note(pids: list[int], into: dict[str, int]) -> None:
-    """Name -> inode of every /dev/shm file ``pids`` map or hold open now."""
-    inodes = shm_inodes_of(pids)
-    for e in os.scandir("/dev/shm"):
-        try:
-            if e.inode() in inodes:
-                into[e.name] = e.inode()
-        except OSError:
-            continue
-
-
-def _alive(pids) -> list[int]:
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_ctrl_c_after_a_failover_leaves_nothing(tiny_models, hf_tokens):
