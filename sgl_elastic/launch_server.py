@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         check_sglang_version()
         if not cuda_available():
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # before sglang is imported
+            # SGLang's crash path waits 5 + 60 s for CUDA core dumps before it tears down: with no
+            # CUDA that is a minute in which the clients of a dead server wait for nothing
+            os.environ.setdefault("SGLANG_CUDA_COREDUMP_BEFORE_CRASH", "0")
         from sglang.srt.plugins import load_plugins
 
         load_plugins()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["shm_inodes_of", "remove_leftover_shm", "free_port"]
+__all__ = ["shm_inodes_of", "remove_leftover_shm", "free_port", "dead_helpers"]
 
 
 def shm_inodes_of(pids: list[int]) -> set[int]:
@@ -54,3 +54,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+HELPER_TITLES = ("sglang::detokenizer",)  # the main process's children no failover can replace
+
+
+def dead_helpers(titles: tuple[str, ...] = HELPER_TITLES) -> list[str]:
+    """The helper processes of this (main) process that are gone: each title in ``titles`` with no
+    live child process whose command line starts with it (a zombie counts as gone)."""
+    import psutil
+
+    alive: set[str] = set()
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return []
+    for c in children:
+        try:
+            if c.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(c.cmdline())
+        except psutil.Error:
+            continue
+        alive.update(t for t in titles if cmd.startswith(t))
+    return [t for t in titles if t not in alive]

@@ -8,6 +8,12 @@ from __future__ import annotations
 from sgl_elastic.controller.supervisor import SupervisorState, _log, supervisor
 
 
+def _helpers_gone() -> list[str]:
+    from sgl_elastic.controller.procs import dead_helpers
+
+    return dead_helpers()
+
+
 def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     """SignalHandler.running_phase_sigquit_handler: a surviving rank's SIGQUIT after a peer died is
     part of the failure the supervisor handles; anything else tears down as before."""
@@ -15,11 +21,17 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
 
     fc = controller()
     if fc.armed and fc.enabled and (fc.phase is not Phase.FAILED or fc.falling_back):
-        _log("SIGQUIT from a scheduler: a rank failure, handled by the failover controller")
-        return None
+        gone = _helpers_gone()
+        if not gone:
+            _log("SIGQUIT from a scheduler: a rank failure, handled by the failover controller")
+            return None
+        # the detokenizer sends SIGQUIT when it dies: no failover replaces it, and every request
+        # would wait for outputs nobody relays; SGLang's tear-down ends them with a visible error
+        _log(f"ERROR: SIGQUIT and {', '.join(gone)} is gone: tearing the server down as SGLang does")
+        fc.enabled = False
     sv = supervisor()  # with failover armed, the restart is the controller's own fallback, not this path
     if not fc.armed and sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
-            sv.state is SupervisorState.RESTARTING or sv.sigquit_is_stale() or sv.any_dead(wait_s=3.0)):
+            not _helpers_gone()) and (sv.state is SupervisorState.RESTARTING or sv.sigquit_is_stale() or sv.any_dead(wait_s=3.0)):
         _log("SIGQUIT from a scheduler after a rank failure: handled by the restart")
         return None
     if sv.enabled and sv.on_teardown is not None:  # SGLang kills the whole tree next: free the daemon first

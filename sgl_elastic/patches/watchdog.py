@@ -15,11 +15,13 @@ def watchdog_check_processes(original, self):
         return original(self)
     from sgl_elastic.controller.failover import controller
 
-    if controller().armed:  # in-place failover: the controller's detector handles deaths (and fallback);
-        return False        # once it is closed, the server is shutting down: nothing to restart
+    if controller().armed:  # in-place failover: the controller's detector handles the schedulers' deaths
+        return _check_helpers(self)  # (and fallback); a helper's (the detokenizer) is SGLang's tear-down
     sched = [i for i, n in enumerate(self._names) if n.startswith("scheduler_")]
     if sv.state is SupervisorState.RESTARTING:
         return False
+    if _check_helpers(self):
+        return True
     if any(not self._processes[i].is_alive() for i in sched):
         dead = [self._processes[i].pid for i in sched if not self._processes[i].is_alive()]
         try:
@@ -31,3 +33,22 @@ def watchdog_check_processes(original, self):
             self._processes[i] = p
         return False
     return original(self)
+
+
+def _check_helpers(self) -> bool:
+    """SGLang's own check, on the processes that are not schedulers (no failover replaces them)."""
+    import os
+    import signal
+
+    from sgl_elastic.controller.failover import controller
+
+    for proc, name in zip(self._processes, self._names):
+        if name.startswith("scheduler_") or proc.is_alive() or proc.exitcode == 0:
+            continue
+        if not controller().enabled and controller().armed:
+            return False  # the server is shutting down
+        _log(f"ERROR: {name} (pid {proc.pid}) exited with code {proc.exitcode}: no failover replaces it;"
+             " SIGQUIT for SGLang's tear-down")
+        os.kill(os.getpid(), signal.SIGQUIT)
+        return True
+    return False

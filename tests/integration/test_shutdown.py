@@ -128,3 +128,35 @@ def test_sigterm_drains_then_exits(tiny_models, hf_tokens):
         assert not stale, f"/dev/shm files of the server left after it stopped: {stale}"
     finally:
         srv.stop()
+
+
+def test_a_dead_detokenizer_ends_the_server_not_its_requests_silently(tiny_models):
+    """The detokenizer relays every output; no failover replaces it. When it dies (SIGKILL here; an
+    exception in it ends the same way), a request in flight must not wait forever for outputs nobody
+    relays: SGLang tears the server down (the client sees its connection end), and nothing of it is
+    left. Failed before: with failover armed the death went unnoticed and the stream hung."""
+    import threading
+
+    srv = ServerProcess(tiny_models["qwen3-moe"], tp_size=2, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "0"])
+    srv.start()
+    try:
+        url = srv.url
+        seen = set(_tree(srv.proc.pid))
+        detok = [p for p in seen if "sglang::detokenizer" in " ".join(psutil.Process(p).cmdline())]
+        assert len(detok) == 1, f"no detokenizer among {sorted(seen)}"
+        out, started = {}, threading.Event()
+        t = threading.Thread(target=_stream, args=(url, PROMPTS[1], 1500, out, "long", started), daemon=True)
+        t.start()
+        assert started.wait(60), "the stream never started"
+        os.kill(detok[0], signal.SIGKILL)
+        t.join(90)
+        assert not t.is_alive(), "the stream still waits 90 s after the detokenizer died"
+        ids, reason = out["long"] if isinstance(out["long"], tuple) else ([], None)
+        assert isinstance(out["long"], Exception) or (reason or {}).get("type") == "abort" or len(ids) < 1500, out
+        deadline = time.monotonic() + 60
+        while (srv.proc.poll() is None or _alive(seen)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert srv.proc.poll() is not None and not _alive(seen), f"left running: {_alive(seen)}"
+    finally:
+        srv.stop()
