@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-__all__ = ["Admission", "DrainGuard", "draining"]
+__all__ = ["Admission", "DrainGuard", "draining", "stopping"]
 
 _GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses"})
 
@@ -34,6 +34,20 @@ def _tokenizer_manager():
 def draining() -> bool:
     """Whether the server has been told to shut down (SIGTERM) and is draining."""
     return bool(getattr(_tokenizer_manager(), "gracefully_exit", False))
+
+
+def stopping() -> bool:
+    """Whether the server is shutting down: draining (SIGTERM), or its HTTP server was told to exit
+    (Ctrl-C: uvicorn's handler, installed for SIGINT, has set ``should_exit`` on its server)."""
+    if draining():
+        return True
+    import signal
+
+    try:
+        server = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    except (ValueError, TypeError):
+        return False
+    return bool(getattr(server, "should_exit", False))
 
 
 def _log(msg: str) -> None:

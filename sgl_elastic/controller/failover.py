@@ -43,6 +43,7 @@ import time
 import msgspec
 
 from sgl_elastic.controller import wire
+from sgl_elastic.controller.accounting import RequestAccounts
 from sgl_elastic.controller.metrics import FailoverMetrics
 from sgl_elastic.controller.procs import free_port, shm_inodes_of
 
@@ -134,6 +135,8 @@ class Recovery(msgspec.Struct, kw_only=True):
     recovery_s: float = 0.0  # fault seen -> every survivor serving again
     tfs_s: float | None = None  # fault seen -> first token returned after it (set by the tokenizer hook)
     resumed_requests: int = 0
+    resubmitted_requests: int = 0  # rank 0 died: inputs it held that the new rank 0 submitted again
+    failed_requests: int = 0  # could be neither resumed nor re-submitted: ended with a 503
     migration: dict[str, float] = {}
     outcome: str = "running"  # running | ok | failed: <why> (then "; fallback restart at tp N done" or "... failed")
     fallback: str = ""  # after a failed one: "" (none) | running | ok | failed: <why> (the restart of every scheduler)
@@ -164,6 +167,8 @@ class FailoverController:
         self.checkin_timeout_s = HELLO_TIMEOUT_S
         self.metrics = FailoverMetrics()
         self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
+        self.accounts = RequestAccounts()  # every accepted request ends once; the audit finds lost ones
+        self._audit_thread: threading.Thread | None = None
         self._sweep_at = 64
         self.tokenizer = None  # SGLang's TokenizerManager (main process), set by its dispatch hook
         self.intake_pid = 0  # the process serving rank 0 (request intake, output streaming)
@@ -244,6 +249,8 @@ class FailoverController:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
             self._thread = threading.Thread(target=self._run, name="sgle-failover", daemon=True)
             self._thread.start()
+            self._audit_thread = threading.Thread(target=self._audit_loop, name="sgle-request-audit", daemon=True)
+            self._audit_thread.start()
 
     @property
     def _addr(self) -> str:
@@ -297,7 +304,34 @@ class FailoverController:
                                        if self.layout is not None and "experts" in self.layout.families else 0),
                          "imbalance_now": self._imbalance_now(), "last": self.eplb_last},
                 "recoveries": [msgspec.structs.asdict(r) | {"t_fault": None} for r in self.recoveries],
+                "requests": self.requests(),
             }
+
+    def requests(self) -> dict:
+        """Request accounting (``controller.accounting``), with the recoveries' totals."""
+        with self.lock:
+            recs = list(self.recoveries)
+        return self.accounts.snapshot() | {
+            "resumed": sum(r.resumed_requests for r in recs),
+            "resubmitted": sum(r.resubmitted_requests for r in recs),
+            "failed_at_recovery": sum(r.failed_requests for r in recs)}
+
+    def _audit_loop(self) -> None:
+        """The request audit's own thread (it waits for rank 0's answer; detection must not)."""
+        from sgl_elastic.controller.supervisor import supervisor
+
+        def fail(rids, msg):
+            n = supervisor().fail_requests(rids, msg, self.tokenizer)
+            _log(f"ERROR: {len(rids)} request(s) accepted but held by no rank (lost): {rids}; {n} ended with a 503")
+
+        while self.enabled:
+            time.sleep(0.5)
+            try:
+                self.metrics.requests(self.accounts.snapshot())
+                if self.phase is Phase.SERVING and self._dir and self.accounts.due():
+                    self.accounts.audit(self.tokenizer, self._addr, fail)
+            except Exception as e:  # noqa: BLE001 - housekeeping: logged, the server serves on
+                _log(f"request audit: {type(e).__name__}: {e}")
 
     def health(self) -> str:
         """For the probes (``controller.admin``): "serving", "recovering" (a recovery, or its fallback
@@ -340,6 +374,7 @@ class FailoverController:
             rid = getattr(o, "rid", None)
             if isinstance(rid, str) and hasattr(o, "input_ids"):
                 self.dispatched[rid] = o
+                self.accounts.accept(rid)
 
     def _takeover(self) -> bytes:
         """What the new rank 0 needs when the process serving rank 0 died: every request the
@@ -436,10 +471,11 @@ class FailoverController:
                     _log(f"ERROR: recovery failed: {type(e).__name__}: {e}")
                 continue
             if dead and self.enabled:
-                from sgl_elastic.controller.drain import draining
+                from sgl_elastic.controller.drain import stopping
 
-                if draining():
-                    _log("the server is shutting down (SIGTERM): the ranks' exits are not failures")
+                time.sleep(0.05)  # Ctrl-C reaches the ranks and the main process together
+                if stopping():
+                    _log("the server is shutting down (SIGTERM or Ctrl-C): the ranks' exits are not failures")
                     self.enabled = False
                     return
                 time.sleep(0.1)  # a shutdown kills every rank at once: tell it from a failure
@@ -872,7 +908,9 @@ class FailoverController:
                 new_rank = new_ranks.index(p)
                 self._sock.send_multipart([hellos[p.pid], wire.encode(wire.Reconfigure(
                     epoch=epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
-                    omp_bind=bind, takeover=takeover if new_rank == 0 else b"", daemon_dir=daemon_dir,
+                    omp_bind=bind, takeover=takeover if new_rank == 0 else b"",
+                    # always the current one: a joiner started before the daemon was replaced knows the old
+                    daemon_dir=daemon_dir or (self.daemon.proc.run_dir if self.daemon.proc is not None else ""),
                     gpu_slot=self._joiner_slot if p is joiner else -1))])
             readies: dict[int, wire.RankReady] = {}
             failed_builds: dict[int, str] = {}
@@ -905,7 +943,9 @@ class FailoverController:
             if bind:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
             rec.resumed_requests = sum(r.resumed for r in readies.values())
+            rec.resubmitted_requests = sum(r.resubmitted for r in readies.values())
             lost = sorted({rid for r in readies.values() for rid in r.unresumable})
+            rec.failed_requests = len(lost)
             if lost:  # every accepted request completes or gets an explicit error
                 from sgl_elastic.controller.supervisor import supervisor
 
@@ -1060,8 +1100,14 @@ class FailoverController:
         checkpoint (every byte read again). The same is tried once when the restart from the
         daemon as it is fails (the schedulers could not start from its memory).
         """
+        from sgl_elastic.controller.drain import stopping
         from sgl_elastic.controller.supervisor import supervisor
 
+        if stopping():  # the server is shutting down: a restart would only race its tear-down
+            _log("the server is shutting down: no fallback restart")
+            self.enabled = False
+            rec.fallback = "skipped: shutting down"
+            return
         t0 = time.monotonic()
         self.falling_back = True
         rec.fallback = "running"

@@ -28,6 +28,9 @@ class FailoverMetrics:
                 "tp": Gauge("sgl_elastic_tp_size", "Current tensor-parallel size", multiprocess_mode="mostrecent"),
                 "epoch": Gauge("sgl_elastic_epoch", "Current recovery epoch", multiprocess_mode="mostrecent"),
                 "resumed": Counter("sgl_elastic_resumed_requests_total", "Requests resumed after a failover"),
+                "requests": Gauge("sgl_elastic_requests", "Accepted requests by how they stand (controller.accounting):"
+                                  " accepted, finished, errored, in_flight, lost", ["state"],
+                                  multiprocess_mode="mostrecent"),
             }
         return self._m
 
@@ -47,3 +50,10 @@ class FailoverMetrics:
         if outcome == "ok":
             m["recovery"].observe(recovery_s)
             m["resumed"].inc(resumed)
+
+    def requests(self, snap: dict) -> None:
+        m = self._ensure()
+        if m is None:
+            return
+        for k in ("accepted", "finished", "errored", "in_flight", "lost"):
+            m["requests"].labels(state=k).set(snap[k])

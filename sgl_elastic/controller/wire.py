@@ -16,8 +16,8 @@ import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
            "ENV_EXPERT_LOADS", "ENV_KV_BACKUP",
-           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
-           "test_faults", "ENV_TEST_HOLD_DISPATCH", "ENV_TEST_RAISE",
+           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "audit_paths", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
+           "test_faults", "ENV_TEST_HOLD_DISPATCH", "ENV_TEST_RAISE", "ENV_TEST_DROP",
            "peer_failure"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
@@ -37,6 +37,9 @@ ENV_TEST_HOLD_DISPATCH = "SGLE_TEST_HOLD_DISPATCH"
 # Tests only: a directory. A rank whose ``<dir>/raise-<tp rank>`` exists removes it and raises a
 # RuntimeError in its event loop (a device error that does not kill the process: a CUDA error).
 ENV_TEST_RAISE = "SGLE_TEST_RAISE"
+# Tests only: a rid prefix. Every rank drops, unprocessed, each request whose rid starts with it (a
+# request lost inside the server, which the request audit must find and end with an error).
+ENV_TEST_DROP = "SGLE_TEST_DROP"
 # Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
 # every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
 # fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later
@@ -52,6 +55,15 @@ def regroup_path(control_addr: str) -> str:
     import os
 
     return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), "regroup")
+
+
+def audit_paths(control_addr: str) -> tuple[str, str]:
+    """(request, reply): the controller writes the request file (a sequence number) to ask rank 0
+    which requests it holds; rank 0 answers in the reply file (JSON {"seq": n, "rids": [...]})."""
+    import os
+
+    d = os.path.dirname(control_addr.removeprefix("ipc://"))
+    return os.path.join(d, "audit-request"), os.path.join(d, "audit-reply")
 
 
 # How a rank's collective fails when a peer dies or leaves (gloo on CPU; NCCL and its watchdog on GPU):
@@ -110,7 +122,7 @@ class Reconfigure(msgspec.Struct, tag="reconfigure", frozen=True, kw_only=True):
     # {rid: (output ids the tokenizer manager received, tokenized input or None)} of every request
     # it still waits for (what to re-submit, and where each stream stands). Empty otherwise.
     takeover: bytes = b""
-    daemon_dir: str = ""  # the daemon was replaced (the old one died): attach to this run dir
+    daemon_dir: str = ""  # the daemon's run dir to attach to (it changes when the old one died and was replaced)
     gpu_slot: int = -1  # a new rank only: its device slot (GPU base_gpu_id + slot * gpu_id_step); -1: keep
 
 
@@ -126,6 +138,7 @@ class RankReady(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     resumed: int  # requests this rank put back in its queue (rank 0: re-broadcast to the others)
     phases_s: dict[str, float]  # teardown, wait, rebuild, ... as measured in the process
     unresumable: list[str] = []  # rids it could neither resume nor re-submit: the controller fails them (503)
+    resubmitted: int = 0  # new rank 0 after rank 0 died: inputs re-submitted (queued in, or half-broadcast by, the dead one)
 
 
 class RankFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):

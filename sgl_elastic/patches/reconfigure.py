@@ -38,7 +38,7 @@ from sgl_elastic.controller import wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
            "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels",
-           "join", "Regroup", "RegroupRequested", "maybe_regroup"]
+           "join", "Regroup", "RegroupRequested", "maybe_regroup", "maybe_audit"]
 
 _control_addr: str | None = None  # read once at plugin load
 _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
@@ -197,6 +197,47 @@ def maybe_regroup(reqs: list) -> list:
         return reqs
     log("the controller asks the ranks to regroup (a rank joins): broadcasting it with this step")
     return list(reqs) + [Regroup(_epoch)]
+
+
+_audit_seen_t = 0.0
+
+
+def _held_rids(sched) -> list[str]:
+    """Every request ``sched`` holds: queued, running, in the batch being run, chunked, waiting for
+    its grammar, or about to be re-broadcast (a failover's resumed requests not pulled yet)."""
+    rids = {r.rid for r in _unfinished(sched)}
+    gm = getattr(sched, "grammar_manager", None)
+    for q in (getattr(sched, "grammar_queue", None), getattr(gm, "grammar_queue", None)):
+        for r in q or []:
+            rids.add(getattr(r, "rid", None))
+    for r in _inject:
+        t = getattr(r, "tokenized", r)
+        rids.add(getattr(t, "rid", None))
+    rids.discard(None)
+    return sorted(rids)
+
+
+def maybe_audit(sched) -> None:
+    """Rank 0, once per loop (a stat at most every 100 ms): if the controller asks which requests
+    this rank holds (its audit file), answer with their rids. See ``controller.accounting``."""
+    global _audit_seen_t
+    now = time.monotonic()
+    if not _control_addr or now - _audit_seen_t < 0.1:
+        return
+    _audit_seen_t = now
+    import json
+
+    req, reply = wire.audit_paths(_control_addr)
+    try:
+        with open(req) as f:
+            seq = int(f.read().strip() or 0)
+        os.unlink(req)
+    except (FileNotFoundError, ValueError):
+        return
+    tmp = f"{reply}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"seq": seq, "epoch": _epoch, "rids": _held_rids(sched)}, f)
+    os.replace(tmp, reply)
 
 
 def take_channels():
@@ -568,7 +609,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         os.environ[state.ENV_VAR] = state.encode(layout)
         if order.omp_bind:
             os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = order.omp_bind
-        if order.daemon_dir:  # the old daemon died; the controller started a new one
+        if order.daemon_dir:  # the daemon to attach to (a replacement when the old one died)
             daemon_link.set_run_dir(order.daemon_dir)
         daemon_link.reset_attachment()
         if channels is not None and order.rank == 0 and old_rank == 0:
@@ -605,6 +646,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         # Step 4: resume (rank 0 is authoritative: the others re-create what it broadcasts).
         _epoch = order.epoch
         took = ""
+        resub = 0
         if order.rank == 0 and order.takeover:
             records, resub, dropped = _take_over(records, order.takeover)
             took = f"; took over rank 0's intake: {resub} requests re-submitted, {dropped} finished ones dropped"
@@ -616,7 +658,7 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         sock.send(wire.encode(wire.RankReady(
             epoch=order.epoch, rank=order.rank, pid=os.getpid(),
             resumed=len(records) if order.rank == 0 else 0,
-            unresumable=list(_unresumable) if order.rank == 0 else [],
+            unresumable=list(_unresumable) if order.rank == 0 else [], resubmitted=resub,
             phases_s={"teardown": t_down - t0, "wait": t_order - t_down, "rebuild": t_built - t_order})))
         return sched
     except Exception as e:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import traceback
 
-from sgl_elastic.controller.wire import ENV_TEST_RAISE
+from sgl_elastic.controller.wire import ENV_TEST_DROP, ENV_TEST_RAISE
 from sgl_elastic.patches import reconfigure as rc
 
 _RAISE_DIR = os.environ.get(ENV_TEST_RAISE) or None  # tests only, read once
+_DROP = os.environ.get(ENV_TEST_DROP) or None  # tests only, read once
 
 
 def run_event_loop(original, self):
@@ -55,11 +56,21 @@ def handle_generate_request(original, self, recv_req, *args, **kwargs):
 
 def process_input_requests(original, self, recv_reqs):
     """Scheduler.process_input_requests: re-create resumed requests with their output so far; a
-    ``Regroup`` marker (scale-up) takes this rank out of its group once the step's requests are queued."""
+    ``Regroup`` marker (scale-up) takes this rank out of its group once the step's requests are queued;
+    rank 0 answers the controller's request audit (which requests it holds) once they are queued."""
+    out = _process_input_requests(original, self, recv_reqs)
+    if rc.enabled() and _tp_rank() == 0:
+        rc.maybe_audit(self)
+    return out
+
+
+def _process_input_requests(original, self, recv_reqs):
     if _RAISE_DIR is not None:
         _maybe_raise()
+    if _DROP is not None and recv_reqs:
+        recv_reqs = [r for r in recv_reqs if not str(getattr(r, "rid", "") or "").startswith(_DROP)]
     if recv_reqs and any(isinstance(r, rc.Regroup) for r in recv_reqs):
-        process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, rc.Regroup)])
+        _process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, rc.Regroup)])
         raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
     if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
         return original(self, recv_reqs)
@@ -105,3 +116,9 @@ def _maybe_raise() -> None:
     except FileNotFoundError:
         return
     raise RuntimeError(f"{ENV_TEST_RAISE}: injected error of TP rank {rank} (tests only)")
+
+
+def _tp_rank() -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().tp_rank

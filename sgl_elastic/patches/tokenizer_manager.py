@@ -63,12 +63,14 @@ async def async_dispatch_to_scheduler(original, self, obj):
 
 
 async def handle_batch_output(original, self, recv_obj):
-    """TokenizerManager._handle_batch_output: time to first success after a fault (TFS), and the
-    dispatch records of finished requests dropped."""
-    out = await original(self, recv_obj)
+    """TokenizerManager._handle_batch_output: request accounting, time to first success after a
+    fault (TFS), and the dispatch records of finished requests dropped."""
     from sgl_elastic.controller.failover import controller
 
     fc = controller()
+    if fc.enabled:
+        fc.accounts.outputs(recv_obj)  # before SGLang drops a finished request's state
+    out = await original(self, recv_obj)
     if fc.enabled and getattr(recv_obj, "rids", None):
         fc.first_token_after_fault()
         fc.forget_finished(self.rid_to_state)

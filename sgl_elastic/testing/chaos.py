@@ -3,14 +3,17 @@
 One run: start the server, take its own greedy answers to a fixed prompt set (the reference: the
 same server before any fault), start a steady mix of clients, then send ``events`` random faults
 from outside the server's process tree at random times (0.3-3 s apart, so many land while a
-recovery runs): SIGKILL of any rank (rank 0 included), SIGSTOP of a rank (left stopped: the
-controller must fence it), SIGKILL of the state daemon, ``add_rank`` and, with expert
+recovery runs). Clients: plain and streaming ``/generate``, the ``openai`` client's streaming
+completions and chat, an SGLang frontend program. Events: SIGKILL of any rank (rank 0 included),
+SIGSTOP of a rank (left stopped: the controller must fence it), SIGKILL of the state daemon, ``add_rank`` and, with expert
 parallelism, ``rebalance``. Then the clients stop and the run is judged:
 
 - every request ended with its full output, equal to the reference (``differ`` counts those that
   did not, ``failed`` those that ended with an error, each with its reason);
 - no stream chunk went back or repeated a token (a stream checks that each chunk extends the last);
-- no request is still waiting 120 s after the clients stopped (``lost``);
+- no request is still waiting 120 s after the clients stopped, and the server's request audit found
+  none that no rank held (``lost``: both together); the server's request accounts add up
+  (accepted = finished + errored + lost, none in flight at the end);
 - the server ends serving, with no request of the run pending, at the tp the events leave (ranks
   killed or stopped are gone; none of them serves);
 - after Ctrl-C (SIGINT to its process group) no process of it and none of the ``/dev/shm`` files
@@ -69,6 +72,7 @@ class ChaosResult:
     longest_pause_s: float = 0.0
     end_tp: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)  # end state, leaks
+    accounting: dict = dataclasses.field(default_factory=dict)  # the server's request accounts at the end
 
     @property
     def passed(self) -> bool:
@@ -147,6 +151,24 @@ def _openai_chat(url: str, prompt: str, n: int) -> str:
     return "".join(text)
 
 
+def _frontend(url: str, prompt: str, n: int) -> str:
+    """An SGLang frontend program (``sgl.function`` on ``sgl.RuntimeEndpoint``)."""
+    import sglang as sgl
+
+    @sgl.function
+    def answer(s, question):
+        s += question
+        s += sgl.gen("a", max_tokens=n, temperature=0)
+
+    backend = sgl.RuntimeEndpoint(url)
+    state = answer.run(question=prompt, backend=backend)
+    err = state.error()
+    if err is not None:
+        raise RuntimeError(f"frontend program failed: {err}")
+    _check_reason((state.get_meta_info("a") or {}).get("finish_reason"))
+    return state["a"]
+
+
 class _Clients:
     """Client threads, each looping over its kind of request until ``stop``; every answer is compared
     with the reference. The longest time between two completed requests is the longest pause."""
@@ -161,7 +183,8 @@ class _Clients:
         jobs = [("plain", lambda i: _generate(url, PROMPTS[i % len(PROMPTS)], n, False), len(PROMPTS)),
                 ("stream", lambda i: _generate(url, PROMPTS[i % len(PROMPTS)], n, True), len(PROMPTS)),
                 ("openai", lambda i: _openai(url, TEXTS[i % len(TEXTS)], n), len(TEXTS)),
-                ("chat", lambda i: _openai_chat(url, TEXTS[i % len(TEXTS)], n), len(TEXTS))]
+                ("chat", lambda i: _openai_chat(url, TEXTS[i % len(TEXTS)], n), len(TEXTS)),
+                ("frontend", lambda i: _frontend(url, TEXTS[i % len(TEXTS)], n), len(TEXTS))]
         self.threads = [threading.Thread(target=self._loop, args=job, daemon=True) for job in jobs]
         for t in self.threads:
             t.start()
@@ -203,6 +226,7 @@ def _reference(url: str, n: int) -> dict:
     for i, t in enumerate(TEXTS):
         ref[("openai", i)] = _openai(url, t, n)
         ref[("chat", i)] = _openai_chat(url, t, n)
+        ref[("frontend", i)] = _frontend(url, t, n)
     return ref
 
 
@@ -326,6 +350,15 @@ def run_chaos(cfg: ChaosConfig, progress=None) -> ChaosResult:
             res.problems.append(f"tp {st['tp_size']} but the last recovery left {st['recoveries'][-1]['tp_after']}")
         if res.ok == 0:
             res.problems.append("no request completed")
+        acc = st["requests"]
+        res.accounting = acc
+        res.lost += acc["lost"]  # clients still waiting at the end + those the server found and ended
+        if acc["lost"]:
+            res.problems.append(f"the server found {acc['lost']} lost request(s): {acc['lost_rids']}")
+        if acc["in_flight"]:
+            res.problems.append(f"{acc['in_flight']} request(s) still in flight after the clients stopped")
+        if acc["accepted"] != acc["finished"] + acc["errored"] + acc["lost"] + acc["in_flight"]:
+            res.problems.append(f"the request accounts do not add up: {acc}")
         # Ctrl-C, then nothing may remain
         for pid in hit:  # a stopped rank left stopped would only be SIGKILLed by the fence
             try:
