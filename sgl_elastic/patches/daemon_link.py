@@ -54,8 +54,11 @@ def set_run_dir(run_dir: str | None) -> None:
 
 
 def reset_attachment() -> None:
-    """Forget this process's registration (its TP rank changed in a failover); mappings stay valid."""
-    global _attachment
+    """Forget this process's registration (its TP rank changed in a failover); mappings stay valid.
+    The prefix mirror is made again for the new rank: rank 0 mirrors, and a rank that became rank 0
+    (the old one died) must start, one that stopped being rank 0 must stop."""
+    global _attachment, _mirror
+    _mirror = None
     if _attachment is not None:
         try:
             _attachment.client.close()
@@ -331,8 +334,8 @@ class Mirror:
             return
         try:
             fn()
-        except (DaemonUnavailable, DaemonError) as e:
-            self.broken = True
+        except Exception as e:  # noqa: BLE001 - housekeeping: any failure (also "cannot attach": the daemon
+            self.broken = True   # died) stops the mirror, never the forward or a result's processing
             log(f"ERROR: the state daemon stopped answering ({e}). Serving continues with the weights and KV"
                 " already mapped; prefix reuse across restarts is off, and a restart needs a new daemon (which"
                 " reads the checkpoint again).")

@@ -310,6 +310,34 @@ def _unfinished(sched) -> list:
     return out
 
 
+def _flush_finished(sched) -> None:
+    """Rank 0: send the final output of the requests the old scheduler finished but never streamed
+    (its loop stopped between a request's finish and the batch's output: a collective, or an error,
+    in between). They are not resumed (finished), so without this their clients would wait forever."""
+    groups = [getattr(sched.running_batch, "reqs", None) or []]
+    for name in ("last_batch", "cur_batch_for_debug"):
+        b = getattr(sched, name, None)
+        if b is not None:
+            groups.append(list(getattr(b, "reqs", None) or []))
+    for _b, _r in list(getattr(sched, "result_queue", None) or []):
+        groups.append(list(getattr(_b, "reqs", None) or []))
+    seen, done = set(), []
+    for g in groups:
+        for req in g:
+            if req.rid not in seen and req.finished() and not getattr(req, "finished_output", True):
+                seen.add(req.rid)
+                done.append(req)
+    if not done:
+        return
+    try:
+        sched.output_streamer.stream_output(done, any(getattr(r, "return_logprob", False) for r in done))
+        log(f"sent the final output of {len(done)} request(s) finished but not streamed before the failure:"
+            f" {[r.rid for r in done]}")
+    except Exception as e:  # noqa: BLE001 - the request audit ends them with an error instead
+        log(f"ERROR: could not send the final output of finished requests {[r.rid for r in done]}:"
+            f" {type(e).__name__}: {e}")
+
+
 _unresumable: list[str] = []  # rids of this failover that can be neither resumed nor re-submitted
 
 
@@ -524,6 +552,8 @@ def failover(old, reason: str):
     gpu_id = get_device().gpu_id
     # Step 1: teardown (requests kept in this process's memory).
     _unresumable.clear()
+    if old_rank == 0:
+        _flush_finished(old)
     reqs = _unfinished(old)
     records = [r for r in (_resume_record(q) for q in reqs) if r is not None]
     pending = list(_stash or [])
