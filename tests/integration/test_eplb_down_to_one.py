@@ -28,7 +28,7 @@ MAX_NEW, LONG = 16, 48
 
 CASES = [
     pytest.param("mixtral", 4, id="mixtral-redundant"),
-    pytest.param("qwen3-moe", 0, id="qwen3moe"),
+    pytest.param("qwen3-moe", 0, id="qwen3moe", marks=pytest.mark.slow),
     pytest.param("mixtral", 0, id="mixtral", marks=pytest.mark.slow),
     pytest.param("qwen3-moe", 4, id="qwen3moe-redundant", marks=pytest.mark.slow),
 ]

@@ -23,12 +23,12 @@ slow = pytest.mark.slow
 
 # (family, tp, attention widths or None for the server's choice, ep_size)
 CASES = [
-    pytest.param("qwen3-moe", 2, (1, 3), 1, id="qwen3-moe-tp2-1,3"),
+    pytest.param("qwen3-moe", 2, (1, 3), 1, id="qwen3-moe-tp2-1,3", marks=slow),
     pytest.param("qwen3-moe", 2, (3, 1), 1, id="qwen3-moe-tp2-3,1", marks=slow),
     pytest.param("qwen3-moe", 3, (2, 1, 1), 1, id="qwen3-moe-tp3-2,1,1", marks=slow),  # default run: test_etp_server.py
     pytest.param("qwen3-moe", 3, (1, 1, 2), 1, id="qwen3-moe-tp3-1,1,2", marks=slow),
     pytest.param("qwen3-moe", 3, None, 1, id="qwen3-moe-tp3-auto"),
-    pytest.param("qwen3-moe", 3, None, 3, id="qwen3-moe-tp3-ep3-auto"),
+    pytest.param("qwen3-moe", 3, None, 3, id="qwen3-moe-tp3-ep3-auto", marks=slow),
     pytest.param("mixtral", 2, (1, 3), 1, id="mixtral-tp2-1,3", marks=slow),
     pytest.param("mixtral", 2, (3, 1), 1, id="mixtral-tp2-3,1", marks=slow),
     pytest.param("mixtral", 3, (2, 1, 1), 1, id="mixtral-tp3-2,1,1", marks=slow),
@@ -38,7 +38,7 @@ CASES = [
     pytest.param("qwen3", 2, (1, 3), 1, id="qwen3-tp2-1,3", marks=slow),
     pytest.param("qwen3", 2, (3, 1), 1, id="qwen3-tp2-3,1", marks=slow),
     pytest.param("qwen3", 3, (2, 1, 1), 1, id="qwen3-tp3-2,1,1", marks=slow),
-    pytest.param("qwen3", 3, (1, 1, 2), 1, id="qwen3-tp3-1,1,2"),
+    pytest.param("qwen3", 3, (1, 1, 2), 1, id="qwen3-tp3-1,1,2", marks=slow),
     pytest.param("qwen3", 3, None, 1, id="qwen3-tp3-auto", marks=slow),
 ]
 

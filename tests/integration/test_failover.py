@@ -39,7 +39,7 @@ LONG = 96  # streams long enough to be mid-decode when the rank dies
 
 
 @pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream[, "ep": expert parallelism])
-    ("qwen3-moe", 3, 0), ("mixtral", 3, 1, "ep"), ("qwen3", 3, 0),
+    ("qwen3-moe", 3, 0), ("mixtral", 3, 1, "ep"), pytest.param(("qwen3", 3, 0), marks=pytest.mark.slow),
     pytest.param(("qwen3-moe", 4, 1), marks=pytest.mark.slow), pytest.param(("mixtral", 4, 0), marks=pytest.mark.slow),
 ], ids=lambda p: f"{p[0]}-tp{p[1]}-kill{p[2]}" + "".join(f"-{x}" for x in p[3:]))
 def case(request):
