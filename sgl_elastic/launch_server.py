@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
         load_plugins()
         server_args, elastic_args = prepare(argv)
+        if getattr(server_args, "tp_size", 1) > 1 and getattr(server_args, "ep_size", 1) == server_args.tp_size:
+            from sgl_elastic.controller.supervisor import ENV_EP
+
+            os.environ[ENV_EP] = "1"  # every rank process keeps expert parallelism, at tp 1 too
         from sgl_elastic import patches
 
         activate = getattr(patches, "activate", None)

@@ -78,13 +78,18 @@ def transition(current: SupervisorState, target: SupervisorState, reason: str = 
     return target
 
 
+ENV_EP = "SGLE_EXPERT_PARALLEL"  # "1": launched with --ep-size == --tp > 1 (inherited by every rank process)
+
+
 def server_args_at(old, tp_size: int, **overrides):
     """A fresh, unresolved ServerArgs equal to ``old`` but at ``tp_size`` (resolved records are
-    read-only). Experts sharded by rank (``ep_size == tp_size > 1``) stay so: ep_size follows."""
+    read-only). Experts sharded by rank (``ep_size == tp_size > 1``) stay so: ep_size follows, also
+    from tp 1 (ep_size 1 there), when the server was launched with expert parallelism (``ENV_EP``)."""
     from sglang.srt.server_args import ServerArgs, record_fields
 
     kw = {f.name: getattr(old, f.name) for f in record_fields(ServerArgs) if hasattr(old, f.name)}
-    if int(kw.get("tp_size") or 1) > 1 and kw.get("ep_size") == kw.get("tp_size"):
+    launched_ep = os.environ.get(ENV_EP) == "1"
+    if kw.get("ep_size") == kw.get("tp_size") and (int(kw.get("tp_size") or 1) > 1 or launched_ep):
         kw["ep_size"] = tp_size
     kw["tp_size"] = tp_size
     kw.update(overrides)
