@@ -19,7 +19,12 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
     part of the failure the supervisor handles; anything else tears down as before."""
     from sgl_elastic.controller.failover import Phase, controller
 
+    from sgl_elastic.controller.drain import stopping
+
     fc = controller()
+    if stopping():  # Ctrl-C or SIGTERM: the shutdown in progress ends every process (and sweeps /dev/shm)
+        _log("SIGQUIT while the server shuts down: left to the shutdown")
+        return None
     if fc.armed and fc.enabled and (fc.phase is not Phase.FAILED or fc.falling_back):
         gone = _helpers_gone()
         if not gone:

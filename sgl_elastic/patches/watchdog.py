@@ -45,8 +45,10 @@ def _check_helpers(self) -> bool:
     for proc, name in zip(self._processes, self._names):
         if name.startswith("scheduler_") or proc.is_alive() or proc.exitcode == 0:
             continue
-        if not controller().enabled and controller().armed:
-            return False  # the server is shutting down
+        from sgl_elastic.controller.drain import stopping
+
+        if stopping() or (not controller().enabled and controller().armed):
+            return False  # the server is shutting down (Ctrl-C ends the detokenizer too): not a failure
         _log(f"ERROR: {name} (pid {proc.pid}) exited with code {proc.exitcode}: no failover replaces it;"
              " SIGQUIT for SGLang's tear-down")
         os.kill(os.getpid(), signal.SIGQUIT)
