@@ -759,6 +759,9 @@ class FailoverController:
 
         dead = [pid for pid in self._shm_of if gone(pid)]
         of_dead = set().union(*(self._shm_of.pop(pid) for pid in dead))
+        # SGLang names a scheduler's message queues after its pid: a rank that died before its files
+        # were noted (one that died while it rebuilt) is found by name
+        named = tuple(f"sgl_shm_mq_{pid}_" for pid in sorted(self.departed) if gone(pid))
         of_live = set().union(*self._shm_of.values())
         keep = shm_inodes_of([os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))])
         removed = []
@@ -767,7 +770,8 @@ class FailoverController:
                 ino = e.inode()
                 if ino in keep or e.name.startswith("sgle-"):  # in use, or the daemon's
                     continue
-                if ino in of_dead or (ino in of_live and e.name.startswith("sgl_shm_")):
+                if ino in of_dead or (ino in of_live and e.name.startswith("sgl_shm_")) or \
+                        (named and e.name.startswith(named)):
                     os.unlink(e.path)
                     removed.append(e.name)
             except OSError:
