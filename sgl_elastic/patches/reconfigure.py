@@ -288,45 +288,39 @@ def _align(req, delivered: list[int]) -> None:
 
 
 # ---- the failover -----------------------------------------------------------------------------------
-def _unfinished(sched) -> list:
-    """The old scheduler's unfinished requests in a deterministic order (running first, then waiting)."""
-    seen, out = set(), []
+def _requests_of(sched, keep) -> list:
+    """Every request ``sched`` holds for which ``keep(req)``, once each, in a deterministic order:
+    running, the last batch, the batch being run (a new prefill batch's requests are in no queue
+    then), the overlap loop's queued results, the chunked request, then waiting."""
     groups = [getattr(sched.running_batch, "reqs", None) or []]
-    last = getattr(sched, "last_batch", None)
-    if last is not None:
-        groups.append(list(getattr(last, "reqs", None) or []))
-    cur = getattr(sched, "cur_batch_for_debug", None)  # the batch whose forward failed: a new prefill
-    if cur is not None:                                  # batch's requests are in no queue at that point
-        groups.append(list(getattr(cur, "reqs", None) or []))
+    for name in ("last_batch", "cur_batch_for_debug"):
+        b = getattr(sched, name, None)
+        if b is not None:
+            groups.append(list(getattr(b, "reqs", None) or []))
+    for batch, _result in list(getattr(sched, "result_queue", None) or []):
+        groups.append(list(getattr(batch, "reqs", None) or []))
     if getattr(sched, "chunked_req", None) is not None:
         groups.append([sched.chunked_req])
     groups.append(list(sched.waiting_queue))
+    seen, out = set(), []
     for g in groups:
         for req in g:
-            if req.rid in seen or req.finished():
-                continue
-            seen.add(req.rid)
-            out.append(req)
+            if req.rid not in seen and keep(req):
+                seen.add(req.rid)
+                out.append(req)
     return out
+
+
+def _unfinished(sched) -> list:
+    """The old scheduler's unfinished requests in a deterministic order (running first, then waiting)."""
+    return _requests_of(sched, lambda r: not r.finished())
 
 
 def _flush_finished(sched) -> None:
     """Rank 0: send the final output of the requests the old scheduler finished but never streamed
     (its loop stopped between a request's finish and the batch's output: a collective, or an error,
     in between). They are not resumed (finished), so without this their clients would wait forever."""
-    groups = [getattr(sched.running_batch, "reqs", None) or []]
-    for name in ("last_batch", "cur_batch_for_debug"):
-        b = getattr(sched, name, None)
-        if b is not None:
-            groups.append(list(getattr(b, "reqs", None) or []))
-    for _b, _r in list(getattr(sched, "result_queue", None) or []):
-        groups.append(list(getattr(_b, "reqs", None) or []))
-    seen, done = set(), []
-    for g in groups:
-        for req in g:
-            if req.rid not in seen and req.finished() and not getattr(req, "finished_output", True):
-                seen.add(req.rid)
-                done.append(req)
+    done = _requests_of(sched, lambda r: r.finished() and not getattr(r, "finished_output", True))
     if not done:
         return
     try:
