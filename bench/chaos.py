@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -31,16 +32,23 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, default=0, help="first seed")
     p.add_argument("--events", type=int, default=15)
     p.add_argument("--tp", type=int, default=4)
-    p.add_argument("--out", default="chaos.json")
+    p.add_argument("--out", default="chaos.json", help="the table as JSON; the server logs go beside it")
+    p.add_argument("--trace", action="store_true",
+                   help="trace every request through the server (SGLE_TRACE_REQUESTS; beside --out)")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.events < 1 or a.tp < 2:
         p.error("--seeds and --events must be >= 1 and --tp >= 2")
+    if os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a directory: give the JSON file's path (logs go beside it)")
+    logs = os.path.dirname(os.path.abspath(a.out))
     model = str(build_model(a.family, "tiny"))
     rows, bad = [], []
     bar = tqdm(range(a.first, a.first + a.seeds), desc=f"chaos {a.family}{' ep' if a.ep else ''}", unit="seed")
     for seed in bar:
         t0 = time.monotonic()
-        res = run_chaos(ChaosConfig(model, seed, a.events, a.tp, a.ep, log_path=f"chaos-{a.family}-{seed}.log"),
+        name = f"chaos-{a.family}{'-ep' if a.ep else ''}-{seed}"
+        res = run_chaos(ChaosConfig(model, seed, a.events, a.tp, a.ep, log_path=os.path.join(logs, f"{name}.log"),
+                                    trace_dir=os.path.join(logs, f"{name}-trace") if a.trace else None),
                         progress=lambda m: bar.set_postfix_str(m[-60:]))
         row = res.row() | {"family": a.family, "ep": a.ep, "seconds": round(time.monotonic() - t0, 1),
                            "passed": res.passed, "fallback_reasons": res.fallbacks, "problem_list": res.problems}

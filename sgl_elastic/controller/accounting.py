@@ -26,6 +26,8 @@ import os
 import threading
 import time
 
+from sgl_elastic.controller import reqtrace
+
 __all__ = ["RequestAccounts", "AUDIT_S", "GRACE_S"]
 
 AUDIT_S = 3.0  # how often the audit runs while serving
@@ -55,12 +57,15 @@ class RequestAccounts:
             if rid not in self.open:
                 self.accepted += 1
             self.open[rid] = time.monotonic()
+        reqtrace.note("accept", [rid])
 
     def outputs(self, recv_obj) -> None:
         """A batch output reached the tokenizer manager: note progress, count what ended."""
         rids = getattr(recv_obj, "rids", None) or []
         reasons = getattr(recv_obj, "finished_reasons", None) or [None] * len(rids)
         now = time.monotonic()
+        if reqtrace.on():
+            reqtrace.note("out", rids, fin=[bool(fr) for fr in reasons])
         with self.lock:
             for rid, fr in zip(rids, reasons):
                 if rid not in self.open:
@@ -157,7 +162,10 @@ class RequestAccounts:
                     lost.append(rid)
                 else:
                     self._suspects[rid] = t
+        if missing:
+            reqtrace.note("audit-miss", list(missing), seq=seq)
         if lost:
+            reqtrace.note("lost", lost, seq=seq)
             fail(lost, "sgl-elastic: this request was lost (accepted, but no rank holds it any more); retry it")
             with self.lock:
                 for rid in lost:

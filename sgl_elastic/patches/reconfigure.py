@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from sgl_elastic.controller import wire
+from sgl_elastic.controller import reqtrace, wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
            "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels",
@@ -125,6 +125,11 @@ class ResumeReq:
 def stash(reqs: list | None) -> None:
     global _stash
     _stash = reqs
+
+
+def epoch() -> int:
+    """The recovery epoch this process serves in."""
+    return _epoch
 
 
 def take_injected() -> list:
@@ -236,8 +241,10 @@ def maybe_audit(sched) -> None:
         return
     tmp = f"{reply}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"seq": seq, "epoch": _epoch, "rids": _held_rids(sched)}, f)
+        held = _held_rids(sched)
+        json.dump({"seq": seq, "epoch": _epoch, "rids": held}, f)
     os.replace(tmp, reply)
+    reqtrace.note("held", held, seq=seq, epoch=_epoch)
 
 
 def take_channels():
@@ -250,6 +257,7 @@ def resume(sched, r: ResumeReq) -> None:
     """Re-create a resumed request in ``sched``'s waiting queue with the output it had (retraction semantics)."""
     sched.handle_generate_request(r.tokenized)
     req = next((q for q in reversed(sched.waiting_queue) if q.rid == r.tokenized.rid), None)
+    reqtrace.note("resume", [r.tokenized.rid], queued=req is not None, output=len(r.output_ids), epoch=_epoch)
     if req is None:
         log(f"resumed request {r.tokenized.rid} was not queued by SGLang (rejected); it ends with SGLang's error")
         return
@@ -323,6 +331,7 @@ def _flush_finished(sched) -> None:
     done = _requests_of(sched, lambda r: r.finished() and not getattr(r, "finished_output", True))
     if not done:
         return
+    reqtrace.note("flush", [r.rid for r in done])
     try:
         sched.output_streamer.stream_output(done, any(getattr(r, "return_logprob", False) for r in done))
         log(f"sent the final output of {len(done)} request(s) finished but not streamed before the failure:"
@@ -512,6 +521,7 @@ def _take_over(records: list, takeover: bytes) -> tuple[list, int, int]:
         out.append(ResumeReq(tokenized, list(delivered), {}, list(delivered)) if delivered else tokenized)
         resub += 1
     _resubmitted = {rid for rid in live if rid not in held}
+    reqtrace.note("takeover", sorted(_resubmitted), kept=sorted(held), dropped=dropped)
     return out, resub, dropped
 
 
@@ -552,6 +562,9 @@ def failover(old, reason: str):
     records = [r for r in (_resume_record(q) for q in reqs) if r is not None]
     pending = list(_stash or [])
     _stash = None
+    if reqtrace.on():
+        reqtrace.note("failover", [r.tokenized.rid for r in records], rank=old_rank, epoch=_epoch,
+                      pending=reqtrace.rids_of(pending), reason=reason[:80])
     _disarm(old)
     channels = getattr(old, "ipc_channels", None)
     _built_channels.clear()  # the old scheduler's own channels are ``channels``

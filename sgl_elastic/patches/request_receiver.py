@@ -6,6 +6,7 @@ Pass-through unless the failover controller's endpoint was set at plugin load.
 
 from __future__ import annotations
 
+from sgl_elastic.controller import reqtrace
 from sgl_elastic.patches import reconfigure as rc
 
 
@@ -16,6 +17,8 @@ def broadcast_reqs(original, self, recv_reqs, local_reqs=None):
         rc.stash(list(recv_reqs) + list(local_reqs or []))
     out = original(self, recv_reqs, local_reqs)  # on failure the stash stays: the failover re-sends it
     rc.stash(None)
+    if out and reqtrace.on():
+        reqtrace.note("recv", reqtrace.rids_of(out), epoch=rc.epoch())
     return out
 
 
@@ -23,8 +26,12 @@ def pull_raw_reqs(original, self):
     """SchedulerRequestReceiver._pull_raw_reqs: the first pull of a new epoch leads with what was resumed."""
     out = original(self)
     if out is not None:
+        if out and reqtrace.on():
+            reqtrace.note("pull", reqtrace.rids_of(out), epoch=rc.epoch())
         out = rc.maybe_regroup(rc.drop_resubmitted(out))
         lead = rc.take_injected()
+        if lead and reqtrace.on():
+            reqtrace.note("inject", reqtrace.rids_of(lead), epoch=rc.epoch())
         if lead:
             out = lead + list(out)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import traceback
 
+from sgl_elastic.controller import reqtrace
 from sgl_elastic.controller.wire import ENV_TEST_DROP, ENV_TEST_RAISE
 from sgl_elastic.patches import reconfigure as rc
 
@@ -41,6 +42,39 @@ def scheduler_init(original, self, server_args, port_args, *args, **kwargs):
     original(self, server_args, port_args, *args, **kwargs)
     self._sgle_port_args = port_args
     rc.start_heartbeat()
+    if reqtrace.on() and _tp_rank() == 0:
+        _trace_streams(self)
+
+
+def _trace_streams(sched) -> None:
+    """Trace (``controller.reqtrace``) what rank 0 sends to the detokenizer: finished requests only."""
+    if getattr(sched, "output_streamer", None) is None:
+        return
+    sched.output_streamer = _TracedStreamer(sched.output_streamer)
+    brp = getattr(sched, "batch_result_processor", None)
+    if brp is not None and hasattr(brp, "output_streamer"):
+        object.__setattr__(brp, "output_streamer", sched.output_streamer)  # a frozen dataclass, maybe
+
+
+class _TracedStreamer:
+    """SGLang's output streamer (a slotted class: its method cannot be replaced), with its
+    ``stream_output`` traced; everything else goes to the real one."""
+
+    def __init__(self, inner) -> None:
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value) -> None:
+        setattr(self._inner, name, value)
+
+    def stream_output(self, reqs, *args, **kwargs):
+        done = [r for r in reqs if r.finished()]
+        if done:
+            reqtrace.note("stream", [r.rid for r in done], sent_before=[bool(r.finished_output) for r in done],
+                          epoch=rc.epoch())
+        return self._inner.stream_output(reqs, *args, **kwargs)
 
 
 def handle_generate_request(original, self, recv_req, *args, **kwargs):
@@ -51,6 +85,8 @@ def handle_generate_request(original, self, recv_req, *args, **kwargs):
             if req.rid == recv_req.rid:
                 req._sgle_tokenized = recv_req
                 break
+        else:
+            reqtrace.note("not-queued", [recv_req.rid], epoch=rc.epoch())
     return out
 
 

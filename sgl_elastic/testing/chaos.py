@@ -36,6 +36,7 @@ import time
 import psutil
 import requests
 
+from sgl_elastic.controller import reqtrace
 from sgl_elastic.controller.procs import shm_inodes_of
 from sgl_elastic.testing.server import ServerProcess
 
@@ -57,6 +58,7 @@ class ChaosConfig:
     max_new: int = 12
     kinds: tuple[str, ...] = ("kill", "kill0", "stop", "daemon", "add_rank", "rebalance")
     log_path: str | None = None
+    trace_dir: str | None = None  # SGLE_TRACE_REQUESTS for the server (controller.reqtrace)
 
 
 @dataclasses.dataclass(slots=True)
@@ -278,7 +280,11 @@ def run_chaos(cfg: ChaosConfig, progress=None) -> ChaosResult:
         extra += ["--ep-size", str(cfg.tp), "--elastic-redundant-experts", "4", "--elastic-eplb-interval", "4"]
     else:
         kinds = [k for k in kinds if k != "rebalance"]
-    srv = ServerProcess(cfg.model_path, tp_size=cfg.tp, extra_args=extra, log_path=cfg.log_path)
+    env = None
+    if cfg.trace_dir:
+        os.makedirs(cfg.trace_dir, exist_ok=True)
+        env = {**os.environ, reqtrace.ENV: cfg.trace_dir}
+    srv = ServerProcess(cfg.model_path, tp_size=cfg.tp, extra_args=extra, log_path=cfg.log_path, env=env)
     res = ChaosResult(seed=cfg.seed, events=[])
     srv.start()
     seen: set[int] = set()
