@@ -18,7 +18,7 @@ import pytest
 from sgl_elastic.testing.clients import admin_status, wait_serving
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 TOKEN = "bench-serving-admin-token"
 N, OUT = 24, 24

@@ -28,6 +28,8 @@ from sgl_elastic.daemon.client import DaemonClient
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 
+pytestmark = pytest.mark.slow  # slow tier (docs/testing.md)
+
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42]]
 SHARED = list(range(3, 43))  # a 40-token prefix reused after the restart
 MAX_NEW = 8

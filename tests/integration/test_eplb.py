@@ -21,7 +21,7 @@ import requests
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 TOKEN = "eplb-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -6,8 +6,7 @@ while requests stream (4 -> 3 -> 2 -> 1), then ``POST /elastic/add_rank`` (1 -> 
 each greedy answer equals HF's on the same weights. At tp 1 the one rank left holds every expert in
 the slot order the survivors kept (not SGLang's ascending order), so its expert map must follow
 the layout: SGLang's own tp-1 layer read expert ``e``'s weights from slot ``e`` and every answer
-changed. Mixtral with copies and Qwen3-MoE without are in the default tier; the other two
-combinations are ``slow``.
+changed. Mixtral with copies is in the default tier; the other three combinations are ``slow``.
 """
 
 import os

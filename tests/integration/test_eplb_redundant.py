@@ -24,7 +24,7 @@ import requests
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 TOKEN = "redundant-admin-token"
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]

@@ -5,10 +5,13 @@ equal widths 2,2 KV heads, 2,2 MoE blocks, 4,4 vocab blocks). Logprobs are the l
 gathered logits, so equal logprobs mean the variable-width logits gather is the plain one here.
 """
 
+import pytest
 import torch
 
 from sgl_elastic.config import ElasticArgs
 from sgl_elastic.testing.reference import engine_greedy, sglang_engine
+
+pytestmark = pytest.mark.slow  # slow tier (docs/testing.md)
 
 PROMPTS = [[1, 5, 9, 33, 70, 100, 17, 250], [200, 3, 4], [42]]
 MAX_NEW_TOKENS = 16

@@ -4,8 +4,8 @@ Unequal attention / MLP / MoE / vocab widths at tp=2 and tp=3, the server's own 
 (no widths given: 4 KV heads on 3 ranks -> 2,1,1, no padding), and expert parallelism at tp=3
 (8 experts on 3 ranks, the CPU -1 id fix). One engine per case, several prompts per engine.
 
-Default run (CI budget): the full matrix for Qwen3-MoE plus one case per other family and one
-expert-parallel Mixtral case. The rest of the matrix is opt-in: ``pytest -m slow tests/integration/test_etp_parity.py``.
+The whole matrix is in the slow tier (``scripts/test.sh -m slow tests/integration/test_etp_parity.py``);
+the default tier holds uneven widths to HF through ``test_eplb_down_to_one`` and ``test_failover``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import pytest
 
 from sgl_elastic.config import ElasticArgs
 from sgl_elastic.testing.reference import hf_greedy, sglang_greedy
+
+pytestmark = pytest.mark.slow  # slow tier (docs/testing.md)
 
 # Token-id prompts of different lengths (the tiny tokenizers have 512 ids); 16 new tokens each.
 PROMPTS = [[1, 5, 9, 33, 70, 100, 17, 250], [200, 3, 4], [7] * 11 + [300, 301], [42]]

@@ -30,6 +30,7 @@ def server(tiny_models):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_elastic_server_answers_like_hf(server, tiny_models):
     want = hf_greedy(str(tiny_models["qwen3-moe"]), PROMPTS, MAX_NEW_TOKENS)
     r = requests.post(

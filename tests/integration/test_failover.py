@@ -12,7 +12,11 @@ and failover are on by default), in order:
    nothing; ``inject_failure`` of rank 1, again and again, takes the server down to tp 1 (no
    collective at all), answering with the same tokens at every step;
    Recoveries, phases, tp size and epoch are on SGLang's /metrics (``--enable-metrics``);
-3. after the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
+3. request accounting: a request lost inside the server (``SGLE_TEST_DROP``: the ranks drop
+   requests whose rid has that prefix) is found by the request audit and ends with a 503 that says
+   so, ``lost`` counts it, and the accounts add up (accepted = finished + errored + lost);
+4. after the server stops: none of its processes and none of its daemon's /dev/shm segments remain.
+The default tier runs the Qwen3-MoE server; the other cases are ``slow``.
 """
 
 import os
@@ -36,10 +40,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW = 24
 LONG = 96  # streams long enough to be mid-decode when the rank dies
+DROP = "sgle-test-drop-"  # every rank drops a request whose rid starts with this (a request lost inside)
 
 
 @pytest.fixture(scope="module", params=[  # (family, tp, the rank killed mid-stream[, "ep": expert parallelism])
-    ("qwen3-moe", 3, 0), ("mixtral", 3, 1, "ep"), pytest.param(("qwen3", 3, 0), marks=pytest.mark.slow),
+    ("qwen3-moe", 3, 0), pytest.param(("mixtral", 3, 1, "ep"), marks=pytest.mark.slow), pytest.param(("qwen3", 3, 0), marks=pytest.mark.slow),
     pytest.param(("qwen3-moe", 4, 1), marks=pytest.mark.slow), pytest.param(("mixtral", 4, 0), marks=pytest.mark.slow),
 ], ids=lambda p: f"{p[0]}-tp{p[1]}-kill{p[2]}" + "".join(f"-{x}" for x in p[3:]))
 def case(request):
@@ -65,7 +70,7 @@ def hold_dir(tmp_path_factory):
 def server(tiny_models, case, hold_dir):
     family, tp = case[:2]
     ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
-    env = dict(os.environ, **{wire.ENV_TEST_RAISE: str(hold_dir)},
+    env = dict(os.environ, **{wire.ENV_TEST_RAISE: str(hold_dir), wire.ENV_TEST_DROP: DROP},
                **({wire.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
     srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
@@ -353,3 +358,23 @@ def test_admin_api_then_down_to_one_rank(server, want):
                       timeout=60)
     assert r.status_code == 400 and "outside the vocabulary" in r.text, (r.status_code, r.text)
     assert _generate(url, PROMPTS[0]) == want[0] and _status(url)["tp_size"] == 1
+
+
+def test_a_lost_request_is_found_and_ends_with_an_error(server, want):
+    """A request lost inside the server (every rank drops it: ``SGLE_TEST_DROP``) is found by the
+    request audit and ends with a 503 that says so, within seconds (it used to wait forever); the
+    request accounts add up: accepted = finished + errored + lost."""
+    url = server.url
+    before = _status(url)["requests"]
+    assert before["lost"] == 0 and before["accepted"] > 0, before
+    t0 = time.monotonic()
+    r = requests.post(url + "/generate", json={"rid": DROP + "1", "input_ids": PROMPTS[0],
+                                               "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+    took = time.monotonic() - t0
+    assert r.status_code == 503 and "lost" in r.text, (r.status_code, r.text)
+    assert took < 30, f"the lost request took {took:.1f} s to get its error"
+    assert [_generate(url, p) for p in PROMPTS] == want
+    acc = _status(url)["requests"]
+    assert acc["lost"] == 1 and acc["lost_rids"] == [DROP + "1"], acc
+    assert acc["accepted"] == before["accepted"] + 1 + len(PROMPTS), (before, acc)
+    assert acc["in_flight"] == 0 and acc["accepted"] == acc["finished"] + acc["errored"] + acc["lost"], acc

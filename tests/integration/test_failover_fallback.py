@@ -33,7 +33,7 @@ from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 from tests.integration.test_failover import PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
 from tests.integration.test_failover_hard import Load, _wait_serving
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 FAMILY = "qwen3"
 LONG = 48  # tokens of the requests in flight at the failure (the first MAX_NEW are the usual reference)

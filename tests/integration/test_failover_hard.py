@@ -28,7 +28,7 @@ from sgl_elastic.testing.server import ServerProcess
 from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _generate,
                                              _generate_stream, _status)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 FAMILY = "qwen3"
 

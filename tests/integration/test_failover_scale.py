@@ -30,7 +30,7 @@ from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, Heal
                                              _generate, _openai_stream, _status)
 from tests.integration.test_failover_hard import Load as Clients, _wait_serving
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 FAMILY = "qwen3-moe"
 

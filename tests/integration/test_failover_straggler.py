@@ -20,7 +20,7 @@ from sgl_elastic.testing.server import ServerProcess
 
 from tests.integration.test_failover import AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _generate, _status
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 
 LONG = 4 * MAX_NEW  # tokens per request: still decoding when the ranks fail (one thread per rank decodes fast)

@@ -22,7 +22,7 @@ import requests
 from sgl_elastic.testing.clients import admin_status, generate, wait_serving
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 TOKEN = "prefix-index-admin-token"
 MAX_NEW = 8

@@ -82,6 +82,7 @@ def _stream(url, ids, n, out: dict, key: str, started):
         started.set()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits(tiny_models, hf_tokens):
     """SIGTERM to the server (what an orchestrator sends): a new request gets a 503 at once, a request
     in flight that can finish within ``--elastic-drain-timeout`` (3 s) finishes with all its tokens,
@@ -130,6 +131,7 @@ def test_sigterm_drains_then_exits(tiny_models, hf_tokens):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_dead_detokenizer_ends_the_server_not_its_requests_silently(tiny_models):
     """The detokenizer relays every output; no failover replaces it. When it dies (SIGKILL here; an
     exception in it ends the same way), a request in flight must not wait forever for outputs nobody
