@@ -28,7 +28,7 @@ import time
 
 from sgl_elastic.controller import reqtrace
 
-__all__ = ["RequestAccounts", "AUDIT_S", "GRACE_S"]
+__all__ = ["RequestAccounts", "AUDIT_S", "GRACE_S", "live_rids"]
 
 AUDIT_S = 3.0  # how often the audit runs while serving
 GRACE_S = 2.0  # a request younger than this is not audited (it may still sit in rank 0's socket)
@@ -86,12 +86,19 @@ class RequestAccounts:
         else:
             self.finished += 1
 
-    def ended_elsewhere(self, live_rids) -> None:
+    def ended_with_error(self, rids, msg: str) -> None:
+        """Requests ended with the error ``msg`` outside the batch path (refused at dispatch)."""
+        with self.lock:
+            for rid in rids:
+                if rid in self.open:
+                    self._end(rid, {"type": "abort", "message": msg})
+
+    def ended_elsewhere(self, live_rids, why: str = "ended by the tokenizer manager (abort or error reply)") -> None:
         """Requests the tokenizer manager dropped with no output through its batch path (an abort it
         answered itself, an error reply): counted as errored."""
         with self.lock:
             for rid in [r for r in self.open if r not in live_rids]:
-                self._end(rid, {"type": "abort", "message": "ended by the tokenizer manager (abort or error reply)"})
+                self._end(rid, {"type": "abort", "message": why})
 
     # ---- the audit (the controller's thread) ---------------------------------------------------------
     def due(self) -> bool:
@@ -111,7 +118,7 @@ class RequestAccounts:
 
         if tokenizer is None:
             return []
-        live = _live(tokenizer)
+        live = live_rids(tokenizer)
         if live is None:
             return []
         self.ended_elsewhere(live)
@@ -150,7 +157,7 @@ class RequestAccounts:
             except FileNotFoundError:
                 pass
             return []
-        live = _live(tokenizer) or set()
+        live = live_rids(tokenizer) or set()
         lost = []
         with self.lock:
             missing = {rid: t for rid, t in before.items()
@@ -183,7 +190,7 @@ class RequestAccounts:
                     "in_flight": len(self.open), "lost": self.lost, "lost_rids": list(self.lost_rids)}
 
 
-def _live(tokenizer) -> set[str] | None:
+def live_rids(tokenizer) -> set[str] | None:
     """The rids the tokenizer manager still waits for (None: could not be read now)."""
     for _ in range(5):
         try:
@@ -199,6 +206,7 @@ def _reason_key(msg: str) -> str:
     for key, words in (("failover: not resumable", ("could not be resumed", "could not be")),
                        ("fallback restart", ("schedulers restarted",)),
                        ("lost", ("was lost (accepted",)),
+                       ("server failed", ("cannot serve",)),
                        ("shutting down", ("shutting down", "drain")),
                        ("client gone", ("client", "disconnect"))):
         if any(w in low for w in words):

@@ -143,6 +143,16 @@ class Recovery(msgspec.Struct, kw_only=True):
     t_fault: float = 0.0  # monotonic; internal
 
 
+FAILED_MSG = ("sgl-elastic: a recovery failed and its fallback restart failed too; the server cannot serve"
+              " until it is restarted (see /elastic/status)")
+
+
+def _sigquit_self() -> None:
+    """SIGQUIT to this (the main) process: SGLang's tear-down, as when a scheduler dies."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGQUIT)
+
 class FailoverController:
     """Owns the rank processes' lifecycle after start: detection, recovery, status."""
 
@@ -168,6 +178,7 @@ class FailoverController:
         self.metrics = FailoverMetrics()
         self.dispatched: dict[str, object] = {}  # rid -> tokenized input, as sent to rank 0 (main process)
         self.accounts = RequestAccounts()  # every accepted request ends once; the audit finds lost ones
+        self.end_server = _sigquit_self  # state failed: SGLang's tear-down (a test replaces it)
         self._audit_thread: threading.Thread | None = None
         self._sweep_at = 64
         self.tokenizer = None  # SGLang's TokenizerManager (main process), set by its dispatch hook
@@ -178,6 +189,7 @@ class FailoverController:
         self._shm_of: dict[int, set[int]] = {}  # rank pid -> inodes of the /dev/shm files it maps (SGLang's)
         self._shm_noted_at = 0.0
         self._delays: dict[str, float] = {}
+        self._faults: frozenset[str] = frozenset()  # tests only (wire.ENV_TEST_FAIL)
         self._spare_hellos: dict[int, bytes] = {}  # hellos of processes no recovery waited for yet (a new rank)
         self._spawn = None  # spawn(slot, standby) -> started Process of a new rank (the launcher's)
         self.standby_target = 0  # warm standby processes to keep (--elastic-standby)
@@ -217,6 +229,7 @@ class FailoverController:
         self.hung_timeout_s = hung_timeout_s
         self._spawn, self.standby_target = spawn, standby
         self._delays = wire.parse_delays(os.environ.get(wire.ENV_TEST_DELAYS))
+        self._faults = wire.test_faults(os.environ.get(wire.ENV_TEST_FAIL))
         self._on_new_layout = on_new_layout or (lambda layout: None)
         self._omp_bind = omp_bind or (lambda tp: "")
         self._dir = tempfile.mkdtemp(prefix="sgle-ctl-")
@@ -332,6 +345,20 @@ class FailoverController:
                     self.accounts.audit(self.tokenizer, self._addr, fail)
             except Exception as e:  # noqa: BLE001 - housekeeping: logged, the server serves on
                 _log(f"request audit: {type(e).__name__}: {e}")
+
+    def _fail_all(self, msg: str) -> None:
+        """The server cannot serve any more: every request it holds ends now with a 503 (new ones
+        are refused at dispatch, ``patches.tokenizer_manager``) and is counted errored; then SGLang's
+        tear-down ends the server (SIGQUIT to itself, as a dead scheduler would send; the handler
+        gives the 503s and the probes' "failed" a short grace first)."""
+        from sgl_elastic.controller.accounting import live_rids
+        from sgl_elastic.controller.supervisor import supervisor
+
+        n = supervisor().fail_requests(None, msg, self.tokenizer)
+        live = live_rids(self.tokenizer) if self.tokenizer is not None else set()
+        self.accounts.ended_elsewhere(live or set(), msg)
+        _log(f"{n} request(s) in flight ended with a 503: the server cannot serve")
+        self.end_server()
 
     def health(self) -> str:
         """For the probes (``controller.admin``): "serving", "recovering" (a recovery, or its fallback
@@ -1116,6 +1143,8 @@ class FailoverController:
         self.falling_back = True
         rec.fallback = "running"
         try:
+            if "fallback" in self._faults:
+                raise RuntimeError(f"{wire.ENV_TEST_FAIL}=fallback: injected failure of the fallback restart (tests only)")
             if reload is not None:
                 _log("the recovery failed inside the migration: replacing the state daemon with one that loads the"
                      f" survivors' layout (tp {reload.tp_size}) from the checkpoint")
@@ -1151,6 +1180,7 @@ class FailoverController:
             _log(f"ERROR: the fallback restart failed ({type(e).__name__}: {e}); the server cannot serve until it"
                  " is restarted (see /elastic/status)")
             self.falling_back = False
+            self._fail_all(FAILED_MSG)
             return
         try:  # still falling back until SERVING: a SIGQUIT of a process the restart killed is part of it
             with self.lock:

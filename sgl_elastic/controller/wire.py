@@ -43,7 +43,8 @@ ENV_TEST_DROP = "SGLE_TEST_DROP"
 # Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
 # every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
 # fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later
-# epochs (the relaunched schedulers' recoveries) rebuild normally.
+# epochs (the relaunched schedulers' recoveries) rebuild normally. "fallback": the fallback restart
+# itself raises (the server ends in state ``failed``: /health 503, every request a 503).
 ENV_TEST_FAIL = "SGLE_TEST_FAIL"
 # A rebuilding rank's bound on its new group's rendezvous and init collectives (seconds): a peer that
 # died before joining makes the rebuild fail within about 1.7x this (torch's TCPStore connect retry).

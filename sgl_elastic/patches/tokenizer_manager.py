@@ -5,7 +5,16 @@ Pass-through unless ``launch_server --elastic-daemon`` enabled the supervisor.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 from sgl_elastic.controller.supervisor import SupervisorState, _log, supervisor
+
+
+FAILED_GRACE_S = 2.0  # state failed: how long the server answers 503 before SGLang's tear-down ends it
+_grace_started: list[float] = []
+_teardown_due: list[float] = []
 
 
 def _helpers_gone() -> list[str]:
@@ -34,6 +43,21 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
         # would wait for outputs nobody relays; SGLang's tear-down ends them with a visible error
         _log(f"ERROR: SIGQUIT and {', '.join(gone)} is gone: tearing the server down as SGLang does")
         fc.enabled = False
+    elif fc.armed and fc.enabled and fc.health() == "failed" and not _teardown_due:
+        # a recovery and its fallback failed: the server cannot serve. SGLang's tear-down ends it,
+        # after a short grace in which the requests get their 503 and the probes say "failed" (the
+        # SIGQUITs of the retiring ranks meanwhile are part of it).
+        if not _grace_started:
+            _grace_started.append(time.monotonic())
+            _log(f"the server cannot serve (a recovery and its fallback restart failed): it ends in"
+                 f" {FAILED_GRACE_S:.0f} s, once every request has its 503")
+
+            def end() -> None:
+                _teardown_due.append(time.monotonic())
+                running_phase_sigquit_handler(original, self, signum, frame)
+
+            threading.Timer(FAILED_GRACE_S, end).start()
+        return None
     sv = supervisor()  # with failover armed, the restart is the controller's own fallback, not this path
     if not fc.armed and sv.enabled and sv._launch is not None and sv.state is not SupervisorState.FAILED and (
             not _helpers_gone()) and (sv.state is SupervisorState.RESTARTING or sv.sigquit_is_stale() or sv.any_dead(wait_s=3.0)):
@@ -48,12 +72,15 @@ def running_phase_sigquit_handler(original, self, signum=None, frame=None):
 
 
 def dispatch_to_scheduler(original, self, obj):
-    """TokenizerManager._dispatch_to_scheduler: record each request's tokenized input (failover)."""
+    """TokenizerManager._dispatch_to_scheduler: record each request's tokenized input (failover);
+    once the server cannot serve (a recovery and its fallback failed), refuse it with a 503."""
     from sgl_elastic.controller.failover import controller
 
     fc = controller()
     if fc.enabled:
         fc.record_dispatch(self, obj)
+        if _refused(self, fc, obj):
+            return None
     return original(self, obj)
 
 
@@ -64,7 +91,32 @@ async def async_dispatch_to_scheduler(original, self, obj):
     fc = controller()
     if fc.enabled:
         fc.record_dispatch(self, obj)
+        if _refused(self, fc, obj):
+            return None
     return await original(self, obj)
+
+
+def _refused(tm, fc, obj) -> bool:
+    """In state ``failed`` (no scheduler will ever answer): end the request at once with a 503
+    instead of sending it to a scheduler that is gone (it would wait forever)."""
+    from sglang.srt.managers.io_struct import AbortReq
+
+    from sgl_elastic.controller.failover import FAILED_MSG
+
+    if fc.health() != "failed":
+        return False
+    reqs = [o for o in getattr(obj, "batch", None) or [obj] if isinstance(getattr(o, "rid", None), str)]
+    if not reqs or not all(hasattr(o, "input_ids") for o in reqs):
+        return False  # not a generation request (an abort, a control message): SGLang's path
+    try:
+        later = asyncio.get_running_loop().call_soon
+    except RuntimeError:  # not on an event loop: at once
+        later = lambda fn, arg: fn(arg)  # noqa: E731
+    for o in reqs:  # once the caller waits on the request's state (it looks the state up after this)
+        later(tm._handle_abort_req, AbortReq(rid=o.rid, abort_message=FAILED_MSG, finished_reason={
+            "type": "abort", "message": FAILED_MSG, "status_code": 503}))
+    fc.accounts.ended_with_error([o.rid for o in reqs], FAILED_MSG)
+    return True
 
 
 async def handle_batch_output(original, self, recv_obj):

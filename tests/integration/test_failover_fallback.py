@@ -211,3 +211,67 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     assert rec["fallback"] == "ok" and s["tp_size"] == 1, s
     assert [_generate(url, p) for p in PROMPTS] == want24
     tree.note()
+
+
+@pytest.fixture
+def failing_server(tiny_models):
+    env = dict(os.environ, SGLE_TEST_FAIL="rebuild,fallback")
+    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
+        "--dtype", "float32", "--elastic-admin-token", TOKEN])
+    srv.start()
+    tree = Tree(srv)
+    tree.note()
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            tree.note()
+        assert stop_and_check_leaks(srv, list(tree.pids)) is not None
+
+
+def test_a_failed_fallback_says_failed_and_ends_every_request(failing_server, want):
+    """The recovery fails and so does its fallback restart (``SGLE_TEST_FAIL=rebuild,fallback``): the
+    server cannot serve. The request in flight ends with a 503 (not a cut connection), the probes say
+    so (``/health`` and ``/ready`` 503 ``{"status": "failed"}``, not "recovering": a load balancer
+    takes it out) and a new request gets a 503 at once (it used to be sent to schedulers that were
+    gone). Then the server ends by itself (SGLang's tear-down, ``FAILED_GRACE_S`` later), leaving no
+    process and no /dev/shm file (the fixture checks)."""
+    srv = failing_server
+    url = srv.url
+    assert _generate(url, PROMPTS[0]) == want[0][:24]
+    started, out = threading.Event(), {}
+    t = threading.Thread(target=lambda: out.update(r=_attempt(url, PROMPTS[1], True, started)), daemon=True)
+    t.start()
+    assert started.wait(60), "the stream did not start"
+    os.kill(next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == 1), signal.SIGKILL)
+    # a /health sent before the failure is seen waits on SGLang's one-token probe (up to its 20 s)
+    deadline = time.monotonic() + 60
+    while _status(url)["state"] == "serving" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seen, refused = [], None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and srv.proc.poll() is None:
+        try:
+            h = requests.get(url + "/health", timeout=30)
+        except requests.ConnectionError:
+            break  # the tear-down began
+        seen.append((h.status_code, h.json().get("status")))
+        if h.status_code == 503 and refused is None:
+            assert h.json()["status"] == "failed" and "fallback restart failed" in h.json()["detail"], h.text
+            r = requests.get(url + "/ready", timeout=30)
+            assert r.status_code == 503 and r.json()["status"] == "failed", r.text
+            t0 = time.monotonic()
+            r = requests.post(url + "/generate", json={"input_ids": PROMPTS[0],
+                                                       "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+            refused = (r.status_code, r.text, time.monotonic() - t0)
+        time.sleep(0.1)
+    assert all(code == 200 and st in (None, "recovering", "recovered") or (code, st) == (503, "failed")
+               for code, st in seen), seen
+    assert refused is not None, f"/health never said failed before the server ended: {seen}"
+    code, text, took = refused
+    assert code == 503 and "cannot serve" in text and took < 10, refused
+    t.join(CLIENT_TIMEOUT_S)
+    assert not t.is_alive(), "the request in flight at the failure never ended"
+    kind, what = out["r"]
+    assert kind == "error" and "503" in what and "cannot serve" in what, out["r"]
+    assert srv.proc.wait(timeout=60) != 0, "a server that cannot serve must end (SGLang's tear-down)"

@@ -268,8 +268,11 @@ def test_failed_fallback_leaves_the_server_failed_with_the_reason(monkeypatch):
         raise RuntimeError("scheduler 0 died during init")
 
     fc, rec, _ = _failed_controller(monkeypatch, restart)
+    ended = []
+    fc.end_server = lambda: ended.append((fc.phase, rec.fallback[:7]))
     fc._fallback(rec)
     assert fc.phase is Phase.FAILED and rec.fallback.startswith("failed: RuntimeError") and not fc.falling_back
+    assert ended == [(Phase.FAILED, "failed:")]  # once failed for good, the server is ended
     assert rec.outcome.endswith("fallback restart failed: RuntimeError: scheduler 0 died during init")
     assert fc.daemon.calls == ["stop", ("ensure", 2)]  # tried once more with a new daemon
 
