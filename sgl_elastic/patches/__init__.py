@@ -172,15 +172,15 @@ def load_plugin() -> None:
         if daemon_dir:  # the daemon's radix-cache backend (--radix-cache-backend)
             from sgl_elastic.patches import daemon_link, radix_backend
 
-            daemon_link.set_run_dir(daemon_dir)
+            # the KV backup pool serves in-place failover only (--elastic-kv-backup)
+            daemon_link.set_run_dir(daemon_dir, kv_backup=bool(control) and os.environ.get(ENV_KV_BACKUP) == "1")
             radix_backend.register()
         if control:  # in-place failover: survivors of a dead rank rebuild instead of exiting
             from sgl_elastic.patches import reconfigure
 
             reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0,
                                          parse_delays(os.environ.get(ENV_TEST_DELAYS)).get("rebuild", 0.0),
-                                         test_faults(os.environ.get(ENV_TEST_FAIL)),
-                                         kv_backup=os.environ.get(ENV_KV_BACKUP) == "1")
+                                         test_faults(os.environ.get(ENV_TEST_FAIL)))
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

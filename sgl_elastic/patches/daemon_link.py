@@ -43,14 +43,18 @@ __all__ = ["ENV_DIR", "active", "set_run_dir", "DaemonModelLoader", "kv_buffers"
 NAMESPACE = ""  # one server per daemon
 
 _run_dir: str | None = None  # the daemon's run dir for this process (None: no daemon)
+_kv_backup = False  # mirror the KV into the daemon's backup pool (set_run_dir)
 _attachment: WorkerAttachment | None = None
 _keep: list = []  # AttachedTensors whose mappings back live parameters / KV buffers
 
 
-def set_run_dir(run_dir: str | None) -> None:
-    """Point this process at the daemon in ``run_dir`` (None or "": no daemon)."""
-    global _run_dir
+def set_run_dir(run_dir: str | None, kv_backup: bool | None = None) -> None:
+    """Point this process at the daemon in ``run_dir`` (None or "": no daemon). ``kv_backup``: mirror
+    the KV into the daemon's backup pool (in-place failover with --elastic-kv-backup; None: as before)."""
+    global _run_dir, _kv_backup
     _run_dir = run_dir or None
+    if kv_backup is not None:
+        _kv_backup = bool(kv_backup)
 
 
 def reset_attachment() -> None:
@@ -300,9 +304,7 @@ def kv_buffers(pool, k_shape, v_shape):
         return None
     att = attachment()
     t0 = time.perf_counter()
-    from sgl_elastic.patches import reconfigure
-
-    backup = reconfigure.kv_backup()  # in-place failover: a backup (at tp >= 2) keeps the KV over a failure
+    backup = _kv_backup  # in-place failover: a backup (at tp >= 2) keeps the KV over a failure
     k, v = att.kv_buffers(num_layers=pool.layer_num, head_dim=k_shape[2], size=pool.size,
                           page_size=pool.page_size, dtype=dtype_name(pool.store_dtype), backup=backup)
     pool._sgle_kv_backup = att.kv_backup_buffers(num_layers=pool.layer_num, size=pool.size,

@@ -45,7 +45,6 @@ _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
 _heartbeat: "threading.Thread | None" = None
 _rebuild_delay_s = 0.0  # tests only: wait before building the new scheduler (wire.ENV_TEST_DELAYS)
 _test_faults: frozenset[str] = frozenset()  # tests only: injected faults (wire.ENV_TEST_FAIL)
-_kv_backup = False  # mirror the KV into the daemon's backup pool (--elastic-kv-backup), read once at plugin load
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
@@ -63,10 +62,9 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
 
 
 def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0,
-                     test_faults: frozenset[str] = frozenset(), kv_backup: bool = False) -> None:
-    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults, _kv_backup
+                     test_faults: frozenset[str] = frozenset()) -> None:
+    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults
     _control_addr = addr or None
-    _kv_backup = bool(kv_backup and addr)
     _heartbeat_s = heartbeat_s
     _rebuild_delay_s = rebuild_delay_s
     _test_faults = frozenset(test_faults)
@@ -98,11 +96,6 @@ def start_heartbeat() -> None:
 
 def enabled() -> bool:
     return _control_addr is not None
-
-
-def kv_backup() -> bool:
-    """Whether this rank mirrors its KV into a backup pool (in-place failover with --elastic-kv-backup)."""
-    return _kv_backup
 
 
 def log(msg: str) -> None:
@@ -529,7 +522,12 @@ REBUILDS = 3  # attempts at rebuilding (a peer that dies during the rebuild make
 REBUILD_INIT_TIMEOUT_S = wire.REBUILD_INIT_TIMEOUT_S  # bound on the new group's rendezvous and init (then restored)
 
 
+_UNSET = object()
+_user_dist_timeout = _UNSET  # the user's --dist-timeout (seconds; None: torch's default), read at the first rebuild
+
+
 def _restore_timeouts() -> None:
+    """The built groups get the user's ``--dist-timeout`` back (the rebuild ran with a short one)."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -537,9 +535,11 @@ def _restore_timeouts() -> None:
 
     if not dist.is_initialized():
         return
+    secs = None if _user_dist_timeout is _UNSET else _user_dist_timeout
+    timeout = timedelta(seconds=secs) if secs else timedelta(minutes=30)  # torch's default when none was given
     for pg in list(dist.distributed_c10d._world.pg_map.keys()):
         try:
-            _set_pg_timeout(timedelta(minutes=30), pg)
+            _set_pg_timeout(timeout, pg)
         except Exception as e:  # noqa: BLE001 - a backend without settable timeouts keeps the bounded one
             log(f"cannot restore a process group's timeout: {type(e).__name__}: {e}")
 
@@ -623,7 +623,7 @@ def _await_listening(host: str, port: int, timeout_s: float = 1.0) -> None:
 
 
 def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, port_args, t0, wait_s):
-    global _epoch, _inject, _reuse_channels
+    global _epoch, _inject, _reuse_channels, _user_dist_timeout
     import copy
 
     from sglang.srt.managers.scheduler import Scheduler
@@ -656,6 +656,8 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
         _forget_metrics()
         # The new group's rendezvous must not wait for a peer that died before joining (torch's
         # default: 30 min): bounded here, and _restore_timeouts gives the built groups the usual one.
+        if _user_dist_timeout is _UNSET:  # this process's first rebuild: its args are still the user's
+            _user_dist_timeout = getattr(server_args, "dist_timeout", None)
         new_args = _new_server_args(server_args, order.tp_size, dist_timeout=int(REBUILD_INIT_TIMEOUT_S))
         port_args.nccl_port = order.dist_port
         if getattr(server_args, "device", None) == "cpu":

@@ -136,3 +136,56 @@ def test_no_package_level_cycle():
     for pkg in packages:
         if pkg not in state:
             visit(pkg, [pkg])
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """sgl_elastic module -> the sgl_elastic modules it imports (module level or in a function).
+    ``from pkg import sub`` names the submodule only (a package's ``__init__`` runs first anyway)."""
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg[: len(pkg) - (node.level - 1)]
+                    base = ".".join([*up, base] if base else up)
+                subs = {f"{base}.{a.name}" for a in node.names}
+                targets |= {s for s in subs if s in mods}
+                if subs - set(mods):
+                    targets.add(base)
+        deps = set()
+        for t in targets:
+            while t and t not in mods:
+                t = t.rpartition(".")[0]
+            if t and t not in (name, "sgl_elastic"):
+                deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def test_no_module_import_cycle():
+    """Two modules that import each other (even inside functions) are one concept split in two, or
+    a flag kept in the wrong one; the package rule above cannot see it."""
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for t in sorted(graph[mod]):
+            if state.get(t) == 1:
+                raise AssertionError(f"module import cycle: {' -> '.join(path[path.index(t):] + [t])}")
+            if t not in state:
+                visit(t, [*path, t])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
