@@ -45,7 +45,7 @@ import msgspec
 from sgl_elastic.controller import wire
 from sgl_elastic.controller.accounting import RequestAccounts
 from sgl_elastic.controller.metrics import FailoverMetrics
-from sgl_elastic.controller.procs import free_port, shm_inodes_of
+from sgl_elastic.controller.procs import free_port, shm_inodes_of, sigkill
 
 __all__ = ["Phase", "IllegalPhaseTransition", "transition", "Recovery", "FailoverController", "controller"]
 
@@ -629,8 +629,6 @@ class FailoverController:
 
     def _grow(self) -> None:
         """Start (or take the standby's) new rank process, wait for its hello, then recover with it."""
-        import signal
-
         t0 = time.monotonic()
         self.standby = [p for p in self.standby if p.is_alive()]
         slot = self._free_slot()
@@ -662,7 +660,7 @@ class FailoverController:
         except Exception:
             self._joiners.remove(joiner)
             if joiner.is_alive():
-                os.kill(joiner.pid, signal.SIGKILL)
+                sigkill(joiner.pid)
             raise
         _log(f"scale-up: the new rank checked in {time.monotonic() - t0:.2f} s after the request")
         self._recover([], got, joiner=joiner)
@@ -696,16 +694,12 @@ class FailoverController:
 
     def _fence_silent(self, live: list) -> None:
         """SIGKILL every rank whose heartbeat is older than the hung timeout (the sentinel then fires)."""
-        import signal
 
         for pid in self._hung(p.pid for p in live):
             _log(f"rank pid {pid} silent for {self.silent_s(pid):.1f} s (> --elastic-hung-timeout"
                  f" {self.hung_timeout_s:g} s): hung; fencing it (SIGKILL)")
             self.hung_fenced.append(pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            sigkill(pid)
 
     def _check_self_reported(self, live: list) -> None:
         """A serving rank that says hello while no rank died left its group on its own error (an
@@ -718,7 +712,6 @@ class FailoverController:
         on its own (the same input broke them all: resuming it would break the survivors too), or
         none can be blamed, every scheduler is restarted from the daemon (the fallback: requests in
         flight end with a 503)."""
-        import signal
 
         got = self._drain_hellos()
         pids = {p.pid for p in live}
@@ -739,10 +732,7 @@ class FailoverController:
             for pid, reason in mine.items():
                 _log(f"fencing rank pid {pid} (SIGKILL): its event loop stopped on its own error ({reason})")
                 self.error_fenced[pid] = reason
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                sigkill(pid)
             return
         with self.lock:
             self.epoch += 1
@@ -1061,8 +1051,6 @@ class FailoverController:
         """Of the survivors that did not check in, some may only be blocked in a collective with a
         hung one. Fence the stopped ones first (SIGKILL: their peers' sockets reset), give the others
         a short grace to check in, and return who is still missing."""
-        import signal
-
         import psutil
 
         def stopped(pid: int) -> bool:
@@ -1076,11 +1064,7 @@ class FailoverController:
         hung = [pid for pid in s.pids if stopped(pid)]
         if not hung or len(hung) == len(s.pids):
             return s
-        for pid in hung:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(*hung)
         _log(f"fenced stopped rank pid(s) {hung}; waiting for the others to check in")
         try:
             self._collect(hellos, pids - set(hung), epoch, max(2.0, self.checkin_timeout_s / 2), "hello")
@@ -1092,13 +1076,7 @@ class FailoverController:
                  checkin_s: float | None = None, joiner=None) -> None:
         """Abandon ``rec``: fence the stragglers (SIGKILL) and recover again, from ``layout`` (what the
         daemon holds now), without them. The survivors that checked in keep waiting for orders."""
-        import signal
-
-        for pid in s.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(*s.pids)
         rec.outcome = f"superseded: {s}; fenced pids {s.pids} and recovering again without them"
         rec.phases_s[self.phase.value] = round(time.monotonic() - self._phase_t0, 4)
         _log(rec.outcome)

@@ -50,6 +50,17 @@ def remove_leftover_shm(inodes: set[int]) -> list[str]:
     return sorted(removed)
 
 
+def sigkill(*pids: int) -> None:
+    """SIGKILL each of ``pids``; one already gone is not an error (it is what was wanted)."""
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
