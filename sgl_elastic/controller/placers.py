@@ -45,7 +45,7 @@ def fits(name: str, layout) -> str | None:
     if name == "ours" or "experts" not in layout.families:
         return None
     fam = layout.family("experts")
-    if fam.redundant:  # the rebalance splits the slots equally for it (planner.experts._choose_held)
+    if fam.redundant:  # the rebalance splits the slots equally for it (planner.experts.choose_placement)
         if (fam.num_units + fam.redundant) % fam.num_ranks:
             return (f"{name} needs equal expert slots per rank: {fam.num_units} experts + {fam.redundant} redundant"
                     f" slots do not divide by {fam.num_ranks} ranks")

@@ -58,8 +58,6 @@ class ElasticLayout(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"families[{name!r}] holds a layout named {fam.name!r}")
             if fam.num_ranks != self.tp_size:
                 raise ValueError(f"{name}: {fam.num_ranks} widths {fam.widths} for tp_size={self.tp_size}")
-            if fam.placement and self.model is not None and len(fam.placement) != self.model.num_layers:
-                raise ValueError(f"experts: placement has {len(fam.placement)} layers, the model {self.model.num_layers}")
             if fam.held and self.model is not None and len(fam.held) != self.model.num_layers:
                 raise ValueError(f"experts: held has {len(fam.held)} layers, the model {self.model.num_layers}")
 

@@ -10,17 +10,14 @@ Vocabulary (used by the planner and executor too):
 - *widths*: units per rank, in rank order; rank r holds the contiguous units
   ``[unit_offsets()[r], unit_offsets()[r + 1])``.
 
-Experts may instead be *placed* (``placement``, set by the expert rebalancer): per MoE layer, the
-rank that holds each logical expert. Every layer gives rank r exactly ``widths[r]`` experts, held in
-ascending expert order (the order of its fused parameters); with no placement rank r holds the
-contiguous experts of its unit range in every layer.
-
-Experts may also be *redundant* (``redundant`` > 0, ``--elastic-redundant-experts``): the widths are
-then physical expert *slots* per rank, summing to ``num_units + redundant``, and ``held`` gives, per
-MoE layer and rank, the distinct experts the rank holds in its slot order (the order of its fused
-parameters: a rebalance that swaps an expert rewrites one slot and moves no other; together every
-expert at least once). A hot expert may be held by several ranks (its *replicas*); each routed token goes to one of
-them (``patches.fused_moe``), and a failure loses no expert another rank also holds.
+Experts may instead be *placed* (``held``, set by the planner after a failure or a rebalance): per
+MoE layer and rank, the distinct experts the rank holds, in its *slot order* (the order of its fused
+parameters: a rebalance that swaps an expert rewrites one slot and moves no other); together every
+expert at least once. The widths are then expert *slots* per rank, summing to ``num_units +
+redundant``: with ``redundant`` 0 each expert has one copy; with ``redundant`` > 0
+(``--elastic-redundant-experts``) a hot expert may be held by several ranks (its *replicas*), each
+routed token goes to one of them (``patches.fused_moe``), and a failure loses no expert another rank
+also holds. With no ``held``, rank r holds the contiguous experts of its unit range in every layer.
 
 Attention with fewer KV heads than ranks is *replicated* (as SGLang does): every rank holds exactly
 one KV head (width 1), the ranks holding head h form a contiguous group (``kv_head_of_rank``), and
@@ -55,11 +52,9 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             non-decreasing, every head present.
         q_widths: replicated attention only, optional: query heads per rank ``[tp]`` (each group of
             replicas splits its ``q_per_kv`` heads; default: as equal as possible, extra to the lowest).
-        placement: experts only, optional: ``[num_layers][num_units]`` owner rank of every expert of
-            every model layer (see module docstring; rows of dense layers are ignored). Empty:
-            contiguous. ``placed`` builds one and drops it when it is the contiguous one.
         redundant: experts only: slots beyond one per expert (``widths`` are then slots per rank).
-        held: redundant experts only: ``[num_layers][tp]`` experts of each rank in slot order (``with_held``).
+        held: placed experts only: ``[num_layers][tp]`` experts of each rank in slot order (rows of
+            dense layers are ignored; ``with_held``, ``placed``). Empty: contiguous.
     """
 
     name: str
@@ -74,7 +69,6 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
     q_per_kv: int = 0
     kv_head_of_rank: tuple[int, ...] = ()
     q_widths: tuple[int, ...] = ()
-    placement: tuple[tuple[int, ...], ...] = ()
     redundant: int = 0
     held: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
@@ -107,28 +101,11 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
             if self.kv_head_of_rank:
                 raise ValueError(f"{self.name}: kv_head_of_rank is only for replicated attention")
             validate_widths(self.widths, self.num_units, self.name)
-        if self.placement:
-            self._validate_placement()
-
-    def _validate_placement(self) -> None:
-        if self.name != "experts":
-            raise ValueError(f"{self.name}: only the experts family can have a placement")
-        tp = len(self.widths)
-        for i, row in enumerate(self.placement):
-            if len(row) != self.num_units:
-                raise ValueError(f"experts: placement of layer {i} has {len(row)} entries for {self.num_units} experts")
-            bad = [r for r in row if not 0 <= r < tp]
-            if bad:
-                raise ValueError(f"experts: placement of layer {i} names ranks {sorted(set(bad))} outside 0..{tp - 1}")
-            counts = tuple(row.count(r) for r in range(tp))
-            if counts != self.widths:
-                raise ValueError(f"experts: placement of layer {i} gives the ranks {counts} experts but the widths"
-                                 f" are {self.widths}")
 
     def _validate_held(self) -> None:
         tp, E = len(self.widths), self.num_units
-        if self.name != "experts" or self.replicated or self.placement:
-            raise ValueError(f"{self.name}: only an unplaced experts family can have redundant slots")
+        if self.name != "experts" or self.replicated:
+            raise ValueError(f"{self.name}: only the experts family can place experts or have redundant slots")
         if self.redundant < 0:
             raise ValueError(f"experts: redundant={self.redundant} must be >= 0")
         if not self.held:
@@ -219,12 +196,10 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     # ---- placed experts ------------------------------------------------------------------------
     def rank_experts(self, rank: int, layer: int) -> tuple[int, ...]:
-        """Experts of model layer ``layer`` held by ``rank``, in its slot order (ascending unless redundant)."""
+        """Experts of model layer ``layer`` held by ``rank``, in its slot order (ascending unless placed)."""
         self._check_rank(rank)
         if self.held:
             return self.held[layer][rank]
-        if self.placement:
-            return tuple(e for e, r in enumerate(self.placement[layer]) if r == rank)
         a, b = self.rank_unit_range(rank)
         return tuple(range(a, b))
 
@@ -232,8 +207,6 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         """The rank holding ``expert`` of model layer ``layer`` (redundant: the lowest that holds it)."""
         if self.held:
             return next(r for r, got in enumerate(self.held[layer]) if expert in got)
-        if self.placement:
-            return self.placement[layer][expert]
         offs = self.unit_offsets()
         return next(r for r in range(self.num_ranks) if offs[r] <= expert < offs[r + 1])
 
@@ -250,21 +223,29 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         return self.expert_owner(layer, expert) == rank
 
     def with_held(self, widths: tuple[int, ...], held, redundant: int | None = None) -> "FamilyLayout":
-        """Redundant experts: ``widths`` slots per rank holding ``held`` (``[layers][tp]`` experts in slot
+        """Placed experts: ``widths`` slots per rank holding ``held`` (``[layers][tp]`` experts in slot
         order; validated)."""
         rows = tuple(tuple(tuple(int(e) for e in got) for got in row) for row in held)
         red = sum(widths) - self.num_units if redundant is None else redundant
-        return msgspec.structs.replace(self, widths=tuple(widths), placement=(), held=rows, redundant=red)
+        return msgspec.structs.replace(self, widths=tuple(widths), held=rows, redundant=red)
 
-    def placed(self, placement) -> "FamilyLayout":
-        """Same widths, experts placed by ``placement`` (``[layers][experts]`` owner ranks; validated).
-        A placement equal to the contiguous one in every layer is stored as none."""
-        rows = tuple(tuple(int(r) for r in row) for row in placement)
+    def placed(self, expert2rank) -> "FamilyLayout":
+        """Same widths, one copy of each expert, placed by ``expert2rank`` (``[layers][experts]`` the rank
+        of each; each rank's experts ascending; validated). The contiguous placement is stored as none."""
+        rows = tuple(tuple(int(r) for r in row) for row in expert2rank)
+        for i, row in enumerate(rows):
+            if len(row) != self.num_units:
+                raise ValueError(f"experts: placement of layer {i} has {len(row)} entries for {self.num_units} experts")
+            bad = sorted({r for r in row if not 0 <= r < self.num_ranks})
+            if bad:
+                raise ValueError(f"experts: placement of layer {i} names ranks {bad} outside 0..{self.num_ranks - 1}")
         offs = self.unit_offsets()
         contiguous = tuple(r for r in range(self.num_ranks) for _ in range(offs[r], offs[r + 1]))
         if all(row == contiguous for row in rows):
-            rows = ()
-        return msgspec.structs.replace(self, placement=rows)
+            return msgspec.structs.replace(self, held=(), redundant=0)
+        held = [tuple(tuple(e for e, owner in enumerate(row) if owner == r) for r in range(self.num_ranks))
+                for row in rows]
+        return self.with_held(self.widths, held, 0)
 
     # ---- attention heads -----------------------------------------------------------------------
     def rank_kv_head_range(self, rank: int) -> tuple[int, int]:
@@ -306,7 +287,7 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
         """Same family, new split (validated)."""
         return msgspec.structs.replace(
             self, widths=tuple(widths), kv_head_of_rank=tuple(kv_head_of_rank), replicated=bool(kv_head_of_rank),
-            q_widths=tuple(q_widths), placement=(), held=(), redundant=0,
+            q_widths=tuple(q_widths), held=(), redundant=0,
         )
 
     def _check_rank(self, rank: int) -> None:
@@ -320,10 +301,8 @@ class FamilyLayout(msgspec.Struct, frozen=True, kw_only=True):
     def describe(self) -> str:
         noun = UNIT_NOUNS.get(self.name, "units")
         if self.held:
-            return (f"{self.name}: {self.num_units} {noun} + {self.redundant} redundant placed per layer, slots"
-                    f" {self.widths}")
-        if self.placement:
-            return f"{self.name}: {self.num_units} {noun} placed per layer, widths {self.widths}"
+            extra = f" + {self.redundant} redundant" if self.redundant else ""
+            return f"{self.name}: {self.num_units} {noun}{extra} placed per layer, slots {self.widths}"
         if self.replicated:
             return f"{self.name}: {self.num_units} {noun} replicated over {self.num_ranks} ranks {self.kv_head_of_rank}"
         return f"{self.name}: {self.num_units} {noun} x {self.unit_size} -> widths {self.widths}"

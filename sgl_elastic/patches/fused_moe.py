@@ -9,7 +9,7 @@ this rank's slice of each checkpoint tensor, so every layout-specific detail of 
 
 Expert parallelism (layout family "experts", ``--ep-size == --tp``): rank r holds ``width``
 whole experts of every MoE layer: the contiguous ``[start, end)`` of the layout (e.g. 3, 3, 2 of
-8), or, once the rebalancer placed them, the layer's own set (``FamilyLayout.rank_experts``). SGLang
+8), or, once the planner placed them, the layer's own set (``FamilyLayout.rank_experts``). SGLang
 asserts ``experts % ep == 0`` and places experts by ``rank * num_local``; the hook builds the layer
 for this rank's experts only (``num_experts = width`` under a view with EP of one rank, so SGLang
 allocates exactly ``width`` experts), then restores the global expert count and real EP rank, maps
@@ -17,9 +17,9 @@ global expert ids to local slots in ascending expert order (loader and dispatche
 SGLang's expert-location metadata (its placement assumes equal experts per rank; see
 ``expert_location``).
 
-Redundant experts (``--elastic-redundant-experts``, ``FamilyLayout.held``): a rank's local slots
-hold its experts in the layout's slot order (so a rebalance rewrites only the slots it changes), and
-an expert may be held by several ranks. Each routed
+Placed experts (``FamilyLayout.held``; redundant ones with ``--elastic-redundant-experts``): a
+rank's local slots hold its experts in the layout's slot order (so a rebalance rewrites only the
+slots it changes), and with redundant slots an expert may be held by several ranks. Each routed
 (token, expert) entry must be computed by exactly one of them (the all-reduce after the experts
 sums the ranks' outputs), so before dispatch the layer maps the router's logical ids to physical
 slots (rank by rank: rank 0's slots first) with ``kernels.remap_experts``: round robin over the
@@ -124,9 +124,9 @@ def _expert_parallel_init(original, self, *args, **kwargs):
         )
     rank = par.moe_ep_rank
     layer_id = b.arguments.get("layer_id")
-    if fam.placement and not isinstance(layer_id, int):
+    if fam.held and not isinstance(layer_id, int):
         raise ValueError(f"FusedMoE {b.arguments.get('prefix', '')!r}: placed experts need the layer id, got {layer_id!r}")
-    held = fam.rank_experts(rank, layer_id if fam.placement else 0)
+    held = fam.rank_experts(rank, layer_id if fam.held else 0)
     # Step 1: build a layer of exactly this rank's experts, as if it were the only EP rank.
     b.arguments["num_experts"] = len(held)
     with parallel_view(original, moe_ep_size=1, moe_ep_rank=0):
@@ -152,7 +152,7 @@ def _expert_parallel_init(original, self, *args, **kwargs):
     disp.local_expert_mapping = mapping
     if layer_id == 0:
         logger.info("sgl-elastic: EP%d holds experts %s of %d%s", rank, _ranges(sorted(held)), num_experts,
-                    " (layer 0; placed per layer)" if fam.placement else "")
+                    " (layer 0; placed per layer)" if fam.held else "")
 
 
 def _redundant_maps(layer, fam, layer_id: int, rank: int):

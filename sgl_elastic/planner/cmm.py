@@ -40,7 +40,7 @@ from sgl_elastic.layout import ElasticLayout, FamilyLayout, capacity_widths
 from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS, TensorSpec
 from sgl_elastic.planner.experts import choose_placement, default_capacity, expert_ops, is_placed, moe_layers
-from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, RankTotals
+from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, MovePiece, RankTotals
 from sgl_elastic.planner.topology import Topology
 
 __all__ = ["plan_migration", "build_plan", "family_granule_bytes", "new_slots"]
@@ -541,40 +541,33 @@ def _subdim_ops(name: str, sd: str, w: int, hold: dict[int, Range], need: list[R
         if b <= a:
             continue
         slot = order[r]
-        pieces: list[list] = []  # [kind, src_slot, start, end, stage, src_rank]
+        pieces: list[MovePiece] = []
         bounds = [a] + [x for x in cuts if a < x < b] + [b]
         for x, y in zip(bounds, bounds[1:]):
             holders = [s for s, (ha, hb) in hold.items() if ha <= x and y <= hb]
             if not allow_keep:
-                piece = [RELOAD, HOST, x, y, 0, -1]
+                piece = MovePiece(RELOAD, HOST, -1, x, y)
             elif slot in holders:
-                piece = [KEEP, slot, x, y, 0, slot]
+                piece = MovePiece(KEEP, slot, slot, x, y)
             else:
                 reach = [s for s in holders if topo.reachable(s, slot)] if allow_peer else []
                 if reach:
                     src = min(reach, key=lambda s: (-topo.bandwidth(s, slot), peer_out.get(s, 0), s))
-                    piece = [PEER, src, x, y, 0, src]
+                    piece = MovePiece(PEER, src, src, x, y)
                     peer_out[src] = peer_out.get(src, 0) + (y - x) * w
                 elif holders or not allow_peer:
-                    piece = [RELOAD, HOST, x, y, 0, -1]
+                    piece = MovePiece(RELOAD, HOST, -1, x, y)
                 else:
                     # case lost: fan out from a new rank that already reloads it, when reachable.
                     seen = lost_sources.setdefault((x, y), [])
                     reach_new = [q for q in seen if topo.reachable(order[q], slot)]
                     if reach_new:
                         q = min(reach_new, key=lambda q: (-topo.bandwidth(order[q], slot), q))
-                        piece = [PEER, order[q], x, y, 1, q]
+                        piece = MovePiece(PEER, order[q], q, x, y, stage=1)
                         peer_out[order[q]] = peer_out.get(order[q], 0) + (y - x) * w
                     else:
                         seen.append(r)
-                        piece = [RELOAD, HOST, x, y, 0, -1]
-            last = pieces[-1] if pieces else None
-            if last and last[0] == piece[0] and last[1] == piece[1] and last[4] == piece[4] and last[3] == x:
-                last[3] = y
-            else:
-                pieces.append(piece)
-        for kind, src, x, y, stage, src_rank in pieces:
-            if kind == RELOAD:
-                src_rank = -1
-            ops.append(FamilyOp(name, sd, kind, src, src_rank, r, x, y, (y - x) * w, stage))
+                        piece = MovePiece(RELOAD, HOST, -1, x, y)
+            piece.append_to(pieces)
+        ops.extend(piece.op(name, sd, r, w) for piece in pieces)
     return ops

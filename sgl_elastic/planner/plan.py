@@ -20,13 +20,14 @@ replicated KV head needed by several new ranks is read from disk once).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import msgspec
 
 from sgl_elastic.layout import ElasticLayout, TensorSpec
 from sgl_elastic.layout.geometry import shard_granule_range
 
-__all__ = ["HOST", "KEEP", "PEER", "RELOAD", "FamilyOp", "CopyOp", "RankTotals", "MigrationPlan", "ClusterChange"]
+__all__ = ["HOST", "KEEP", "PEER", "RELOAD", "MovePiece", "FamilyOp", "CopyOp", "RankTotals", "MigrationPlan", "ClusterChange"]
 
 HOST = -1  # source "slot" of a host reload
 KEEP, PEER, RELOAD = "keep", "peer", "reload"
@@ -51,6 +52,35 @@ class ClusterChange(msgspec.Struct, frozen=True, kw_only=True):
 
     def label(self, old_tp: int) -> str:
         return f"{old_tp}->{old_tp - len(set(self.failed)) + self.added}"
+
+
+@dataclass
+class MovePiece:
+    """A run of granules ``[start, end)`` one new rank gets from one source, while the planner builds
+    its ops: consecutive pieces of the same kind, source and stage merge (``append_to``), and each
+    piece becomes one ``FamilyOp`` (``op``). ``src_slot``: HOST for a reload; ``src_rank``: the source's
+    old rank (a new rank for a stage-1 fan-out; -1 for HOST)."""
+
+    kind: str
+    src_slot: int
+    src_rank: int
+    start: int
+    end: int
+    stage: int = 0
+
+    def append_to(self, pieces: list["MovePiece"]) -> None:
+        """Add to ``pieces``, extending the last piece instead when this one continues it."""
+        last = pieces[-1] if pieces else None
+        if (last is not None and last.end == self.start and (last.kind, last.src_slot, last.stage)
+                == (self.kind, self.src_slot, self.stage)):
+            last.end = self.end
+        else:
+            pieces.append(self)
+
+    def op(self, family: str, subdim: str, dst_rank: int, granule_bytes: int, layer: int = -1) -> "FamilyOp":
+        src_rank = -1 if self.kind == RELOAD else self.src_rank
+        return FamilyOp(family, subdim, self.kind, self.src_slot, src_rank, dst_rank, self.start, self.end,
+                        (self.end - self.start) * granule_bytes, self.stage, layer)
 
 
 class FamilyOp(msgspec.Struct, frozen=True, array_like=True):

@@ -186,9 +186,10 @@ def test_expert_rebalance_then_failure_moves_only_experts(tmp_path, in_place):
     (tmp_path / "a").mkdir()
     plan, report = migrate_and_check(tmp_path / "a", old, (), 0, in_place, loads)
     placed = plan.new_layout.family("experts")
-    assert placed.placement and placed.widths == (2, 2, 2)
+    assert placed.held and placed.redundant == 0 and placed.widths == (2, 2, 2)
     assert placed.expert_owner(0, 0) != placed.expert_owner(0, 1) and placed.expert_owner(1, 4) != placed.expert_owner(1, 5)
     assert plan.reload_bytes == 0 < plan.peer_bytes and report.peer_bytes == plan.peer_bytes
+    assert report.in_place_ranks == (3 if in_place else 0)  # kept experts keep their slots: every arena regrows in place
     assert all(op.layer >= 0 for op in plan.ops if op.family == "experts")
     assert {op.family for op in plan.ops if op.kind != "keep"} == {"experts"}
     (tmp_path / "b").mkdir()
@@ -196,7 +197,7 @@ def test_expert_rebalance_then_failure_moves_only_experts(tmp_path, in_place):
     lost = sum(t.nbytes for t in old.tensors() if t.family == "experts" and placed.expert_owner(t.layer, t.expert) == 1)
     assert plan2.reload_bytes == plan2.lower_bound_reload_bytes
     assert sum(op.nbytes for op in plan2.ops if op.family == "experts" and op.kind == "reload") == lost
-    assert plan2.new_layout.family("experts").placement  # survivors kept their experts where they were
+    assert plan2.new_layout.family("experts").held  # survivors kept their experts where they were
     # a failure with loads: survivors keep their experts, the lost ones are placed by load (reloads only),
     # and every survivor's file is regrown in place
     (tmp_path / "c").mkdir()

@@ -169,12 +169,13 @@ def test_placed_experts_geometry_validation_and_roundtrip():
     row = (2, 0, 1, 0, 1, 0, 2, 1)
     placed = fam.placed([row] * 56)
     assert placed.rank_experts(0, 5) == (1, 3, 5) and placed.expert_owner(9, 6) == 2
-    assert fam.placed([(0, 0, 0, 1, 1, 1, 2, 2)] * 56).placement == ()  # the contiguous one is stored as none
+    assert fam.placed([(0, 0, 0, 1, 1, 1, 2, 2)] * 56).held == ()  # the contiguous one is stored as none
+    assert placed.held[5] == ((1, 3, 5), (2, 4, 7), (0, 6)) and placed.redundant == 0  # one copy each, ascending
     lay = ep.with_families({**ep.families, "experts": placed})
     assert ElasticLayout.from_bytes(lay.to_bytes()) == lay
     held = {t.expert for t, _ in rank_tensors(lay, 2) if t.family == "experts" and t.layer == 0}
     assert held == {0, 6}
-    with pytest.raises(ValueError, match="gives the ranks"):
+    with pytest.raises(ValueError, match="want 3 distinct"):
         fam.placed([(0,) * 8] * 56)
     with pytest.raises(ValueError, match="outside"):
         fam.placed([(5, 0, 1, 0, 1, 0, 2, 1)] * 56)
