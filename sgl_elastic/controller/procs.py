@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["shm_inodes_of", "remove_leftover_shm", "free_port", "dead_helpers"]
+__all__ = ["shm_inodes_of", "remove_leftover_shm", "free_port", "dead_helpers", "sigkill", "set_omp_bind"]
 
 
 def shm_inodes_of(pids: list[int]) -> set[int]:
@@ -89,3 +89,9 @@ def dead_helpers(titles: tuple[str, ...] = HELPER_TITLES) -> list[str]:
             continue
         alive.update(t for t in titles if cmd.startswith(t))
     return [t for t in titles if t not in alive]
+
+
+def set_omp_bind(bind: str) -> None:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` of the schedulers SGLang spawns next ("" on GPU: unchanged)."""
+    if bind:
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind

@@ -16,36 +16,13 @@ import msgspec
 
 __all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
            "ENV_EXPERT_LOADS", "ENV_KV_BACKUP",
-           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "audit_paths", "ENV_TEST_DELAYS", "parse_delays", "ENV_TEST_FAIL",
-           "test_faults", "ENV_TEST_HOLD_DISPATCH", "ENV_TEST_RAISE", "ENV_TEST_DROP",
-           "peer_failure"]
+           "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "audit_paths", "peer_failure"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
 ENV_KV_BACKUP = "SGLE_KV_BACKUP"  # "1": every rank mirrors its KV into a backup pool (--elastic-kv-backup)
 # Expert parallelism with --elastic-eplb: the file EP rank 0 writes its expert load counts to (moe.loads).
 ENV_EXPERT_LOADS = "SGLE_EXPERT_LOADS"
-# Fault-injection timing aid for tests (like SGLang's SGLANG_TEST_CRASH_*): "phase=seconds,...": the
-# controller stays that long in each named recovery phase; "rebuild=seconds": survivors wait that
-# long before building their new scheduler. So a test can kill a second rank inside a given phase.
-ENV_TEST_DELAYS = "SGLE_TEST_DELAYS"
-# Tests only: a directory. EP rank 0 holds its first layer-0 MoE dispatch after ``<dir>/arm`` appears
-# (routing done, experts not yet run): it removes ``arm``, writes ``<dir>/held`` (its map epoch) and
-# waits until ``<dir>/release`` exists (at most 60 s). So a test can fail a rank between routing and
-# dispatch.
-ENV_TEST_HOLD_DISPATCH = "SGLE_TEST_HOLD_DISPATCH"
-# Tests only: a directory. A rank whose ``<dir>/raise-<tp rank>`` exists removes it and raises a
-# RuntimeError in its event loop (a device error that does not kill the process: a CUDA error).
-ENV_TEST_RAISE = "SGLE_TEST_RAISE"
-# Tests only: a rid prefix. Every rank drops, unprocessed, each request whose rid starts with it (a
-# request lost inside the server, which the request audit must find and end with an error).
-ENV_TEST_DROP = "SGLE_TEST_DROP"
-# Fault injection for tests only: "fault,...". "rebuild": in the server's first recovery (epoch 1),
-# every surviving rank's in-place rebuild raises (it reports RankFailed; the controller's recovery
-# fails with "survivors could not rebuild" and falls back to restarting every scheduler). Later
-# epochs (the relaunched schedulers' recoveries) rebuild normally. "fallback": the fallback restart
-# itself raises (the server ends in state ``failed``: /health 503, every request a 503).
-ENV_TEST_FAIL = "SGLE_TEST_FAIL"
 # A rebuilding rank's bound on its new group's rendezvous and init collectives (seconds): a peer that
 # died before joining makes the rebuild fail within about 1.7x this (torch's TCPStore connect retry).
 REBUILD_INIT_TIMEOUT_S = 5.0
@@ -78,19 +55,6 @@ def peer_failure(reason: str) -> bool:
     """True when a rank's hello ``reason`` says its collective failed because of a peer (see above)."""
     low = (reason or "").lower()
     return any(k in low for k in _PEER_FAILURE)
-
-
-def parse_delays(spec: str | None) -> dict[str, float]:
-    out = {}
-    for item in filter(None, (spec or "").split(",")):
-        name, _, secs = item.partition("=")
-        out[name.strip()] = float(secs)
-    return out
-
-
-def test_faults(spec: str | None) -> frozenset[str]:
-    """The names in an ``ENV_TEST_FAIL`` value (tests only)."""
-    return frozenset(filter(None, (x.strip() for x in (spec or "").split(","))))
 
 
 def heartbeat_path(control_addr: str, pid: int) -> str:

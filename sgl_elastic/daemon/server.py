@@ -486,12 +486,10 @@ class Daemon:
             reason, after = "migrated", DaemonState.READY
             try:
                 rep = self.store.migrate(plan, self._lock, freed)
+                same = {k: v for k, v in msgspec.structs.asdict(rep).items() if k in P.MigrationSummary.__struct_fields__}
                 self.last_migration = P.MigrationSummary(
-                    epoch=self.store.epoch, keep_bytes=rep.keep_bytes, peer_bytes=rep.peer_bytes,
-                    reload_bytes=rep.reload_bytes, file_bytes_read=rep.file_bytes_read, achieved_s=rep.achieved_s,
-                    alloc_s=rep.alloc_s, reload_s=rep.reload_s, copy_s=rep.copy_s, move_s=rep.move_s,
-                    predicted_s=rep.predicted.predicted_s, in_place_ranks=rep.in_place_ranks,
-                    alloc_bytes=rep.alloc_bytes, kv_kept_slots=self.store.last_kv[0], kv_s=self.store.last_kv[1])
+                    **same, epoch=self.store.epoch, predicted_s=rep.predicted.predicted_s,
+                    kv_kept_slots=self.store.last_kv[0], kv_s=self.store.last_kv[1])
                 logger.info("migration done: %d of %d ranks in place, %.1f MB of new memory, %.3f s",
                             rep.in_place_ranks, plan.new_layout.tp_size, rep.alloc_bytes / 1e6, rep.achieved_s)
             except ModelDropped as e:

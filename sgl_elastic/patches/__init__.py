@@ -156,8 +156,7 @@ def load_plugin() -> None:
     """
     from sgl_elastic.daemon.launch import ENV_DIR as DAEMON_ENV
 
-    from sgl_elastic.controller.wire import (ENV_CONTROL, ENV_HEARTBEAT, ENV_KV_BACKUP, ENV_TEST_DELAYS, ENV_TEST_FAIL,
-                                             parse_delays, test_faults)
+    from sgl_elastic.controller.wire import ENV_CONTROL, ENV_HEARTBEAT, ENV_KV_BACKUP
 
     layout_env, daemon_dir = os.environ.get(ENV_VAR), os.environ.get(DAEMON_ENV)  # read once, here
     control, heartbeat = os.environ.get(ENV_CONTROL), os.environ.get(ENV_HEARTBEAT)
@@ -178,9 +177,7 @@ def load_plugin() -> None:
         if control:  # in-place failover: survivors of a dead rank rebuild instead of exiting
             from sgl_elastic.patches import reconfigure
 
-            reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0,
-                                         parse_delays(os.environ.get(ENV_TEST_DELAYS)).get("rebuild", 0.0),
-                                         test_faults(os.environ.get(ENV_TEST_FAIL)))
+            reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0)
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

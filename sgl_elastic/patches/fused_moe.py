@@ -34,7 +34,8 @@ import logging
 import os
 import time
 
-from sgl_elastic.controller.wire import ENV_EXPERT_LOADS, ENV_TEST_HOLD_DISPATCH
+from sgl_elastic.controller import faults
+from sgl_elastic.controller.wire import ENV_EXPERT_LOADS
 from sgl_elastic.patches import state
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _ATTR = "_sgl_elastic_moe_slice"  # (start, size) of this rank's intermediate co
 _EXPERTS_ATTR = "_sgl_elastic_experts"  # this rank's global expert id -> local slot
 _REMAP_ATTR = "_sgl_elastic_remap"  # redundant experts: (log2phy, logcnt, alive) of this layer
 _MAP_EPOCH_ATTR = "_sgl_elastic_map_epoch"  # recovery epoch of the layout this layer's expert map follows
-_HOLD_DIR = os.environ.get(ENV_TEST_HOLD_DISPATCH) or None  # tests only, read once
+_HOLD_DIR = faults.hold_dispatch_dir()  # tests only, read once
 _LOADS_PATH = os.environ.get(ENV_EXPERT_LOADS) or None  # --elastic-eplb: EP rank 0 counts expert loads
 _counter = None  # moe.loads.LoadCounter of this process (EP rank 0 only)
 
@@ -244,7 +245,7 @@ def _count(layer_id: int, topk_output) -> None:
 
 
 def _hold(epoch: int) -> None:
-    """Tests only (``wire.ENV_TEST_HOLD_DISPATCH``): wait between routing and dispatch once armed."""
+    """Tests only (``faults.ENV_TEST_HOLD_DISPATCH``): wait between routing and dispatch once armed."""
     arm = os.path.join(_HOLD_DIR, "arm")
     try:
         os.unlink(arm)

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from sgl_elastic.controller import reqtrace, wire
+from sgl_elastic.controller import faults, reqtrace, wire
 
 __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash", "take_injected",
            "take_channels", "resume", "start_heartbeat", "drop_resubmitted", "note_channels",
@@ -43,8 +43,6 @@ __all__ = ["ResumeReq", "set_control_addr", "enabled", "failover", "log", "stash
 _control_addr: str | None = None  # read once at plugin load
 _heartbeat_s = 0.0  # heartbeat period (0: none), read once at plugin load
 _heartbeat: "threading.Thread | None" = None
-_rebuild_delay_s = 0.0  # tests only: wait before building the new scheduler (wire.ENV_TEST_DELAYS)
-_test_faults: frozenset[str] = frozenset()  # tests only: injected faults (wire.ENV_TEST_FAIL)
 _epoch = 0  # the recovery epoch this process serves in
 _inject: list = []  # rank 0: requests to hand to the next broadcast (ResumeReqs, then stashed inputs)
 _stash: list | None = None  # rank 0: inputs being broadcast right now (re-sent if the broadcast fails)
@@ -61,13 +59,10 @@ _CARRY = ("send_token_offset", "send_decode_id_offset", "send_output_token_logpr
           "cur_decode_ids_len")
 
 
-def set_control_addr(addr: str | None, heartbeat_s: float = 0.0, rebuild_delay_s: float = 0.0,
-                     test_faults: frozenset[str] = frozenset()) -> None:
-    global _control_addr, _heartbeat_s, _rebuild_delay_s, _test_faults
+def set_control_addr(addr: str | None, heartbeat_s: float = 0.0) -> None:
+    global _control_addr, _heartbeat_s
     _control_addr = addr or None
     _heartbeat_s = heartbeat_s
-    _rebuild_delay_s = rebuild_delay_s
-    _test_faults = frozenset(test_faults)
 
 
 def start_heartbeat() -> None:
@@ -672,10 +667,10 @@ def _rebuild(old_rank, gpu_id, reason, records, pending, channels, server_args, 
             setproctitle.setproctitle(f"sglang::scheduler_TP{order.rank}")
         except ImportError:
             pass
-        if _rebuild_delay_s:
-            time.sleep(_rebuild_delay_s)
-        if "rebuild" in _test_faults and order.epoch == 1:  # tests only (wire.ENV_TEST_FAIL)
-            raise RuntimeError(f"{wire.ENV_TEST_FAIL}=rebuild: injected failure of this rank's rebuild (tests only)")
+        if faults.delay_s("rebuild"):  # tests only (controller.faults)
+            time.sleep(faults.delay_s("rebuild"))
+        if faults.injected("rebuild") and order.epoch == 1:
+            raise RuntimeError(f"{faults.ENV_TEST_FAIL}=rebuild: injected failure of this rank's rebuild (tests only)")
         if order.rank != 0 and order.tp_size > 1 and not getattr(new_args, "dist_init_addr", None):
             _await_listening(getattr(new_args, "host", None) or "127.0.0.1", order.dist_port)
         sched = Scheduler(new_args, port_args)

@@ -10,11 +10,11 @@ import os
 import traceback
 
 from sgl_elastic.controller import reqtrace
-from sgl_elastic.controller.wire import ENV_TEST_DROP, ENV_TEST_RAISE
+from sgl_elastic.controller import faults
 from sgl_elastic.patches import reconfigure as rc
 
-_RAISE_DIR = os.environ.get(ENV_TEST_RAISE) or None  # tests only, read once
-_DROP = os.environ.get(ENV_TEST_DROP) or None  # tests only, read once
+_RAISE_DIR = faults.raise_dir()  # tests only, read once
+_DROP = faults.drop_prefix()  # tests only, read once
 
 
 def run_event_loop(original, self):
@@ -143,7 +143,7 @@ def get_tokenizer(original, *args, **kwargs):
 
 
 def _maybe_raise() -> None:
-    """Tests only (``wire.ENV_TEST_RAISE``): this rank's own error, once, when its trigger file exists."""
+    """Tests only (``faults.ENV_TEST_RAISE``): this rank's own error, once, when its trigger file exists."""
     from sglang.srt.runtime_context import get_parallel
 
     rank = get_parallel().tp_rank
@@ -151,7 +151,7 @@ def _maybe_raise() -> None:
         os.unlink(os.path.join(_RAISE_DIR, f"raise-{rank}"))
     except FileNotFoundError:
         return
-    raise RuntimeError(f"{ENV_TEST_RAISE}: injected error of TP rank {rank} (tests only)")
+    raise RuntimeError(f"{faults.ENV_TEST_RAISE}: injected error of TP rank {rank} (tests only)")
 
 
 def _tp_rank() -> int:

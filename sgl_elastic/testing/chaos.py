@@ -297,74 +297,81 @@ def run_chaos(cfg: ChaosConfig, progress=None) -> ChaosResult:
         _note_shm(seen, files)
         clients = _Clients(url, ref, cfg.max_new)
         time.sleep(1.0)
-        for k in range(cfg.events):
-            time.sleep(rng.uniform(0.3, 3.0))
+        try:
+            for k in range(cfg.events):
+                time.sleep(rng.uniform(0.3, 3.0))
+                st = _status(url)
+                live = [r for r in st["ranks"] if r["alive"] and r["pid"] not in hit]
+                kind = rng.choice(kinds)
+                what = kind
+                if kind in ("kill", "kill0", "stop"):
+                    if len(live) < 2:
+                        kind = "add_rank"
+                    else:
+                        victim = live[0] if kind == "kill0" else rng.choice(live)
+                        sig = signal.SIGSTOP if kind == "stop" else signal.SIGKILL
+                        try:
+                            os.kill(victim["pid"], sig)
+                            hit.add(victim["pid"])
+                            what = f"{'SIGSTOP' if kind == 'stop' else 'SIGKILL'} rank {victim['rank']} (pid {victim['pid']})"
+                        except ProcessLookupError:
+                            what = f"{kind}: rank {victim['rank']} already gone"
+                if kind == "daemon":
+                    pid = _daemon_pid(srv)
+                    if pid is not None:
+                        os.kill(pid, signal.SIGKILL)
+                    what = f"SIGKILL state daemon (pid {pid})"
+                if kind in ("add_rank", "rebalance"):
+                    r = requests.post(url + f"/elastic/{kind}", headers=AUTH, timeout=30)
+                    what = f"{kind}: {r.status_code}"
+                what = f"t+{k} [{st['state']} tp {st['tp_size']}] {what}"
+                res.events.append(what)
+                if progress:
+                    progress(what)
+                seen |= set(_tree(srv.proc.pid))
+                _note_shm(_alive(seen), files)
+            # the end: serving with nothing pending (bounded), then the clients stop
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                st = _status(url)
+                if st["state"] == "serving" and not st["pending"]:
+                    break
+                time.sleep(0.5)
+            time.sleep(2.0)  # requests go on at the end state
+            res.lost = clients.finish()
+            res.ok, res.failed, res.differ = clients.ok, clients.failed, clients.differ
+            res.longest_pause_s = clients.longest_pause
             st = _status(url)
-            live = [r for r in st["ranks"] if r["alive"] and r["pid"] not in hit]
-            kind = rng.choice(kinds)
-            what = kind
-            if kind in ("kill", "kill0", "stop"):
-                if len(live) < 2:
-                    kind = "add_rank"
-                else:
-                    victim = live[0] if kind == "kill0" else rng.choice(live)
-                    sig = signal.SIGSTOP if kind == "stop" else signal.SIGKILL
-                    try:
-                        os.kill(victim["pid"], sig)
-                        hit.add(victim["pid"])
-                        what = f"{'SIGSTOP' if kind == 'stop' else 'SIGKILL'} rank {victim['rank']} (pid {victim['pid']})"
-                    except ProcessLookupError:
-                        what = f"{kind}: rank {victim['rank']} already gone"
-            if kind == "daemon":
-                pid = _daemon_pid(srv)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                what = f"SIGKILL state daemon (pid {pid})"
-            if kind in ("add_rank", "rebalance"):
-                r = requests.post(url + f"/elastic/{kind}", headers=AUTH, timeout=30)
-                what = f"{kind}: {r.status_code}"
-            what = f"t+{k} [{st['state']} tp {st['tp_size']}] {what}"
-            res.events.append(what)
-            if progress:
-                progress(what)
-            seen |= set(_tree(srv.proc.pid))
-            _note_shm(_alive(seen), files)
-        # the end: serving with nothing pending (bounded), then the clients stop
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            st = _status(url)
-            if st["state"] == "serving" and not st["pending"]:
-                break
-            time.sleep(0.5)
-        time.sleep(2.0)  # requests go on at the end state
-        res.lost = clients.finish()
-        res.ok, res.failed, res.differ = clients.ok, clients.failed, clients.differ
-        res.longest_pause_s = clients.longest_pause
-        st = _status(url)
-        res.end_tp = st["tp_size"]
-        res.recoveries = len(st["recoveries"])
-        res.fallbacks = [r["outcome"] for r in st["recoveries"] if r["fallback"]]
-        if st["state"] != "serving":
-            res.problems.append(f"the server ends {st['state']}, not serving")
-        ranks = [r["pid"] for r in st["ranks"]]
-        if set(ranks) & hit:
-            res.problems.append(f"ranks killed or stopped still serve: {sorted(set(ranks) & hit)}")
-        if not all(r["alive"] for r in st["ranks"]):
-            res.problems.append(f"dead ranks listed as serving: {st['ranks']}")
-        if st["recoveries"] and st["recoveries"][-1]["outcome"] == "ok" and \
-                st["recoveries"][-1]["tp_after"] != st["tp_size"]:
-            res.problems.append(f"tp {st['tp_size']} but the last recovery left {st['recoveries'][-1]['tp_after']}")
-        if res.ok == 0:
-            res.problems.append("no request completed")
-        acc = st["requests"]
-        res.accounting = acc
-        res.lost += acc["lost"]  # clients still waiting at the end + those the server found and ended
-        if acc["lost"]:
-            res.problems.append(f"the server found {acc['lost']} lost request(s): {acc['lost_rids']}")
-        if acc["in_flight"]:
-            res.problems.append(f"{acc['in_flight']} request(s) still in flight after the clients stopped")
-        if acc["accepted"] != acc["finished"] + acc["errored"] + acc["lost"] + acc["in_flight"]:
-            res.problems.append(f"the request accounts do not add up: {acc}")
+            res.end_tp = st["tp_size"]
+            res.recoveries = len(st["recoveries"])
+            res.fallbacks = [r["outcome"] for r in st["recoveries"] if r["fallback"]]
+            if st["state"] != "serving":
+                res.problems.append(f"the server ends {st['state']}, not serving")
+            ranks = [r["pid"] for r in st["ranks"]]
+            if set(ranks) & hit:
+                res.problems.append(f"ranks killed or stopped still serve: {sorted(set(ranks) & hit)}")
+            if not all(r["alive"] for r in st["ranks"]):
+                res.problems.append(f"dead ranks listed as serving: {st['ranks']}")
+            if st["recoveries"] and st["recoveries"][-1]["outcome"] == "ok" and \
+                    st["recoveries"][-1]["tp_after"] != st["tp_size"]:
+                res.problems.append(f"tp {st['tp_size']} but the last recovery left {st['recoveries'][-1]['tp_after']}")
+            if res.ok == 0:
+                res.problems.append("no request completed")
+            acc = st["requests"]
+            res.accounting = acc
+            res.lost += acc["lost"]  # clients still waiting at the end + those the server found and ended
+            if acc["lost"]:
+                res.problems.append(f"the server found {acc['lost']} lost request(s): {acc['lost_rids']}")
+            if acc["in_flight"]:
+                res.problems.append(f"{acc['in_flight']} request(s) still in flight after the clients stopped")
+            if acc["accepted"] != acc["finished"] + acc["errored"] + acc["lost"] + acc["in_flight"]:
+                res.problems.append(f"the request accounts do not add up: {acc}")
+        except requests.ConnectionError as e:  # the server ended (state failed): the seed fails, the run goes on
+            res.problems.append(f"the server stopped answering: {type(e).__name__}: {str(e)[:200]}")
+            if not clients.stop.is_set():
+                res.lost = clients.finish()
+                res.ok, res.failed, res.differ = clients.ok, clients.failed, clients.differ
+                res.longest_pause_s = clients.longest_pause
         # Ctrl-C, then nothing may remain
         for pid in hit:  # a stopped rank left stopped would only be SIGKILLed by the fence
             try:
@@ -373,7 +380,10 @@ def run_chaos(cfg: ChaosConfig, progress=None) -> ChaosResult:
                 pass
         seen |= set(_tree(srv.proc.pid))
         _note_shm(_alive(seen), files)
-        os.killpg(srv.proc.pid, signal.SIGINT)
+        try:
+            os.killpg(srv.proc.pid, signal.SIGINT)
+        except ProcessLookupError:  # it ended on its own (state failed)
+            pass
         deadline = time.monotonic() + 60
         while (srv.proc.poll() is None or _alive(seen)) and time.monotonic() < deadline:
             time.sleep(0.25)

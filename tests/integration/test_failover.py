@@ -28,7 +28,7 @@ import psutil
 import pytest
 import requests
 
-from sgl_elastic.controller import wire
+from sgl_elastic.controller import faults
 
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
@@ -70,8 +70,8 @@ def hold_dir(tmp_path_factory):
 def server(tiny_models, case, hold_dir):
     family, tp = case[:2]
     ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
-    env = dict(os.environ, **{wire.ENV_TEST_RAISE: str(hold_dir), wire.ENV_TEST_DROP: DROP},
-               **({wire.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
+    env = dict(os.environ, **{faults.ENV_TEST_RAISE: str(hold_dir), faults.ENV_TEST_DROP: DROP},
+               **({faults.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
     srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
     srv.start()

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from sgl_elastic.controller import wire
+from sgl_elastic.controller import faults
 from sgl_elastic.testing.reference import hf_greedy
 from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 
@@ -57,7 +57,7 @@ class Tree:
 
 @pytest.fixture
 def server(tiny_models, tmp_path):
-    env = dict(os.environ, SGLE_TEST_FAIL="rebuild", **{wire.ENV_TEST_RAISE: str(tmp_path)})
+    env = dict(os.environ, SGLE_TEST_FAIL="rebuild", **{faults.ENV_TEST_RAISE: str(tmp_path)})
     srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
         "--dtype", "float32", "--elastic-admin-token", TOKEN])
     srv.raise_dir = tmp_path  # SGLE_TEST_RAISE: a rank raises when raise-<rank> appears here

@@ -4,7 +4,7 @@ token, and the fused shard order that lets ranks serve from the daemon's shards 
 import msgspec
 import pytest
 
-from sgl_elastic.controller import wire
+from sgl_elastic.controller import faults, wire
 from sgl_elastic.controller.admin import AdminToken
 from sgl_elastic.controller.failover import IllegalPhaseTransition, Phase, transition
 from sgl_elastic.layout import ElasticLayout
@@ -98,10 +98,10 @@ def test_new_wire_fields_and_paths():
     assert wire.decode(wire.encode(m)) == m
     old = wire.Reconfigure(epoch=2, rank=0, tp_size=2, layout=b"x", dist_port=1, omp_bind="")
     assert (old.takeover, old.daemon_dir, old.gpu_slot) == (b"", "", -1)
-    assert wire.parse_delays("frozen=2,rebuild=0.5") == {"frozen": 2.0, "rebuild": 0.5}
-    assert wire.parse_delays("") == {} and wire.parse_delays(None) == {}
+    assert faults.parse_delays("frozen=2,rebuild=0.5") == {"frozen": 2.0, "rebuild": 0.5}
+    assert faults.parse_delays("") == {} and faults.parse_delays(None) == {}
     with pytest.raises(ValueError):
-        wire.parse_delays("frozen=soon")
+        faults.parse_delays("frozen=soon")
     assert wire.heartbeat_path("ipc:///run/x/control.sock", 42) == "/run/x/heartbeat-42"
     assert wire.regroup_path("ipc:///run/x/control.sock") == "/run/x/regroup"
 
@@ -177,7 +177,7 @@ def test_align_streams_no_token_twice_or_missing(out, sent, delivered):
 def test_test_faults_and_server_args_at_new_tp():
     from sgl_elastic.controller.supervisor import server_args_at
 
-    assert wire.test_faults("rebuild, x,") == {"rebuild", "x"} and wire.test_faults(None) == frozenset()
+    assert faults.parse_faults("rebuild, x,") == {"rebuild", "x"} and faults.parse_faults(None) == frozenset()
     assert transition(Phase.FAILED, Phase.SERVING, "fallback restart") is Phase.SERVING
     from sglang.srt.server_args import ServerArgs
 
@@ -212,7 +212,7 @@ def _failed_controller(monkeypatch, restart):
     import threading
 
     from sgl_elastic.controller import supervisor as sv_mod
-    from sgl_elastic.controller.failover import FailoverController, Recovery
+    from sgl_elastic.controller.failover import FailoverController, Outcome, Recovery
 
     cfg = preset_config("Qwen3-14B")
     fc = FailoverController()
@@ -229,7 +229,7 @@ def _failed_controller(monkeypatch, restart):
     fc.recoveries.append(rec)
     for p in (Phase.FROZEN, Phase.PLANNING, Phase.MIGRATING, Phase.RECONFIGURING, Phase.FAILED):
         fc._to(rec, p, "test")
-    rec.outcome = "failed: RuntimeError: survivors could not rebuild"
+    rec.end(Outcome.FAILED, "RuntimeError: survivors could not rebuild")
     return fc, rec, seen
 
 
@@ -355,3 +355,27 @@ def test_sigquit_waits_for_the_killed_rank_to_be_reaped_and_ignores_stale_ones()
             p.kill()
             p.join(timeout=10)
         assert not short.is_alive() and not long.is_alive()
+
+
+def test_add_rank_past_the_kv_heads_is_refused_before_it_is_accepted():
+    """A scale-up the rank processes could not serve (more ranks than KV heads: replication, which the
+    patches do not implement) gets a 409 up front and changes nothing; one within the heads is accepted
+    (202) and shows pending. (Found by a chaos run: the 202 led to a rebuild every rank refused, then a
+    fallback at the same tp that failed too, and the server ended.)"""
+    import threading
+
+    from sgl_elastic.controller.failover import FailoverController
+
+    cfg = preset_config("Qwen3-14B")  # 8 KV heads
+    fc = FailoverController()
+    fc._thread = threading.current_thread()  # watch() must not start a detector here
+    fc.enabled, fc._spawn = True, lambda slot, standby: None
+    fc.watch([_Proc(100 + r) for r in range(8)])
+    fc.layout = ElasticLayout.from_hf_config(cfg, 8)
+    err, code = fc.request_add_rank()
+    assert code == 409 and "8 KV heads on 9 ranks needs KV-head replication" in err, err
+    assert fc.status()["pending"] == []
+    fc.watch([_Proc(100 + r) for r in range(7)])
+    fc.layout = ElasticLayout.from_hf_config(cfg, 7)
+    assert fc.request_add_rank() == (None, 202) and fc.status()["pending"] == ["add_rank"]
+    assert fc.request_add_rank()[1] == 409  # one at a time
