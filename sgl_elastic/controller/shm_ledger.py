@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from sgl_elastic.controller.procs import shm_inodes_of
 
 __all__ = ["ShmLedger"]
 
 _SKIP = ("sgle-",)
+SWEEP_WAIT_S = 10.0  # at most this long for the tree's exiting processes to unmap the noted files
 
 
 class ShmLedger:
@@ -72,7 +74,16 @@ class ShmLedger:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        in_use = shm_inodes_of([p for p in self._tree() if p != self.root_pid])
+        # a scheduler still exiting maps its queues a moment longer: wait for the noted files to be
+        # let go (bounded), else a file in use now would be skipped and left once its process ends
+        deadline = time.monotonic() + SWEEP_WAIT_S
+        while True:
+            in_use = shm_inodes_of([p for p in self._tree() if p != self.root_pid])
+            with self._lock:
+                busy = in_use & set(self.files.values())
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         removed = []
         with self._lock:
             for name, ino in sorted(self.files.items()):
