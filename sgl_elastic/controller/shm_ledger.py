@@ -26,7 +26,7 @@ SWEEP_WAIT_S = 10.0  # at most this long for the tree's exiting processes to unm
 class ShmLedger:
     """``ledger = ShmLedger(os.getpid()).start()`` ... ``ledger.sweep()`` at exit."""
 
-    def __init__(self, root_pid: int, interval_s: float = 2.0) -> None:
+    def __init__(self, root_pid: int, interval_s: float = 0.5) -> None:
         self.root_pid, self.interval_s = root_pid, interval_s
         self.files: dict[str, int] = {}  # name -> inode it was noted with
         self._stop = threading.Event()
@@ -74,6 +74,10 @@ class ShmLedger:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        try:  # a last look: files made since the last periodic note, by processes still exiting
+            self.note()
+        except Exception:  # noqa: BLE001 - housekeeping
+            pass
         # a scheduler still exiting maps its queues a moment longer: wait for the noted files to be
         # let go (bounded), else a file in use now would be skipped and left once its process ends
         deadline = time.monotonic() + SWEEP_WAIT_S
