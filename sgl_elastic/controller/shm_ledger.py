@@ -2,8 +2,8 @@
 
 SGLang 0.5.23 leaves files behind when its processes are killed (scheduler message queues
 ``sgl_shm_mq_<pid>_*``, the load report ``sglang_loads_*.shm``, multiprocessing semaphores), and
-a failover replaces schedulers, so each one left another set. The launcher notes, every few
-seconds, the files that its own process and every descendant map or hold open, and at exit (once
+a failover replaces schedulers, so each one left another set. The launcher notes, twice a
+second (and once more at exit), the files that its own process and every descendant map or hold open, and at exit (once
 they are gone) unlinks the noted files that no live process maps any more. Files of other
 processes are never touched: a file is removed only under the name and inode it was noted with.
 The state daemon's segments (``sgle-``) are the daemon's to free and are skipped.
