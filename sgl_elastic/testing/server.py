@@ -67,6 +67,7 @@ class ServerProcess:
         self.start_s: float | None = None  # seconds from spawn to /health answering 200
         self.forced_kill = False
         self.removed_shm: list[str] = []  # SGLang's leftovers that stop() removed
+        self.seen_pids: set[int] = set()  # the server's processes noted so far (``note_children``)
 
     @property
     def command(self) -> list[str]:
@@ -180,6 +181,17 @@ class ServerProcess:
                 pass
         return members
 
+    def note_children(self) -> set[int]:
+        """Add every descendant of the server's main process now to ``seen_pids`` (relaunched or added
+        ranks are new processes: note them while they run, to check after ``stop`` that none is left).
+        A server that has ended adds nothing."""
+        if self.proc is not None:
+            try:
+                self.seen_pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+            except psutil.Error:
+                pass
+        return self.seen_pids
+
     def __enter__(self) -> "ServerProcess":
         return self.start()
 
@@ -190,6 +202,21 @@ class ServerProcess:
 def children_of(srv: ServerProcess) -> list[int]:
     """Pids of every descendant of the server's main process now (to check after ``stop``)."""
     return [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
+
+
+def process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Whether ``pid`` has exited (gone, or a zombie) within ``timeout`` s (polled every 0.05 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def stop_and_check_leaks(srv: ServerProcess, pids: list[int], *, sglang_files: bool = False) -> int | None:

@@ -11,26 +11,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from sgl_elastic.testing.clients import admin_status, wait_serving
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+from sgl_elastic.testing.clients import admin_status, wait_serving, wait_state
+
+from tests.integration.conftest import TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
-TOKEN = "bench-serving-admin-token"
 N, OUT = 24, 24
 
 
-def test_bench_serving_through_a_rank_failure(tiny_models, tmp_path):
+def test_bench_serving_through_a_rank_failure(serve, tiny_models, tmp_path):
     model = str(tiny_models["qwen3-moe"])
-    srv = ServerProcess(model, tp_size=3, extra_args=["--dtype", "float32", "--elastic-admin-token", TOKEN,
-                                                      "--elastic-standby", "0"])
-    srv.start()
-    pids = children_of(srv)
-    try:
+    with serve("qwen3-moe", 3, "--elastic-standby", "0") as srv:
+        accepted = admin_status(srv.url, TOKEN)["requests"]["accepted"]
         out_file = tmp_path / "bench.jsonl"
         cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", srv.url,
                "--model", model, "--tokenizer", model, "--dataset-name", "random-ids", "--num-prompts", str(N),
@@ -40,7 +36,11 @@ def test_bench_serving_through_a_rank_failure(tiny_models, tmp_path):
         log = open(tmp_path / "bench.log", "w")
         bench = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            time.sleep(3.0)  # the warm-up is done and requests stream
+            # the warm-up is done and the benchmark's requests stream: more than the warm-up accepted,
+            # one in flight now
+            wait_state(srv.url, TOKEN, lambda st: st["requests"]["accepted"] >= accepted + 3
+                       and st["requests"]["in_flight"] >= 1 or bench.poll() is not None,
+                       "bench_serving's requests in flight", timeout=120, interval=0.05)
             assert bench.poll() is None, f"bench_serving ended early:\n{(tmp_path / 'bench.log').read_text()[-3000:]}"
             st = admin_status(srv.url, TOKEN)
             os.kill(next(r["pid"] for r in st["ranks"] if r["rank"] == 1), signal.SIGKILL)
@@ -58,5 +58,3 @@ def test_bench_serving_through_a_rank_failure(tiny_models, tmp_path):
         assert result["total_output_tokens"] == N * OUT, result["total_output_tokens"]
         rec = admin_status(srv.url, TOKEN)["recoveries"][-1]
         assert rec["outcome"] == "ok" and rec["failed_ranks"] == [1], rec
-    finally:
-        stop_and_check_leaks(srv, pids)

@@ -25,11 +25,12 @@ import pytest
 import requests
 
 from sgl_elastic.daemon.client import DaemonClient
-from sgl_elastic.testing.reference import hf_greedy
+from sgl_elastic.testing.clients import running_requests, wait_for
 from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
 
 pytestmark = pytest.mark.slow  # slow tier (docs/testing.md)
 
+FAMILY = "qwen3-moe"  # the conftest's ``want``: HF's tokens of PROMPTS on these weights (the copy's)
 PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42]]
 SHARED = list(range(3, 43))  # a 40-token prefix reused after the restart
 MAX_NEW = 8
@@ -51,11 +52,6 @@ def model_copy(tiny_models, tmp_path_factory):
     dst = tmp_path_factory.mktemp("ckpt") / "qwen3-moe-tiny"
     shutil.copytree(tiny_models["qwen3-moe"], dst)
     return dst
-
-
-@pytest.fixture(scope="module")
-def want(model_copy):
-    return hf_greedy(str(model_copy), PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +169,9 @@ def test_request_in_flight_gets_explicit_error(server, want):
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(3.0)
+    # the schedulers run it (SGLang's own load report; this server has no failover controller)
+    wait_for(lambda: running_requests(server.url) >= 1 or not t.is_alive(), "the long request running",
+             timeout=60, interval=0.1)
     assert t.is_alive(), "the long request finished before the kill; make it longer"
     _kill_and_wait(server, _schedulers(server)["scheduler_TP0"], [PROMPTS[0]])
     t.join(120)

@@ -11,18 +11,16 @@ changed. Mixtral with copies is in the default tier; the other three combination
 
 import os
 import signal
-import time
 
 import pytest
 import requests
 
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+
+from tests.integration.conftest import AUTH, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-TOKEN = "down-to-one-admin-token"
-PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW, LONG = 16, 48
 
 CASES = [
@@ -41,15 +39,12 @@ def _wait(url, pred, what):
 
 
 @pytest.mark.parametrize("family,redundant", CASES)
-def test_failures_down_to_one_rank_then_add_rank(tiny_models, hf_tokens, family, redundant):
+def test_failures_down_to_one_rank_then_add_rank(serve, hf_tokens, family, redundant):
     want, want_long = hf_tokens(family, PROMPTS, MAX_NEW), hf_tokens(family, PROMPTS[:2], LONG)
-    extra = ["--dtype", "float32", "--elastic-admin-token", TOKEN, "--ep-size", "4", "--elastic-standby", "0"]
+    extra = ["--ep-size", "4", "--elastic-standby", "0"]
     if redundant:
         extra += ["--elastic-redundant-experts", str(redundant)]
-    srv = ServerProcess(tiny_models[family], tp_size=4, extra_args=extra)
-    srv.start()
-    pids = children_of(srv)
-    try:
+    with serve(family, 4, *extra) as srv:
         url = srv.url
         st = admin_status(url, TOKEN)
         assert st["eplb"]["redundant"] == redundant and st["tp_size"] == 4
@@ -60,7 +55,7 @@ def test_failures_down_to_one_rank_then_add_rank(tiny_models, hf_tokens, family,
             pid = next(r["pid"] for r in st["ranks"] if r["rank"] == victim)
             load = BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
             try:
-                time.sleep(0.5)
+                load.wait_started()
                 os.kill(pid, signal.SIGKILL)
                 st = _wait(url, lambda s: s["tp_size"] == tp - 1 and len(s["recoveries"]) > n,
                            f"the recovery from rank {victim}'s failure at tp {tp - 1}")
@@ -70,9 +65,7 @@ def test_failures_down_to_one_rank_then_add_rank(tiny_models, hf_tokens, family,
             assert rec["outcome"] == "ok" and rec["failed_ranks"] == [victim], rec
             got = [generate(url, p, MAX_NEW) for p in PROMPTS]
             assert got == want, f"tp {tp - 1} after rank {victim} died: answers differ from HF's"
-        r = requests.post(url + "/elastic/add_rank", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        r = requests.post(url + "/elastic/add_rank", headers=AUTH, timeout=30)
         assert r.status_code == 202, r.text
         _wait(url, lambda s: s["tp_size"] == 2, "the scale-up to tp 2")
         assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want, "tp 2 after add_rank"
-    finally:
-        stop_and_check_leaks(srv, pids)

@@ -16,39 +16,24 @@ After the server stops: none of its processes and none of its daemon's /dev/shm 
 
 import os
 import signal
-import time
 
 import pytest
 import requests
 
 from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+
+from tests.integration.conftest import AUTH, MAX_NEW, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
-TOKEN = "redundant-admin-token"
-PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
-MAX_NEW, LONG = 24, 64
+FAMILY = "mixtral"
+LONG = 64
 
 
 @pytest.fixture(scope="module")
-def want(hf_tokens):
-    return hf_tokens("mixtral", PROMPTS, MAX_NEW)
-
-
-@pytest.fixture(scope="module")
-def want_long(hf_tokens):
-    return hf_tokens("mixtral", PROMPTS[:2], LONG)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    srv = ServerProcess(tiny_models["mixtral"], tp_size=3, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--ep-size", "3", "--elastic-redundant-experts", "6"])
-    srv.start()
-    pids = children_of(srv)
-    yield srv
-    assert stop_and_check_leaks(srv, pids) is not None
+def server(serve):
+    with serve(FAMILY, 3, "--ep-size", "3", "--elastic-redundant-experts", "6") as srv:
+        yield srv
 
 
 def _wait(url, pred, what):
@@ -87,10 +72,10 @@ def test_failure_reloads_only_experts_without_a_surviving_copy(server, want, wan
     victim = next(r["pid"] for r in st["ranks"] if r["rank"] == 1)
     load = BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
     try:
-        time.sleep(1.0)
+        load.wait_started()
         os.kill(victim, signal.SIGKILL)
         st = _wait(url, lambda s: s["tp_size"] == 2 and len(s["recoveries"]) > n, "the recovery at tp 2")
-        time.sleep(1.0)  # requests resumed and new ones served at tp 2
+        load.wait_served(load.mark(), long=1, plain=len(PROMPTS))  # requests resumed and new ones served at tp 2
     finally:
         load.finish(want, want_long)
     rec = next(r for r in st["recoveries"][n:] if r["failed_ranks"])
@@ -107,7 +92,7 @@ def test_rebalance_places_copies_by_peer_copies(server, want):
     for p in PROMPTS:  # loads since the last placement
         generate(url, p, MAX_NEW)
     n = len(admin_status(url, TOKEN)["recoveries"])
-    r = requests.post(url + "/elastic/rebalance", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    r = requests.post(url + "/elastic/rebalance", headers=AUTH, timeout=30)
     assert r.status_code == 202, r.text
     st = _wait(url, lambda s: s["eplb"]["last"].get("decision") in ("moved", "skipped", "failed"), "a rebalance decision")
     last = st["eplb"]["last"]  # the survivors kept what they held: the loads now place the copies better
@@ -123,7 +108,7 @@ def test_rebalance_places_copies_by_peer_copies(server, want):
 def test_rebalance_with_a_baseline_algorithm(server, want):
     """``{"algorithm": "deepseek"}`` applies SGLang's DeepSeek EPLB (7 + 7 slots: equal, as it needs);
     a bad body or algorithm gets 400 and changes nothing."""
-    url, auth = server.url, {"Authorization": f"Bearer {TOKEN}"}
+    url, auth = server.url, AUTH
     n = len(admin_status(url, TOKEN)["recoveries"])
     for body, code in (("not json", 400), ('{"algorithm": "magic"}', 400), ('{"algorithm": 3}', 400)):
         r = requests.post(url + "/elastic/rebalance", headers=auth, data=body, timeout=30)

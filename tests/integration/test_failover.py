@@ -29,16 +29,14 @@ import pytest
 import requests
 
 from sgl_elastic.controller import faults
+from sgl_elastic.testing.clients import (HealthProbe, admin_status, frontend_program, generate, openai_stream,
+                                         rank_pid, wait_next_epoch, wait_state, wait_tp)
+from sgl_elastic.testing.server import process_gone
 
-from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+from tests.integration.conftest import AUTH, MAX_NEW, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
-MAX_NEW = 24
 LONG = 96  # streams long enough to be mid-decode when the rank dies
 DROP = "sgle-test-drop-"  # every rank drops a request whose rid starts with this (a request lost inside)
 
@@ -52,13 +50,8 @@ def case(request):
 
 
 @pytest.fixture(scope="module")
-def want(tiny_models, case):
-    return hf_greedy(str(tiny_models[case[0]]), PROMPTS, MAX_NEW)
-
-
-@pytest.fixture(scope="module")
-def want_long(tiny_models, case):
-    return hf_greedy(str(tiny_models[case[0]]), PROMPTS[:2], LONG)
+def family(case):  # the conftest's want / want_long follow the case's family
+    return case[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,104 +60,40 @@ def hold_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, case, hold_dir):
+def server(serve, case, hold_dir):
     family, tp = case[:2]
     ep = ["--ep-size", str(tp)] if "ep" in case[3:] else []  # experts whole per rank (3, 3, 2 of 8)
     env = dict(os.environ, **{faults.ENV_TEST_RAISE: str(hold_dir), faults.ENV_TEST_DROP: DROP},
                **({faults.ENV_TEST_HOLD_DISPATCH: str(hold_dir)} if ep else {}))
-    srv = ServerProcess(tiny_models[family], tp_size=tp, env=env, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--enable-metrics", *ep])
-    srv.start()
-    pids = children_of(srv)
-    yield srv
     # also SGLang's own files: the controller reaps what killed and replaced schedulers left, stop()
     # what the last ones map
-    assert stop_and_check_leaks(srv, pids, sglang_files=True) is not None
+    with serve(family, tp, "--enable-metrics", *ep, env=env, sglang_files=True) as srv:
+        yield srv
 
 
 def _generate(url, ids, n=MAX_NEW):
-    r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
-        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=300)
-    r.raise_for_status()
-    return r.json()["output_ids"]
+    return generate(url, ids, n)
 
 
 def _generate_stream(url, ids, n=MAX_NEW, started=None):
-    """Streaming /generate: the output ids of the last chunk (each chunk carries all so far), after
-    checking that every chunk extends the one before by what it adds (no token twice or lost).
-    ``started`` (an Event) is set once some tokens have streamed: the request is being decoded."""
-    import json
-
-    r = requests.post(url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
-        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=300, stream=True)
-    r.raise_for_status()
-    out = []
-    for line in r.iter_lines():
-        if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
-            ids_now = json.loads(line[5:])["output_ids"]
-            assert ids_now[:len(out)] == out, f"stream went back: {out} then {ids_now}"
-            out = ids_now
-            if started is not None and len(out) >= 4:
-                started.set()
-    return out
+    """Streaming /generate; ``started`` (an Event) is set once 4 tokens have streamed."""
+    return generate(url, ids, n, stream=True, started=started, started_at=4)
 
 
 def _status(url):
-    r = requests.get(url + "/elastic/status", headers=AUTH, timeout=30)
-    r.raise_for_status()
-    return r.json()
+    return admin_status(url, TOKEN)
 
 
 def _rank_pid(url, rank):
-    return next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == rank)
-
-
-class HealthProbe(threading.Thread):
-    """Polls /health every 0.2 s until stopped; records every answer that is not 200."""
-
-    def __init__(self, url):
-        super().__init__(daemon=True)
-        self.url, self.bad, self.count, self.stop_ev = url, [], 0, threading.Event()
-
-    def run(self):
-        while not self.stop_ev.is_set():
-            try:
-                code = requests.get(self.url + "/health", timeout=30).status_code
-            except requests.RequestException as e:
-                code = repr(e)
-            self.count += 1
-            if code != 200:
-                self.bad.append(code)
-            self.stop_ev.wait(0.2)
-
-    def finish(self):
-        self.stop_ev.set()
-        self.join(60)
-        return self.bad
+    return rank_pid(url, TOKEN, rank)
 
 
 def _frontend_program(url):
-    import sglang as sgl
-
-    @sgl.function
-    def answer(s, question):
-        s += question
-        s += sgl.gen("a", max_tokens=MAX_NEW, temperature=0)
-
-    backend = sgl.RuntimeEndpoint(url)
-    try:
-        return answer.run(question="The capital of", backend=backend)["a"]
-    finally:
-        backend.shutdown() if hasattr(backend, "shutdown") else None
+    return frontend_program(url, MAX_NEW)
 
 
 def _openai_stream(url, prompt):
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300)
-    chunks = client.completions.create(model="default", prompt=prompt, max_tokens=MAX_NEW, temperature=0,
-                                       stream=True)
-    return "".join(c.choices[0].text for c in chunks if c.choices)
+    return openai_stream(url, prompt, MAX_NEW)
 
 
 def test_kill_rank_mid_stream(server, want, want_long, case):
@@ -251,12 +180,7 @@ def _in_flight(fn, url):
 
 
 def _next_epoch(url, epoch, timeout=60):
-    """The status once the server serves in an epoch after ``epoch`` (bounded)."""
-    deadline = time.monotonic() + timeout
-    while (s := _status(url))["epoch"] == epoch or s["state"] != "serving":
-        assert time.monotonic() < deadline, s
-        time.sleep(0.2)
-    return s
+    return wait_next_epoch(url, TOKEN, epoch, timeout)
 
 
 def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
@@ -278,8 +202,13 @@ def test_failure_between_routing_and_dispatch(server, want, case, hold_dir):
         assert (hold_dir / "held").exists(), "rank 0 never reached a MoE dispatch"
         held_epoch = int((hold_dir / "held").read_text())
         assert held_epoch == before["epoch"]
-        os.kill(_rank_pid(url, 1), signal.SIGKILL)
-        time.sleep(0.5)  # rank 1 is dead while rank 0 still holds the step routed under its old map
+        victim = _rank_pid(url, 1)
+        os.kill(victim, signal.SIGKILL)
+        # rank 1 is dead, and the controller has seen it, while rank 0 still holds the step routed
+        # under its old map
+        assert process_gone(victim, timeout=30), "rank 1 outlived its SIGKILL by 30 s"
+        wait_state(url, TOKEN, lambda st: st["state"] != "serving" or st["epoch"] > before["epoch"],
+                   "the controller saw rank 1's death (a recovery began)", timeout=30)
     finally:  # never leave rank 0 held for the next test, even when this one fails
         (hold_dir / "release").touch()
     for t in threads:
@@ -306,8 +235,22 @@ def test_rank_fails_on_its_own_error(server, want, case, hold_dir):
     assert before["tp_size"] >= 2, before
     probe = HealthProbe(url)
     probe.start()
-    threads, results, errors = _in_flight(_generate_stream, url)
-    time.sleep(0.5)
+    started = [threading.Event() for _ in PROMPTS]
+    results, errors = {}, []
+
+    def run(i, p):
+        try:
+            results[i] = generate(url, p, MAX_NEW, stream=True, started=started[i])
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+        finally:
+            started[i].set()
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for i, ev in enumerate(started):  # every stream is being decoded (its first chunk came)
+        assert ev.wait(120), f"stream {i} produced no chunk within 120 s: {errors}"
     victim_pid = _rank_pid(url, 1)
     (hold_dir / "raise-1").touch()
     for t in threads:
@@ -343,13 +286,8 @@ def test_admin_api_then_down_to_one_rank(server, want):
         victim = tp % 2  # rank 0 and another rank in turn
         r = requests.post(url + "/elastic/inject_failure", json={"rank": victim}, headers=AUTH, timeout=30)
         assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            s = _status(url)
-            if s["state"] == "serving" and s["tp_size"] == tp - 1:
-                break
-            time.sleep(0.2)
-        assert s["tp_size"] == tp - 1 and s["recoveries"][-1]["outcome"] == "ok", s
+        s = wait_tp(url, TOKEN, tp - 1, timeout=120)
+        assert s["recoveries"][-1]["outcome"] == "ok", s
         assert [_generate(url, p) for p in PROMPTS] == want
     r = requests.post(url + "/elastic/inject_failure", json={"rank": 0}, headers=AUTH, timeout=30)
     assert r.status_code == 409 and "last rank" in r.json()["error"]

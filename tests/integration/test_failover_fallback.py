@@ -27,11 +27,9 @@ import pytest
 import requests
 
 from sgl_elastic.controller import faults
-from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess, stop_and_check_leaks
+from sgl_elastic.testing.clients import HealthProbe, RequestSet, admin_status, generate, wait_state, wait_tp
 
-from tests.integration.test_failover import PROMPTS, TOKEN, HealthProbe, _generate, _generate_stream, _status
-from tests.integration.test_failover_hard import Load, _wait_serving
+from tests.integration.conftest import MAX_NEW, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400), pytest.mark.slow]  # slow tier (docs/testing.md)
 
@@ -41,35 +39,23 @@ CLIENT_TIMEOUT_S = 120  # no request may hang: each gets an answer or an error w
 
 
 @pytest.fixture(scope="module")
-def want(tiny_models):
-    return hf_greedy(str(tiny_models[FAMILY]), PROMPTS, LONG)
+def want_all_long(hf_tokens):
+    """HF's greedy tokens of every prompt, LONG tokens each (the requests in flight at the failures)."""
+    return hf_tokens(FAMILY, PROMPTS, LONG)
 
 
-class Tree:
-    """Every process of the server seen so far (the relaunched schedulers are new ones)."""
-
-    def __init__(self, srv):
-        self.srv, self.pids = srv, set()
-
-    def note(self):
-        self.pids |= {c.pid for c in psutil.Process(self.srv.proc.pid).children(recursive=True)}
+def _status(url):
+    return admin_status(url, TOKEN)
 
 
 @pytest.fixture
-def server(tiny_models, tmp_path):
+def server(serve, tmp_path):
+    """The relaunched schedulers are new processes: the test notes them (``srv.note_children()``), the
+    factory checks that none of the processes seen is left."""
     env = dict(os.environ, SGLE_TEST_FAIL="rebuild", **{faults.ENV_TEST_RAISE: str(tmp_path)})
-    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN])
-    srv.raise_dir = tmp_path  # SGLE_TEST_RAISE: a rank raises when raise-<rank> appears here
-    srv.start()
-    tree = Tree(srv)
-    tree.note()
-    try:
-        yield srv, tree
-    finally:
-        if srv.proc.poll() is None:
-            tree.note()
-        assert stop_and_check_leaks(srv, list(tree.pids)) is not None
+    with serve(FAMILY, 3, env=env) as srv:
+        srv.raise_dir = tmp_path  # SGLE_TEST_RAISE: a rank raises when raise-<rank> appears here
+        yield srv
 
 
 def _attempt(url, ids, stream, started: threading.Event):
@@ -104,11 +90,10 @@ def _attempt(url, ids, stream, started: threading.Event):
     return "ok", out
 
 
-def test_fallback_restart_at_new_tp_then_in_place(server, want):
-    srv, tree = server
+def test_fallback_restart_at_new_tp_then_in_place(server, want, want_all_long):
+    srv = server
     url = srv.url
-    want24 = [w[:24] for w in want]
-    assert _generate(url, PROMPTS[0]) == want24[0]
+    assert generate(url, PROMPTS[0], MAX_NEW) == want[0]
     before = _status(url)
     assert before["state"] == "serving" and before["tp_size"] == 3, before
     pids = {r["rank"]: r["pid"] for r in before["ranks"]}
@@ -132,14 +117,14 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     t_kill = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
     late = [threading.Event() for _ in PROMPTS[:2]]  # sent while the recovery fails / the fallback runs
-    time.sleep(0.5)
+    wait_state(url, TOKEN, lambda st: st["state"] != "serving", "the controller saw rank 1's death", timeout=30)
     threads += [threading.Thread(target=run, args=(f"late{i}", p, False, late[i])) for i, p in enumerate(PROMPTS[:2])]
     for t in threads[-2:]:
         t.start()
 
-    s = _wait_serving(url, 2, timeout=150)
+    s = wait_tp(url, TOKEN, 2, timeout=150)
     fallback_s = time.monotonic() - t_kill
-    tree.note()
+    srv.note_children()
     for t in threads:
         t.join(CLIENT_TIMEOUT_S + 10)
     assert not any(t.is_alive() for t in threads), "a request hung"
@@ -148,7 +133,7 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     errors = {k: v for k, (kind, v) in results.items() if kind == "error"}
     for k, (kind, v) in results.items():
         if kind == "ok":
-            assert v == want[idx[k]], (k, v, want[idx[k]])
+            assert v == want_all_long[idx[k]], (k, v, want_all_long[idx[k]])
         else:
             assert "503" in v or "abort" in v, (k, v)
     assert any(str(k).startswith("s") for k in errors), f"no stream in flight got an error: {results}"
@@ -169,20 +154,20 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     # every request works afterwards
     probe = HealthProbe(url)
     probe.start()
-    assert [_generate(url, p) for p in PROMPTS] == want24
-    assert [_generate_stream(url, p) for p in PROMPTS] == want24
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
+    assert [generate(url, p, MAX_NEW, stream=True) for p in PROMPTS] == want
 
     # a later failure at the new tp recovers in place (the relaunched ranks talk to the controller)
-    load = Load(url)
-    time.sleep(0.5)
+    load = RequestSet(url, PROMPTS, MAX_NEW)
+    load.wait_started()
     os.kill(new_pids[1], signal.SIGKILL)
-    load.check(want24)
-    s = _wait_serving(url, 1, timeout=90)
+    load.check(want)
+    s = wait_tp(url, TOKEN, 1, timeout=90)
     rec = s["recoveries"][-1]
     assert s["epoch"] == 2 and rec["outcome"] == "ok" and rec["fallback"] == "" and rec["tp_after"] == 1, s
-    assert [_generate(url, p) for p in PROMPTS] == want24
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
     assert not probe.finish()
-    tree.note()
+    srv.note_children()
 
     # 3. every rank fails on its own error (here the only one): there is no rank to blame and the
     # input may be what broke them, so the schedulers restart (the fallback) instead of resuming it;
@@ -194,39 +179,30 @@ def test_fallback_restart_at_new_tp_then_in_place(server, want):
     threads = [threading.Thread(target=run, args=(k, p, st, started[k])) for k, p, st in jobs]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    for k, _, stream in jobs:  # the streams are being decoded (their first chunk came) when the rank raises
+        if stream:
+            assert started[k].wait(60), f"stream {k} did not start: {results.get(k)}, {crashed}"
     (srv.raise_dir / "raise-0").touch()
-    deadline = time.monotonic() + 120
-    while (s := _status(url))["epoch"] == epoch or s["state"] != "serving":
-        assert time.monotonic() < deadline, s
-        time.sleep(0.2)
+    s = wait_state(url, TOKEN, lambda st: st["epoch"] != epoch and st["state"] == "serving",
+                   "serving again after the only rank's own error", timeout=120, interval=0.2)
     for t in threads:
         t.join(CLIENT_TIMEOUT_S + 10)
     assert not any(t.is_alive() for t in threads) and not crashed, crashed
     for i in range(len(PROMPTS)):
         kind, out = results[f"p{i}"]
-        assert kind == "error" or out == want[i], (i, kind, out)
+        assert kind == "error" or out == want_all_long[i], (i, kind, out)
     rec = s["recoveries"][-1]
     assert rec["reason"].startswith("every rank's event loop stopped on its own error"), rec
     assert rec["fallback"] == "ok" and s["tp_size"] == 1, s
-    assert [_generate(url, p) for p in PROMPTS] == want24
-    tree.note()
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
+    srv.note_children()
 
 
 @pytest.fixture
-def failing_server(tiny_models):
+def failing_server(serve):
     env = dict(os.environ, SGLE_TEST_FAIL="rebuild,fallback")
-    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN])
-    srv.start()
-    tree = Tree(srv)
-    tree.note()
-    try:
+    with serve(FAMILY, 3, env=env) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            tree.note()
-        assert stop_and_check_leaks(srv, list(tree.pids)) is not None
 
 
 def test_a_failed_fallback_says_failed_and_ends_every_request(failing_server, want):
@@ -238,16 +214,14 @@ def test_a_failed_fallback_says_failed_and_ends_every_request(failing_server, wa
     process and no /dev/shm file (the fixture checks)."""
     srv = failing_server
     url = srv.url
-    assert _generate(url, PROMPTS[0]) == want[0][:24]
+    assert generate(url, PROMPTS[0], MAX_NEW) == want[0]
     started, out = threading.Event(), {}
     t = threading.Thread(target=lambda: out.update(r=_attempt(url, PROMPTS[1], True, started)), daemon=True)
     t.start()
     assert started.wait(60), "the stream did not start"
     os.kill(next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == 1), signal.SIGKILL)
     # a /health sent before the failure is seen waits on SGLang's one-token probe (up to its 20 s)
-    deadline = time.monotonic() + 60
-    while _status(url)["state"] == "serving" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_state(url, TOKEN, lambda st: st["state"] != "serving", "the controller saw rank 1's death", timeout=60)
     seen, refused = [], None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and srv.proc.poll() is None:

@@ -17,18 +17,15 @@ the ranks' RSS and the daemon's shared memory at rest must not grow from cycle t
 import os
 import re
 import signal
-import time
 
 import psutil
 import pytest
 import requests
 
-from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+from sgl_elastic.testing.clients import (HealthProbe, RequestSet, admin_status, frontend_program, generate,
+                                         openai_stream, wait_for, wait_tp)
 
-from tests.integration.test_failover import (AUTH, MAX_NEW, PROMPTS, TOKEN, HealthProbe, _frontend_program,
-                                             _generate, _openai_stream, _status)
-from tests.integration.test_failover_hard import Load as Clients, _wait_serving
+from tests.integration.conftest import AUTH, MAX_NEW, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.slow]  # slow tier (docs/testing.md)
 
@@ -36,17 +33,13 @@ FAMILY = "qwen3-moe"
 
 
 @pytest.fixture(scope="module")
-def want(tiny_models):
-    return hf_greedy(str(tiny_models[FAMILY]), PROMPTS, MAX_NEW)
+def server(serve):
+    with serve(FAMILY, 3, "--elastic-standby", "1") as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-standby", "1"])
-    srv.start()
-    yield srv
-    stop_and_check_leaks(srv, children_of(srv))
+def _status(url):
+    return admin_status(url, TOKEN)
 
 
 def _add_rank(url):
@@ -54,39 +47,38 @@ def _add_rank(url):
 
 
 def _standby(url, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = _status(url)
-        if s["standby"]:
-            return s["standby"][0]
-        time.sleep(0.5)
-    raise AssertionError(f"no warm standby within {timeout} s: {_status(url)}")
+    return wait_for(lambda: _status(url)["standby"], "a warm standby", timeout, interval=0.5,
+                    last=lambda: _status(url))[0]
+
+
+def _clients(url, refs=None):
+    return RequestSet(url, PROMPTS, MAX_NEW, refs)
 
 
 def test_down_to_one_then_scale_up(server, want):
     url = server.url
-    refs = {"openai": _openai_stream(url, "hello world"), "sgl": _frontend_program(url)}
+    refs = {"openai": openai_stream(url, "hello world", MAX_NEW), "sgl": frontend_program(url, MAX_NEW)}
     probe = HealthProbe(url)
     probe.start()
     for victim, tp in ((0, 3), (1, 2)):  # failures in a row, rank 0 first
         pid = next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == victim)
-        load = Clients(url, refs)
-        time.sleep(1.0)
+        load = _clients(url, refs)
+        load.wait_started()
         os.kill(pid, signal.SIGKILL)
         load.check(want)
-        s = _wait_serving(url, tp - 1)
+        s = wait_tp(url, TOKEN, tp - 1)
         assert s["recoveries"][-1]["failed_ranks"] == [victim]
 
     assert requests.post(url + "/elastic/add_rank", timeout=30).status_code == 401
     standby = _standby(url)
     for tp in (1, 2):  # scale-up with requests in flight
-        load = Clients(url, refs if tp == 1 else None)
-        time.sleep(0.5)
+        load = _clients(url, refs if tp == 1 else None)
+        load.wait_started()
         r = _add_rank(url)
         assert r.status_code == 202, r.text
         again = _add_rank(url)
         assert again.status_code == 409 and "in progress" in again.json()["error"], again.text
-        s = _wait_serving(url, tp + 1, timeout=240)
+        s = wait_tp(url, TOKEN, tp + 1, timeout=240)
         load.check(want)
         rec = s["recoveries"][-1]
         assert rec["outcome"] == "ok" and rec["tp_after"] == tp + 1 and rec["failed_ranks"] == []
@@ -94,7 +86,7 @@ def test_down_to_one_then_scale_up(server, want):
         if tp == 1:
             assert str(standby) in rec["reason"] and standby in [x["pid"] for x in s["ranks"]]
         assert max(s["widths"]) - min(s["widths"]) <= 1, s["widths"]
-        assert [_generate(url, p) for p in PROMPTS] == want
+        assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
     assert not probe.finish()
 
 
@@ -112,19 +104,19 @@ def test_endurance_kills_and_add_ranks(server, want):
     daemon_pid = int(re.findall(r"daemon pid (\d+) started", log)[-1])
     if _status(url)["tp_size"] != 3:
         assert _add_rank(url).status_code == 202
-        _wait_serving(url, 3, timeout=240)
+        wait_tp(url, TOKEN, 3, timeout=240)
     marks = {2: [], 3: []}
     for i in range(10):
         tp = _status(url)["tp_size"]
-        load = Clients(url)
-        time.sleep(0.5)
+        load = _clients(url)
+        load.wait_started()
         if tp == 3:
             pid = next(r["pid"] for r in _status(url)["ranks"] if r["rank"] == i % 3)
             os.kill(pid, signal.SIGKILL)
-            s = _wait_serving(url, 2)
+            s = wait_tp(url, TOKEN, 2)
         else:
             assert _add_rank(url).status_code == 202
-            s = _wait_serving(url, 3, timeout=240)
+            s = wait_tp(url, TOKEN, 3, timeout=240)
         load.check(want)
         assert s["recoveries"][-1]["outcome"] == "ok"
         rss, shm = _footprint(url, daemon_pid)

@@ -10,32 +10,29 @@ already holds; rank 0 goes on alone at tp 1. Every request completes with HF's g
 import os
 import signal
 import threading
-import time
 
 import pytest
 import requests
 
-from sgl_elastic.testing.reference import hf_greedy
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.clients import HealthProbe, admin_status, generate, wait_in_flight, wait_tp
+from sgl_elastic.testing.server import process_gone
 
-from tests.integration.test_failover import MAX_NEW, PROMPTS, TOKEN, HealthProbe, _generate, _status
+from tests.integration.conftest import PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]  # slow tier (docs/testing.md)
 
-
-LONG = 4 * MAX_NEW  # tokens per request: still decoding when the ranks fail (one thread per rank decodes fast)
-
-
-@pytest.fixture(scope="module")
-def want(tiny_models):
-    return hf_greedy(str(tiny_models["qwen3-moe"]), PROMPTS, LONG)
+FAMILY = "qwen3-moe"
+MAX_NEW = 4 * 24  # tokens per request: still decoding when the ranks fail (one thread per rank decodes fast)
 
 
-def test_hung_survivor_is_fenced(tiny_models, want):
-    with ServerProcess(tiny_models["qwen3-moe"], tp_size=3, extra_args=[
-            "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-checkin-timeout", "3"]) as srv:
+def _status(url):
+    return admin_status(url, TOKEN)
+
+
+def test_hung_survivor_is_fenced(serve, want):
+    with serve(FAMILY, 3, "--elastic-checkin-timeout", "3") as srv:
         url = srv.url
-        assert _generate(url, PROMPTS[0], LONG) == want[0]
+        assert generate(url, PROMPTS[0], MAX_NEW) == want[0]
         pids = {r["rank"]: r["pid"] for r in _status(url)["ranks"]}
         probe = HealthProbe(url)
         probe.start()
@@ -43,38 +40,29 @@ def test_hung_survivor_is_fenced(tiny_models, want):
 
         def run(i):
             try:
-                results[i] = _generate(url, PROMPTS[i], LONG)
+                results[i] = generate(url, PROMPTS[i], MAX_NEW)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{i}: {e}")
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_in_flight(url, TOKEN, len(PROMPTS))  # every request is inside the server
         os.kill(pids[2], signal.SIGSTOP)
         os.kill(pids[1], signal.SIGKILL)
         for t in threads:
             t.join(300)
-        assert not any(t.is_alive() for t in threads)
+        assert not any(t.is_alive() for t in threads), "a request did not finish within 300 s"
         bad = probe.finish()
         assert not errors, errors
         assert [results[i] for i in range(len(PROMPTS))] == want
         assert not bad, bad
-        deadline = time.monotonic() + 60  # the requests ended after the recovery; its status may lag
-        while (s := _status(url))["state"] != "serving" or s["tp_size"] != 1:
-            assert time.monotonic() < deadline, s
-            time.sleep(0.2)
+        s = wait_tp(url, TOKEN, 1, timeout=60)  # the requests ended after the recovery; its status may lag
         assert len(s["recoveries"]) >= 2, s
         first, second = s["recoveries"][-2:]
         assert first["outcome"].startswith("superseded") and str(pids[2]) in first["outcome"]
         assert second["outcome"] == "ok" and second["tp_after"] == 1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pids[2]}"):
-            with open(f"/proc/{pids[2]}/stat") as f:
-                if f.read().split()[2] == "Z":
-                    break
-            time.sleep(0.1)
-        assert not os.path.exists(f"/proc/{pids[2]}") or open(f"/proc/{pids[2]}/stat").read().split()[2] == "Z"
+        assert process_gone(pids[2], timeout=10), "the stopped survivor was not fenced (still alive)"
         assert requests.get(url + "/health", timeout=30).status_code == 200
         acc = _status(url)["requests"]  # nothing lost; every request counted once
         assert acc["lost"] == 0 and acc["accepted"] == acc["finished"] + acc["errored"] + acc["in_flight"], acc

@@ -17,38 +17,25 @@ HF's greedy tokens) and a /health probe every 0.2 s must always get 200. In orde
 
 import os
 import signal
-import time
 
 import pytest
 import requests
 
-from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_serving
-from sgl_elastic.testing.server import ServerProcess, children_of, stop_and_check_leaks
+from sgl_elastic.testing.clients import BackgroundLoad, admin_status, generate, wait_for, wait_serving
+
+from tests.integration.conftest import AUTH, PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.slow]  # slow tier (docs/testing.md)
 
 FAMILY = "qwen3-moe"
-TOKEN = "scale-up-faults-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4], [42, 17], [7, 8, 9, 10]]
 MAX_NEW, LONG = 12, 40
 
 
 @pytest.fixture(scope="module")
-def want(hf_tokens):
-    return hf_tokens(FAMILY, PROMPTS, MAX_NEW), hf_tokens(FAMILY, PROMPTS[:2], LONG)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models):
+def server(serve):
     env = dict(os.environ, SGLE_TEST_DELAYS="migrating=3.0")
-    srv = ServerProcess(tiny_models[FAMILY], tp_size=3, env=env, extra_args=[
-        "--dtype", "float32", "--elastic-admin-token", TOKEN, "--elastic-hung-timeout", "3",
-        "--elastic-standby", "0"])
-    srv.start()
-    pids = children_of(srv)
-    yield srv
-    stop_and_check_leaks(srv, pids)
+    with serve(FAMILY, 3, "--elastic-hung-timeout", "3", "--elastic-standby", "0", env=env) as srv:
+        yield srv
 
 
 def _wait(url, pred, what, timeout=240):
@@ -63,21 +50,18 @@ def _pid(url, rank):
 
 
 def _until(pred, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    pytest.fail(f"{what} within {timeout} s")
+    try:
+        return wait_for(pred, what, timeout, interval=0.05)
+    except AssertionError as e:
+        pytest.fail(str(e))
 
 
-def test_probes_during_a_recovery(server, want):
+def test_probes_during_a_recovery(server, want, want_long):
     url = server.url
     assert requests.get(url + "/ready", timeout=30).status_code == 200
     load = BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
     try:
-        time.sleep(0.5)
+        load.wait_started()
         os.kill(_pid(url, 2), signal.SIGKILL)
         _until(lambda: admin_status(url, TOKEN)["state"] == "migrating", "the recovery in its migrating phase")
         h, r = requests.get(url + "/health", timeout=30), requests.get(url + "/ready", timeout=30)
@@ -85,11 +69,11 @@ def test_probes_during_a_recovery(server, want):
         assert r.status_code == 503 and r.json()["status"] == "recovering", (r.status_code, r.text)
         _wait(url, lambda s: s["tp_size"] == 2, "serving at tp 2")
     finally:
-        load.finish(*want)
+        load.finish(want, want_long)
     assert requests.get(url + "/ready", timeout=30).status_code == 200
 
 
-def test_scale_up_waits_for_a_failure_during_its_start(server, want):
+def test_scale_up_waits_for_a_failure_during_its_start(server, want, want_long):
     url = server.url
     n = len(admin_status(url, TOKEN)["recoveries"])
     load = BackgroundLoad(url, PROMPTS, MAX_NEW, LONG)
@@ -100,14 +84,14 @@ def test_scale_up_waits_for_a_failure_during_its_start(server, want):
         os.kill(_pid(url, 1), signal.SIGKILL)  # the new process is still importing SGLang
         st = _wait(url, lambda s: s["tp_size"] == 2 and not s["pending"] and s["add_rank_last"], "the scale-up")
     finally:
-        load.finish(*want)
+        load.finish(want, want_long)
     recs = st["recoveries"][n:]
     assert [r["failed_ranks"] for r in recs] == [[1], []] and all(r["outcome"] == "ok" for r in recs), recs
     assert st["add_rank_last"]["decision"] == "done", st["add_rank_last"]
-    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want[0]
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want
 
 
-def test_rank_stopped_while_a_scale_up_migrates(server, want):
+def test_rank_stopped_while_a_scale_up_migrates(server, want, want_long):
     url = server.url
     n = len(admin_status(url, TOKEN)["recoveries"])
     stopped = _pid(url, 0)
@@ -121,7 +105,7 @@ def test_rank_stopped_while_a_scale_up_migrates(server, want):
         st = _wait(url, lambda s: not s["pending"] and s["add_rank_last"].get("tp_after") == 2
                    and s["add_rank_last"].get("decision") == "done", "the scale-up without the stopped rank")
     finally:
-        load.finish(*want)
+        load.finish(want, want_long)
         try:
             os.kill(stopped, signal.SIGCONT)
         except ProcessLookupError:
@@ -129,4 +113,4 @@ def test_rank_stopped_while_a_scale_up_migrates(server, want):
     assert st["tp_size"] == 2 and stopped not in [r["pid"] for r in st["ranks"]], st
     last = st["recoveries"][-1]
     assert last["outcome"] == "ok" and last["tp_after"] == 2, st["recoveries"][n:]
-    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want[0]
+    assert [generate(url, p, MAX_NEW) for p in PROMPTS] == want

@@ -16,13 +16,14 @@ import psutil
 import pytest
 
 from sgl_elastic.testing.chaos import _alive, _note_shm as _note, _tree
-from sgl_elastic.testing.clients import admin_status, generate, wait_serving
+from sgl_elastic.testing.clients import admin_status, generate, wait_for, wait_serving
 from sgl_elastic.testing.server import ServerProcess
+
+from tests.integration.conftest import PROMPTS as _PROMPTS, TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-TOKEN = "shutdown-admin-token"
-PROMPTS = [[1, 5, 9, 33, 70, 100], [200, 3, 4]]
+PROMPTS = _PROMPTS[:2]
 
 
 def test_ctrl_c_after_a_failover_leaves_nothing(tiny_models, hf_tokens):
@@ -39,7 +40,13 @@ def test_ctrl_c_after_a_failover_leaves_nothing(tiny_models, hf_tokens):
         os.kill(next(r["pid"] for r in st["ranks"] if r["rank"] == 1), signal.SIGKILL)
         wait_serving(url, TOKEN, lambda s: s["tp_size"] == 2, "the failover to tp 2")
         assert [generate(url, p, 8) for p in PROMPTS] == want
-        time.sleep(1.0)
+
+        def settled():  # the recovery is over: every rank the status names is alive in the tree, idle
+            st, tree = admin_status(url, TOKEN), set(_tree(srv.proc.pid))
+            return st["recoveries"][-1]["outcome"] == "ok" and st["requests"]["in_flight"] == 0 \
+                and all(r["alive"] and r["pid"] in tree for r in st["ranks"])
+
+        wait_for(settled, "the rebuilt ranks serving, no request in flight", timeout=30, interval=0.1)
         seen |= set(_tree(srv.proc.pid))
         _note(_alive(seen), files)
         assert any(n.startswith("sgl_shm_") for n in files), f"SGLang's queues were not seen: {sorted(files)}"
@@ -110,9 +117,15 @@ def test_sigterm_drains_then_exits(tiny_models, hf_tokens):
         assert started[1].wait(60), "the short stream never started"
         _note(list(seen), files)
         os.kill(srv.proc.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        r = requests.post(url + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 4}},
-                          timeout=30)
+
+        # the drain has begun once a new request is refused; one sent before the signal was handled
+        # is a 4-token request that ends (200) well within the drain timeout
+        def refused():
+            r = requests.post(url + "/generate", timeout=30,
+                              json={"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 4}})
+            return r if r.status_code != 200 else None
+
+        r = wait_for(refused, "a new request refused after SIGTERM", timeout=20, interval=0.1)
         assert r.status_code == 503 and "shutting down" in r.json()["error"], (r.status_code, r.text)
         long_t.join(60)
         short_t.join(60)
