@@ -259,7 +259,7 @@ def _spawn_rank(slot: int, standby: bool):
     import multiprocessing as mp
 
     from sgl_elastic.controller.supervisor import supervisor
-    from sgl_elastic.patches import join
+    from sgl_elastic.rank import join
 
     launch = supervisor()._launch
     if launch is None:
@@ -277,7 +277,7 @@ def _arm_failover(elastic_args, daemon):
 
     from sgl_elastic.controller.admin import AdminToken, install_routes
     from sgl_elastic.controller.failover import controller
-    from sgl_elastic.patches import state
+    from sgl_elastic.rank import state
 
     def on_new_layout(layout) -> None:  # processes spawned later (a fallback restart) get the new layout
         state.set_layout(layout)

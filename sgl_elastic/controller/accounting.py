@@ -12,7 +12,7 @@ Counted (``/elastic/status`` ``requests``, and the Prometheus metrics):
 
 The audit, while the server serves, every ``AUDIT_S`` and only when some request is older than
 ``GRACE_S``: the controller asks rank 0 which requests it holds (a file in the controller's run
-dir; rank 0 answers from its event loop, ``patches.reconfigure.maybe_audit``), then compares with
+dir; rank 0 answers from its event loop, ``rank.signals.maybe_audit``), then compares with
 the tokenizer manager's open requests that were open before it asked and still are. A request
 missing from two answers in a row, with no output between them, is lost: an output on its way
 (between the scheduler and the tokenizer) takes milliseconds, the two answers are seconds apart.

@@ -5,7 +5,7 @@
   the admin API's commands (``controller.commands``), which this thread carries out.
 - A hung rank (alive but not running: SIGSTOP, a frozen process) is found by its heartbeat: a thread
   in every scheduler process touches a file every ``hung_timeout_s / 5`` s
-  (``patches.reconfigure.start_heartbeat``); one that is ``hung_timeout_s`` old gets the rank fenced
+  (``rank.signals.start_heartbeat``); one that is ``hung_timeout_s`` old gets the rank fenced
   (SIGKILL), then recovered from like a dead one. Only silence counts: a slow rank keeps beating
   (the thread does not wait on the event loop) and is never fenced. (Not covered: a process whose
   threads run while its device is stuck in a kernel; on GPU that needs a progress check.)

@@ -107,7 +107,7 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         this process at it); ``omp_bind(tp) -> str``: SGLANG_CPU_OMP_THREADS_BIND for a tp size
         ("" on GPU); ``hung_timeout_s``: fence a rank silent this long (0: no heartbeat);
         ``spawn(slot, standby) -> Process``: start a new rank process on device slot ``slot``
-        (``patches.join``), for ``add_rank``; ``standby``: how many warm standbys to keep; ``eplb``:
+        (``rank.join``), for ``add_rank``; ``standby``: how many warm standbys to keep; ``eplb``:
         with expert parallelism, rank 0 counts expert loads and every recovery places the experts by
         them; ``eplb_interval_s``: also rebalance this often while serving (0: off); ``kv_backup``:
         every rank mirrors its KV into a backup pool, so a failover keeps the KV (no re-prefill).

@@ -15,7 +15,7 @@ every scheduler (``controller.fallback``).
 - migrating: the daemon runs the plan (only the dead rank's bytes are read from the checkpoint); a
   regroup (no death) first waits until every rank stopped serving from the shards it moves;
 - reconfiguring: each survivor gets ``Reconfigure`` (new rank, tp, layout, rendezvous port) and
-  rebuilds its scheduler in place (``patches.reconfigure``);
+  rebuilds its scheduler in place (``rank.failover``);
 - resuming: every survivor said ``RankReady``; rank 0 re-broadcast the unfinished requests.
 
 Nothing assumes rank 0 survives or that a recovery runs once: ranks are tracked by process, each

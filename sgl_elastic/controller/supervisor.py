@@ -11,7 +11,7 @@ and detokenizer up:
 3. requests in flight get an explicit error (HTTP 503, "retry"): their partial KV is gone;
 4. the schedulers are started again through SGLang's own ``_launch_scheduler_processes`` with the
    same arguments (a fresh distributed-init port); they attach weights, KV and prefix index from
-   the daemon (``patches.daemon_link``) and read nothing from the checkpoint;
+   the daemon (``rank.daemon_link``) and read nothing from the checkpoint;
 5. if the daemon itself is gone, a new one is started first, which reads the checkpoint again.
 
 Without in-place failover every rank restarts at the launch's tp size. With it, the restart is the

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from sgl_elastic.patches.state import ENV_VAR
+from sgl_elastic.rank.state import ENV_VAR
 
 __all__ = ["activate", "deactivate", "load_plugin", "build_layout", "daemon_layout", "ENV_VAR", "SUPPORTED_MODEL_TYPES"]
 
@@ -128,7 +128,8 @@ def activate(elastic_args, server_args):
     tp_size, ep_size). Returns the ElasticLayout, or None at tp 1 (nothing to shard).
     Call :func:`deactivate` to run a vanilla engine from the same process afterwards.
     """
-    from sgl_elastic.patches import state, table
+    from sgl_elastic.patches import table
+    from sgl_elastic.rank import state
 
     layout = build_layout(elastic_args, server_args)
     if layout is None or layout.tp_size == 1:
@@ -142,7 +143,7 @@ def activate(elastic_args, server_args):
 
 def deactivate() -> None:
     """Stop handing a layout to new processes; hooks in this process pass through again."""
-    from sgl_elastic.patches import state
+    from sgl_elastic.rank import state
 
     os.environ.pop(ENV_VAR, None)
     state.set_layout(None)
@@ -162,22 +163,24 @@ def load_plugin() -> None:
     control, heartbeat = os.environ.get(ENV_CONTROL), os.environ.get(ENV_HEARTBEAT)
     if not layout_env and not daemon_dir:
         return
-    from sgl_elastic.patches import state, table
+    from sgl_elastic.patches import table
+    from sgl_elastic.rank import state
 
     try:
         if layout_env:
             state.load_from_env()
         table.install()
         if daemon_dir:  # the daemon's radix-cache backend (--radix-cache-backend)
-            from sgl_elastic.patches import daemon_link, radix_backend
+            from sgl_elastic.patches import radix_backend
+            from sgl_elastic.rank import daemon_link
 
             # the KV backup pool serves in-place failover only (--elastic-kv-backup)
             daemon_link.set_run_dir(daemon_dir, kv_backup=bool(control) and os.environ.get(ENV_KV_BACKUP) == "1")
             radix_backend.register()
         if control:  # in-place failover: survivors of a dead rank rebuild instead of exiting
-            from sgl_elastic.patches import reconfigure
+            from sgl_elastic.rank import failover
 
-            reconfigure.set_control_addr(control, float(heartbeat) if heartbeat else 0.0)
+            failover.set_control_addr(control, float(heartbeat) if heartbeat else 0.0)
     except Exception as exc:
         print(f"sgl-elastic: cannot apply the elastic layout in this process: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(f"sgl-elastic: {exc}") from exc

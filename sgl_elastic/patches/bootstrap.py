@@ -11,7 +11,7 @@ with more ranks than cores the entries share cores and the OS spreads the proces
 
 from __future__ import annotations
 
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 
 def cores_in(entry: str) -> int:

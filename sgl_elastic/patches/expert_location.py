@@ -8,7 +8,7 @@ handles a None metadata: no EPLB dispatch, a no-op distribution recorder).
 
 from __future__ import annotations
 
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 
 def compute_initial_expert_location_metadata(original, *args, **kwargs):

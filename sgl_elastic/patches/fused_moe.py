@@ -36,7 +36,7 @@ import time
 
 from sgl_elastic.controller import faults
 from sgl_elastic.controller.wire import ENV_EXPERT_LOADS
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _expert_parallel_init(original, self, *args, **kwargs):
     from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatcher
     from sglang.srt.runtime_context import get_parallel
 
-    from sgl_elastic.patches.shard import parallel_view
+    from sgl_elastic.rank.shard import parallel_view
 
     layout = state.layout()
     par = get_parallel()

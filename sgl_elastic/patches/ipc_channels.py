@@ -6,16 +6,16 @@ Pass-through unless a failover handed over the old channels.
 
 from __future__ import annotations
 
-from sgl_elastic.patches import reconfigure as rc
+from sgl_elastic.rank import failover
 
 
 def ipc_channels_create(original, cls, *args, **kwargs):
     """SchedulerIpcChannels.create: reuse the old scheduler's channels when it was and stays rank 0."""
     if kwargs.get("is_rank_zero"):
-        ch = rc.take_channels()
+        ch = failover.take_channels()
         if ch is not None:
             return ch
     ch = original(cls, *args, **kwargs)
-    if rc.enabled():
-        rc.note_channels(ch)
+    if failover.enabled():
+        failover.note_channels(ch)
     return ch

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import inspect
 
-from sgl_elastic.patches import state
-from sgl_elastic.patches.shard import ATTR, LoadSpec, Piece, all_gather_variable, load_elastic
+from sgl_elastic.rank import state
+from sgl_elastic.rank.shard import ATTR, LoadSpec, Piece, all_gather_variable, load_elastic
 
 _GATHER_ATTR = "_sgl_elastic_gather_widths"  # column layer: output widths of every rank
 _SPLIT_ATTR = "_sgl_elastic_split_input"  # row layer: (start, size) of this rank's input slice

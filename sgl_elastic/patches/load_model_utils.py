@@ -5,7 +5,7 @@ Passes straight through unless ``SGLE_DAEMON_DIR`` was set at plugin load.
 
 from __future__ import annotations
 
-from sgl_elastic.patches import daemon_link as link
+from sgl_elastic.rank import daemon_link as link
 
 
 def get_model_loader(original, load_config, *args, **kwargs):

@@ -8,8 +8,8 @@ logits are exactly ``[tokens, vocab_size]`` in vocabulary order.
 
 from __future__ import annotations
 
-from sgl_elastic.patches import state
-from sgl_elastic.patches.shard import all_gather_variable
+from sgl_elastic.rank import state
+from sgl_elastic.rank.shard import all_gather_variable
 
 
 class VariableWidthLogitsGatherer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 
 def get_num_kv_heads(original, self, tensor_parallel_size, dcp_size=1):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import inspect
 import logging
 
-from sgl_elastic.patches import state
-from sgl_elastic.patches.shard import parallel_view
+from sgl_elastic.rank import state
+from sgl_elastic.rank.shard import parallel_view
 
 logger = logging.getLogger(__name__)
 

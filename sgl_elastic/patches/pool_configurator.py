@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from sgl_elastic.patches import daemon_link as link
-from sgl_elastic.patches import state
+from sgl_elastic.rank import daemon_link as link
+from sgl_elastic.rank import state
 
 
 def _agree(tokens: int) -> int:

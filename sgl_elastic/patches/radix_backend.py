@@ -26,7 +26,7 @@ def _plain(key) -> bool:
 def make_class():
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from sgl_elastic.patches import daemon_link as link
+    from sgl_elastic.rank import daemon_link as link
 
     class DaemonRadixCache(RadixCache):
         def __init__(self, params) -> None:

@@ -7,18 +7,18 @@ Pass-through unless the failover controller's endpoint was set at plugin load.
 from __future__ import annotations
 
 from sgl_elastic.controller import reqtrace
-from sgl_elastic.patches import reconfigure as rc
+from sgl_elastic.rank import failover, requests, signals
 
 
 def broadcast_reqs(original, self, recv_reqs, local_reqs=None):
     """SchedulerRequestReceiver._broadcast_reqs_across_ranks: remember what rank 0 is broadcasting
     (inputs pulled from the tokenizer's socket are lost if the broadcast fails)."""
-    if rc.enabled() and recv_reqs:
-        rc.stash(list(recv_reqs) + list(local_reqs or []))
+    if failover.enabled() and recv_reqs:
+        failover.stash(list(recv_reqs) + list(local_reqs or []))
     out = original(self, recv_reqs, local_reqs)  # on failure the stash stays: the failover re-sends it
-    rc.stash(None)
+    failover.stash(None)
     if out and reqtrace.on():
-        reqtrace.note("recv", reqtrace.rids_of(out), epoch=rc.epoch())
+        reqtrace.note("recv", reqtrace.rids_of(out), epoch=failover.epoch())
     return out
 
 
@@ -27,11 +27,11 @@ def pull_raw_reqs(original, self):
     out = original(self)
     if out is not None:
         if out and reqtrace.on():
-            reqtrace.note("pull", reqtrace.rids_of(out), epoch=rc.epoch())
-        out = rc.maybe_regroup(rc.drop_resubmitted(out))
-        lead = rc.take_injected()
+            reqtrace.note("pull", reqtrace.rids_of(out), epoch=failover.epoch())
+        out = signals.maybe_regroup(requests.drop_resubmitted(out))
+        lead = failover.take_injected()
         if lead and reqtrace.on():
-            reqtrace.note("inject", reqtrace.rids_of(lead), epoch=rc.epoch())
+            reqtrace.note("inject", reqtrace.rids_of(lead), epoch=failover.epoch())
         if lead:
             out = lead + list(out)
     return out

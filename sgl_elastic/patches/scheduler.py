@@ -1,7 +1,7 @@
 """Patch of SGLang's ``managers/scheduler.py``: in-place failover of a surviving scheduler process.
 
 Pass-through unless the failover controller's endpoint (``SGLE_CONTROL``) was set at plugin load.
-The failover itself is ``patches.reconfigure``.
+The failover itself is ``rank.failover``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import traceback
 
 from sgl_elastic.controller import reqtrace
 from sgl_elastic.controller import faults
-from sgl_elastic.patches import reconfigure as rc
+from sgl_elastic.rank import failover, requests, signals
 
 _RAISE_DIR = faults.raise_dir()  # tests only, read once
 _DROP = faults.drop_prefix()  # tests only, read once
@@ -25,15 +25,15 @@ def run_event_loop(original, self):
         try:
             return original(sched)
         except Exception as exc:  # noqa: BLE001 - decided below: failover or SGLang's own path
-            if not rc.enabled():
+            if not failover.enabled():
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"{type(exc).__name__}: {first}"[:300]
-            rc.log(f"event loop stopped ({reason}); failing over in place")
+            failover.log(f"event loop stopped ({reason}); failing over in place")
             try:
-                sched = rc.failover(sched, reason)
+                sched = failover.failover(sched, reason)
             except Exception as e2:  # noqa: BLE001 - cannot rebuild: end as SGLang would
-                rc.log(f"ERROR: in-place failover failed: {type(e2).__name__}: {e2}\n{traceback.format_exc()}")
+                failover.log(f"ERROR: in-place failover failed: {type(e2).__name__}: {e2}\n{traceback.format_exc()}")
                 raise exc from e2
 
 
@@ -41,7 +41,7 @@ def scheduler_init(original, self, server_args, port_args, *args, **kwargs):
     """Scheduler.__init__: keep port_args (a rebuilt scheduler needs them, with a new rendezvous port)."""
     original(self, server_args, port_args, *args, **kwargs)
     self._sgle_port_args = port_args
-    rc.start_heartbeat()
+    signals.start_heartbeat()
     if reqtrace.on() and _tp_rank() == 0:
         _trace_streams(self)
 
@@ -73,20 +73,20 @@ class _TracedStreamer:
         done = [r for r in reqs if r.finished()]
         if done:
             reqtrace.note("stream", [r.rid for r in done], sent_before=[bool(r.finished_output) for r in done],
-                          epoch=rc.epoch())
+                          epoch=failover.epoch())
         return self._inner.stream_output(reqs, *args, **kwargs)
 
 
 def handle_generate_request(original, self, recv_req, *args, **kwargs):
     """Scheduler.handle_generate_request: keep the tokenized input on the Req (to resume it later)."""
     out = original(self, recv_req, *args, **kwargs)
-    if rc.enabled():
+    if failover.enabled():
         for req in reversed(self.waiting_queue):
             if req.rid == recv_req.rid:
                 req._sgle_tokenized = recv_req
                 break
         else:
-            reqtrace.note("not-queued", [recv_req.rid], epoch=rc.epoch())
+            reqtrace.note("not-queued", [recv_req.rid], epoch=failover.epoch())
     return out
 
 
@@ -95,8 +95,8 @@ def process_input_requests(original, self, recv_reqs):
     ``Regroup`` marker (scale-up) takes this rank out of its group once the step's requests are queued;
     rank 0 answers the controller's request audit (which requests it holds) once they are queued."""
     out = _process_input_requests(original, self, recv_reqs)
-    if rc.enabled() and _tp_rank() == 0:
-        rc.maybe_audit(self)
+    if failover.enabled() and _tp_rank() == 0:
+        signals.maybe_audit(self)
     return out
 
 
@@ -105,15 +105,15 @@ def _process_input_requests(original, self, recv_reqs):
         _maybe_raise()
     if _DROP is not None and recv_reqs:
         recv_reqs = [r for r in recv_reqs if not str(getattr(r, "rid", "") or "").startswith(_DROP)]
-    if recv_reqs and any(isinstance(r, rc.Regroup) for r in recv_reqs):
-        _process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, rc.Regroup)])
-        raise rc.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
-    if not recv_reqs or not any(isinstance(r, rc.ResumeReq) for r in recv_reqs):
+    if recv_reqs and any(isinstance(r, signals.Regroup) for r in recv_reqs):
+        _process_input_requests(original, self, [r for r in recv_reqs if not isinstance(r, signals.Regroup)])
+        raise signals.RegroupRequested("the controller asked the ranks to regroup (a rank joins)")
+    if not recv_reqs or not any(isinstance(r, requests.ResumeReq) for r in recv_reqs):
         return original(self, recv_reqs)
     rest = []
     for r in recv_reqs:
-        if isinstance(r, rc.ResumeReq):
-            rc.resume(self, r)
+        if isinstance(r, requests.ResumeReq):
+            requests.resume(self, r)
         else:
             rest.append(r)
     return original(self, rest)
@@ -130,7 +130,7 @@ def get_tokenizer(original, *args, **kwargs):
     rebuild on the bench model (py-spy), on its critical path. The arguments are the server's
     (tokenizer path, mode, revision...), equal across a process's schedulers, so the object is
     shared. Pass-through when in-place failover is off."""
-    if not rc.enabled():
+    if not failover.enabled():
         return original(*args, **kwargs)
     try:
         key = (args, tuple(sorted(kwargs.items())))

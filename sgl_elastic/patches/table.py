@@ -4,7 +4,7 @@ One row per patched symbol: the SGLang target, the hook type (SGLang's ``HookReg
 before / after / around / replace; or "register" for a registration through one of SGLang's own
 extension points, applied by the hook module's ``register()``), our hook, and why. Hooks live in one module per patched SGLang
 module (``patches/<module>.py``). Every hook passes straight through to SGLang when no elastic
-layout is active in the process (``patches.state.layout() is None``).
+layout is active in the process (``rank.state.layout() is None``).
 
 ``install()`` checks the SGLang version and that every target exists *before* registering anything,
 and after applying checks that SGLang's registry really patched every target (it only logs

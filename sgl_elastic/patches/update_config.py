@@ -7,7 +7,7 @@ instead, so the model config must keep its true sizes.
 
 from __future__ import annotations
 
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 
 def adjust_config_with_unaligned_cpu_tp(original, model_config, load_config, tp_size):

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from sgl_elastic.patches import state
+from sgl_elastic.rank import state
 
 logger = logging.getLogger(__name__)
 

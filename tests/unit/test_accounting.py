@@ -1,5 +1,5 @@
 """Request accounting and the lost-request audit (``controller.accounting``), against rank 0's side of
-the audit (``patches.reconfigure.maybe_audit``) running on a real scheduler-shaped object."""
+the audit (``rank.signals.maybe_audit``) running on a real scheduler-shaped object."""
 
 import os
 import tempfile
@@ -11,7 +11,8 @@ import pytest
 
 from sgl_elastic.controller import accounting, wire
 from sgl_elastic.controller.accounting import RequestAccounts
-from sgl_elastic.patches import reconfigure as rc
+from sgl_elastic.rank import signals
+from sgl_elastic.rank.session import RANK
 
 pytestmark = pytest.mark.unit
 
@@ -39,15 +40,15 @@ def rank0(monkeypatch):
     """Rank 0's event loop, answering audits from ``held`` (its audit check every loop)."""
     d = tempfile.mkdtemp(prefix="sgle-acct-")
     addr = f"ipc://{d}/control.sock"
-    monkeypatch.setattr(rc, "_control_addr", addr)
+    monkeypatch.setattr(RANK, "control_addr", addr)
     monkeypatch.setattr(accounting, "GRACE_S", 0.0)
     monkeypatch.setattr(accounting, "AUDIT_S", 0.0)
     held, stop = [], threading.Event()
 
     def loop():
         while not stop.is_set():
-            rc._audit_seen_t = 0.0
-            rc.maybe_audit(_sched(list(held)))
+            RANK.audit_seen_t = 0.0
+            signals.maybe_audit(_sched(list(held)))
             time.sleep(0.01)
 
     t = threading.Thread(target=loop, daemon=True)

@@ -155,13 +155,13 @@ def _send(req):
     ([5, 6, 9], 3, [5, 6, 7]),  # the survivors' continuation diverged from what the client saw
 ])
 def test_align_streams_no_token_twice_or_missing(out, sent, delivered):
-    from sgl_elastic.patches.reconfigure import _align
+    from sgl_elastic.rank.requests import align
 
     prompt = [1, 2, 3, 4, 8, 9, 10]
     client_req, _ = _req(prompt, delivered, len(delivered))  # what the detokenizer holds for the client
     client = _send(_req(prompt, delivered, 0)[0]) if delivered else []
     req, _ = _req(prompt, out, sent)
-    _align(req, delivered)
+    align(req, delivered)
     assert req.output_ids[:len(delivered)] == delivered and req.send_token_offset == len(delivered)
     req.output_ids.append(11)  # the next decode step after the resume
     chunk = _send(req)

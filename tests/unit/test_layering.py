@@ -26,6 +26,7 @@ LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"memory"}),
     frozenset({"daemon"}),
     frozenset({"controller"}),
+    frozenset({"rank"}),
     frozenset({"patches", "compat"}),
     frozenset({"launch_server"}),
     frozenset({"testing"}),
@@ -189,3 +190,13 @@ def test_no_module_import_cycle():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def test_every_module_of_patches_holds_hooks_of_the_table():
+    """``patches/`` is one module per patched SGLang module: each (but the package and the table)
+    holds a hook of ``PATCHES``; code that patches nothing lives in ``rank/`` or below."""
+    from sgl_elastic.patches.table import PATCHES
+
+    modules = {p.stem for p in (ROOT / "patches").glob("*.py")} - {"__init__", "table"}
+    hooked = {row.hook.removeprefix("sgl_elastic.patches.").split(".")[0] for row in PATCHES}
+    assert modules - hooked == set(), f"modules of patches/ that patch nothing: {sorted(modules - hooked)}"

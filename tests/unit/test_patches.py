@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from sgl_elastic.config import ElasticArgs
-from sgl_elastic.patches import ENV_VAR, activate, deactivate, load_plugin, state, table
-from sgl_elastic.patches.shard import LoadSpec, Piece, all_gather_variable, load_elastic
+from sgl_elastic.patches import ENV_VAR, activate, deactivate, load_plugin, table
+from sgl_elastic.rank import state
+from sgl_elastic.rank.shard import LoadSpec, Piece, all_gather_variable, load_elastic
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Spawned by the failover controller (main process) with the server's launch argum
 SGLang and the project's patches, says ``RankHello`` to the controller and waits for its orders; a
 warm standby (``--elastic-standby``) is such a process spawned ahead of time, so a scale-up does not
 pay the import. Given ``Reconfigure``, it builds its scheduler exactly as a survivor rebuilds
-(``reconfigure.failover``'s second half: new group with the others, parameters bound to the daemon's
+(``rank.failover.failover``'s second half: new group with the others, parameters bound to the daemon's
 shards, a new KV pool) and serves; from then on it is a rank like any other (it fails over in place
 too). It dies with the server (parent-death signal).
 """
@@ -31,15 +31,15 @@ def run_joiner(server_args, port_args, gpu_id: int, standby: bool) -> None:
     except ImportError:
         pass
     load_plugins()  # the project's patches, as in every scheduler process
-    from sgl_elastic.patches import reconfigure as rc
+    from sgl_elastic.rank import failover, signals
 
-    if not rc.enabled():
+    if not failover.enabled():
         raise SystemExit("sgl-elastic joiner: no failover controller endpoint in the environment")
-    rc.start_heartbeat()
+    signals.start_heartbeat()
     reason = "standby, ready to join" if standby else "joining (scale-up)"
-    rc.log(f"new rank process up ({reason}); asking the controller for orders")
-    sched = rc.join(server_args, port_args, gpu_id, reason, STANDBY_WAIT_S if standby else 120.0, time.perf_counter())
+    failover.log(f"new rank process up ({reason}); asking the controller for orders")
+    sched = failover.join(server_args, port_args, gpu_id, reason, STANDBY_WAIT_S if standby else 120.0, time.perf_counter())
     from sglang.srt.runtime_context import get_parallel
 
-    rc.log(f"joined as rank {get_parallel().tp_rank} of {get_parallel().tp_size} (pid {os.getpid()})")
+    failover.log(f"joined as rank {get_parallel().tp_rank} of {get_parallel().tp_size} (pid {os.getpid()})")
     sched.run_event_loop()

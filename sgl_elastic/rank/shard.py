@@ -1,4 +1,4 @@
-"""Shared pieces of the patches: where a rank's slice lives, loading it, variable-width gathers.
+"""Shard pieces the patches share: where a rank's slice lives, loading it, variable-width gathers.
 
 Not a patch itself (it patches nothing). Vocabulary as in ``sgl_elastic.layout``: sizes in
 *elements* of the sharded tensor dimension.
