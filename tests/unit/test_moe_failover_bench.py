@@ -46,12 +46,12 @@ def test_recovery_metrics_on_a_synthetic_failover():
     assert r.tfs_s == pytest.approx(10.3)
     assert r.throughput_before == 20.0
     assert r.throughput_after == 15.0  # median of the later half of the windows in [52, 110)
-    # first window ending after 50.3 at >= 13.5 tok/s: [60, 62) -> TTP = 62 - 50.3
+    # first window ending after 50.3 at >= 13.5 tok/s: [60, 62) -> TTP = 62 - 40 (from the fault)
     assert r.t_peak_reached == 62.0
-    assert r.ttp_s == pytest.approx(11.7)
+    assert r.ttp_s == pytest.approx(22.0) and r.ttp_s >= r.tfs_s
     assert not r.peak_on_drain
     # a lower threshold is reached earlier: [54, 56) at 12 >= 0.8 * 15
-    assert mf.recovery_metrics(tok, w, 40.0, 50.3, 110.0, peak_frac=0.8).ttp_s == pytest.approx(5.7)
+    assert mf.recovery_metrics(tok, w, 40.0, 50.3, 110.0, peak_frac=0.8).ttp_s == pytest.approx(16.0)
 
 
 def test_recovery_metrics_edge_cases():
@@ -64,8 +64,8 @@ def test_recovery_metrics_edge_cases():
     # the load ended before the first success: the peak is the drain of the backlog
     r = mf.recovery_metrics(tok, w, t_fault=5.0, t_first_success=30.2, t_load_end=12.0)
     assert r.peak_on_drain and r.throughput_after == 80.0
-    assert r.tfs_s == pytest.approx(25.2) and r.ttp_s == pytest.approx(0.8)
-    # an immediate recovery at full speed: TTP 0 at the end of the first window after the success
+    assert r.tfs_s == pytest.approx(25.2) and r.ttp_s == pytest.approx(26.0)
+    # an immediate recovery at full speed: the peak at the end of the first window after the success
     tok = _timeline(w, [(0, 20, 10)])
     r = mf.recovery_metrics(tok, w, t_fault=5.0, t_first_success=5.0, t_load_end=20.0)
     assert r.tfs_s == 0.0 and r.throughput_after == 10.0 and r.ttp_s == pytest.approx(1.0)
@@ -129,25 +129,57 @@ def test_sampling_uses_bench_serving_and_returns_the_expected_fields(tmp_path):
         mf.sample_requests(src, 5, _WordTokenizer(), seed=3, output_len=8, context_len=4)
 
 
-def test_ratios_and_table_report_not_available_modes():
+def test_ratios_and_table_per_degradation():
     rows = [
-        {"mode": "elastic", "fail_at": 0.25, "tfs_s": 2.0, "ttp_s": 4.0},
-        {"mode": "restart", "fail_at": 0.25, "tfs_s": 40.0, "ttp_s": 10.0},
-        {"mode": "elastic-noeplb", "fail_at": 0.25, "status": mf.NOT_AVAILABLE["elastic-noeplb"]},
+        {"mode": "elastic", "degradation": "4->3", "fail_at": 0.25, "tfs_s": 2.0, "ttp_s": 4.0},
+        {"mode": "restart", "degradation": "4->3", "fail_at": 0.25, "tfs_s": 40.0, "ttp_s": 10.0},
+        {"mode": "elastic", "degradation": "4->2", "fail_at": 0.25, "tfs_s": 4.0, "ttp_s": 8.0},
+        {"mode": "restart", "degradation": "4->2", "fail_at": 0.25, "tfs_s": 40.0, "ttp_s": 10.0},
+        {"mode": "elastic-noeplb", "degradation": "4->2", "fail_at": 0.25, "error": "boom"},
     ]
-    d = mf.ratios(rows)["0.25"]
-    assert d["tfs_restart_over_elastic"] == 20.0 and d["ttp_change_pct"] == -60.0
+    r = mf.ratios(rows)
+    assert r["4->3@0.25"] == {"tfs_restart_over_elastic": 20.0, "ttp_change_pct": -60.0}
+    assert r["4->2@0.25"] == {"tfs_restart_over_elastic": 10.0, "ttp_change_pct": -20.0}
     text = mf.table(rows)
-    assert "not available yet" in text and "20.0x" in text and "-60 %" in text
+    assert "tp 4->3, fault at 25 %: TFS restart/elastic 20.0x, TTP elastic vs restart -60 %" in text.replace("25%", "25 %")
+    assert "10.0x" in text and "error: boom" in text
+    # rows without a degradation (older summaries) keep the plain key
+    assert "0.5" in mf.ratios([{"mode": "elastic", "fail_at": 0.5, "tfs_s": 1.0},
+                               {"mode": "restart", "fail_at": 0.5, "tfs_s": 30.0}])
+
+
+def test_degradations_plan_and_killed_ranks():
+    assert [str(d) for d in mf.parse_degradations("4->3, 4->2,8->6")] == ["4->3", "4->2", "8->6"]
+    for bad in ("4-3", "3->3", "2->0", "a->b", ""):
+        with pytest.raises(ValueError):
+            mf.parse_degradations(bad)
+    d = mf.Degradation(4, 2)
+    assert mf.fail_ranks(d, 1) == [1, 2] and mf.fail_ranks(d, 3) == [3, 0] and mf.fail_ranks(d, 0) == [0, 1]
+    a = mf.parse_args(["--degradations", "4->3,4->2", "--modes", "elastic,restart,no-failure"])
+    plan = [(m, str(d), fa) for m, d, fa in mf.run_plan(a)]
+    assert plan.count(("no-failure", "4->3", None)) == 1 and not any(m == "no-failure" and d == "4->2"
+                                                                       for m, d, _ in plan)
+    assert len(plan) == 2 * 2 * 2 + 1  # (elastic, restart) x 2 degradations x 2 failure points + 1 reference
+    assert [fa for _, _, fa in mf._no_failure_rows(a, mf.Degradation(4, 3))] == [0.25, 0.5, 0.25, 0.5]
+    assert mf._server_flags("elastic-noeplb", [], 3, True)[-3:] == ["--no-elastic-eplb", "--ep-size", "3"]
+    assert "--no-elastic-daemon" in mf._server_flags("restart", [], 2, False)
 
 
 def test_args_presets_and_validation():
     a = mf.parse_args(["--preset", "cpu"])
     assert (a.family, a.size, a.tp, a.num_requests) == ("qwen3-moe", "bench", 3, mf.PRESETS["cpu"]["num_requests"])
+    assert [str(d) for d in a.degradations] == ["3->2"]
+    a = mf.parse_args(["--preset", "cpu-load"])
+    assert [str(d) for d in a.degradations] == ["4->3", "4->2"] and a.output_len == 32
+    assert [str(d) for d in mf.parse_args(["--preset", "cpu-load", "--tp", "3"]).degradations] == ["3->2"]
+    a = mf.parse_args(["--preset", "gpu", "--model-path", "/m"])
+    assert [str(d) for d in a.degradations] == ["8->7", "8->6"] and a.ep and a.num_requests == 1000
     assert mf.parse_args(["--preset", "cpu", "--num-requests", "7"]).num_requests == 7
     a = mf.parse_args([])
     assert (a.num_requests, a.fail_at, a.window_s, a.modes) == (1000, [0.25, 0.5], 2.0,
                                                                  ["elastic", "restart", "no-failure"])
-    for bad in (["--tp", "1"], ["--fail-at", "1.5"], ["--modes", "elastic,nope"], ["--fail-rank", "0"]):
+    assert mf.parse_args(["--fail-rank", "0"]).fail_rank == 0  # rank 0 can be killed
+    for bad in (["--tp", "1"], ["--fail-at", "1.5"], ["--modes", "elastic,nope"], ["--fail-rank", "3"],
+                ["--degradations", "4->4"], ["--degradations", "4->2,2->1", "--fail-rank", "2"]):
         with pytest.raises(SystemExit):
             mf.parse_args(bad)
