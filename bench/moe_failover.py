@@ -118,11 +118,12 @@ PRESETS = {
     # stream a known length (110 s).
     "cpu": dict(family="qwen3-moe", size="bench", tp=3, num_requests=12, request_rate=0.1, arrival="fixed",
                 output_len=8, context_len=96, window_s=10.0),
-    # The same model at tp 4 with a rate it cannot keep up with even before the fault (2 cores
-    # decode a few tokens/s at any tp): every run is limited by the server, so its throughput and
-    # TTP mean something. 48 requests of 32 output tokens, 0.5 req/s: the queue builds up at once.
-    "cpu-load": dict(family="qwen3-moe", size="bench", degradations="4->3,4->2", num_requests=48,
-                     request_rate=0.5, arrival="poisson", output_len=32, context_len=160, window_s=10.0),
+    # The same model at tp 4 with a rate it cannot keep up with even before the fault: every run is
+    # limited by the server, so its throughput and TTP mean something. 0.5 req/s of 32 output
+    # tokens was not enough (TTFT p50 0.8 s before the fault: the arrivals set the throughput);
+    # 2 req/s asks for 64 tok/s, above what 2 cores decode at tp 4 (~25 tok/s with 4 clients).
+    "cpu-load": dict(family="qwen3-moe", size="bench", degradations="4->3,4->2", num_requests=64,
+                     request_rate=2.0, arrival="poisson", output_len=32, context_len=160, window_s=5.0),
     # Eight GPUs: the paper's scale (give the model with --model-path).
     "gpu": dict(degradations="8->7,8->6", num_requests=1000, request_rate=8.0, arrival="poisson",
                 output_len=None, context_len=None, window_s=2.0, ep=True),

@@ -170,7 +170,7 @@ def test_args_presets_and_validation():
     assert (a.family, a.size, a.tp, a.num_requests) == ("qwen3-moe", "bench", 3, mf.PRESETS["cpu"]["num_requests"])
     assert [str(d) for d in a.degradations] == ["3->2"]
     a = mf.parse_args(["--preset", "cpu-load"])
-    assert [str(d) for d in a.degradations] == ["4->3", "4->2"] and a.output_len == 32
+    assert [str(d) for d in a.degradations] == ["4->3", "4->2"] and a.output_len == 32 and a.request_rate == 2.0
     assert [str(d) for d in mf.parse_args(["--preset", "cpu-load", "--tp", "3"]).degradations] == ["3->2"]
     a = mf.parse_args(["--preset", "gpu", "--model-path", "/m"])
     assert [str(d) for d in a.degradations] == ["8->7", "8->6"] and a.ep and a.num_requests == 1000
