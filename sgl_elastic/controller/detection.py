@@ -96,6 +96,10 @@ class Detection:
                     log("every rank is gone (server shutting down, or a total failure): no recovery")
                     self.enabled = False
                     return
+                # Ranks that died together (a node's devices, a kill of several) are recovered in one
+                # step: the sentinels that fired since the first one join it. Otherwise the second
+                # death surfaces only at the check-in, and the first recovery's migration is wasted.
+                dead += [p for p in live if p not in dead and not p.is_alive()]
                 try:
                     self._recover(dead)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
