@@ -883,6 +883,9 @@ def _no_failure_rows(args, deg: Degradation) -> list[tuple[str, Degradation, flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a `kill`, a job scheduler) ends the run like Ctrl-C: run_once's `finally` stops the
+    # servers it started, so none outlives the benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Path(args.out)
     t_start = time.perf_counter()
     record = {k: (v if k != "degradations" else [str(d) for d in v]) for k, v in vars(args).items()
