@@ -52,7 +52,7 @@ def set_control_addr(addr: str | None, heartbeat_s: float = 0.0) -> None:
 
 
 def enabled() -> bool:
-    return RANK.enabled
+    return RANK.control_addr is not None
 
 
 def epoch() -> int:
@@ -66,11 +66,15 @@ def stash(reqs: list | None) -> None:
 
 
 def take_injected() -> list:
-    return RANK.take_injected()
+    """Rank 0's pull: the requests queued for the new epoch's first broadcast (once)."""
+    out, RANK.inject = RANK.inject, []
+    return out
 
 
 def take_channels():
-    return RANK.take_channels()
+    """The new rank 0's scheduler: the old one's ZMQ channels to keep (once), or None."""
+    ch, RANK.reuse_channels = RANK.reuse_channels, None
+    return ch
 
 
 def note_channels(ch) -> None:

@@ -39,17 +39,5 @@ class RankSession:
     regroup_seen_t: float = 0.0  # last look for the controller's regroup file (monotonic)
     audit_seen_t: float = 0.0  # last look for the controller's audit file (monotonic)
 
-    @property
-    def enabled(self) -> bool:
-        return self.control_addr is not None
-
-    def take_injected(self) -> list:
-        out, self.inject = self.inject, []
-        return out
-
-    def take_channels(self):
-        ch, self.reuse_channels = self.reuse_channels, None
-        return ch
-
 
 RANK = RankSession()

@@ -38,7 +38,7 @@ import requests
 
 from sgl_elastic.controller import reqtrace
 from sgl_elastic.controller.procs import shm_inodes_of
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, alive as _alive
 
 __all__ = ["ChaosConfig", "ChaosResult", "run_chaos"]
 
@@ -237,17 +237,6 @@ def _tree(pid: int) -> list[int]:
         return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
     except psutil.Error:
         return []
-
-
-def _alive(pids) -> list[int]:
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def _note_shm(pids, into: dict) -> None:

@@ -227,12 +227,12 @@ class BackgroundLoad:
         self.url, self.prompts, self.max_new, self.long_new = url, prompts, max_new, long_new
         self.results: list = []
         self.errors: list[str] = []
-        self.bad_health: list = []
         self.stop = threading.Event()
         self.streaming = threading.Event()
+        self.health = HealthProbe(url)
         self.threads = [threading.Thread(target=self._streams, daemon=True),
-                        threading.Thread(target=self._plain, daemon=True),
-                        threading.Thread(target=self._health, daemon=True)]
+                        threading.Thread(target=self._plain, daemon=True)]
+        self.health.start()
         for t in self.threads:
             t.start()
 
@@ -251,16 +251,6 @@ class BackgroundLoad:
         while not self.stop.is_set():
             for i, p in enumerate(self.prompts):
                 self._run(("plain", i), p, self.max_new)
-
-    def _health(self):
-        while not self.stop.is_set():
-            try:
-                code = requests.get(self.url + "/health", timeout=30).status_code
-            except requests.RequestException as e:
-                code = repr(e)
-            if code != 200:
-                self.bad_health.append(code)
-            self.stop.wait(0.2)
 
     def wait_started(self, timeout: float = 120) -> None:
         assert self.streaming.wait(timeout), f"no long stream produced a chunk within {timeout} s: {self.errors}"
@@ -281,8 +271,9 @@ class BackgroundLoad:
         for t in self.threads:
             t.join(300)
         assert not any(t.is_alive() for t in self.threads), "a client thread did not finish"
+        bad_health = self.health.finish()
         assert not self.errors, self.errors
-        assert not self.bad_health, f"/health failed: {self.bad_health}"
+        assert not bad_health, f"/health failed: {bad_health}"
         assert self.results
         for (kind, i), got in self.results:
             assert got == (want_long if kind == "long" else want)[i], f"{kind} request {i}: {got}"

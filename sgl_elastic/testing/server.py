@@ -187,7 +187,7 @@ class ServerProcess:
         A server that has ended adds nothing."""
         if self.proc is not None:
             try:
-                self.seen_pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+                self.seen_pids |= set(children_of(self))
             except psutil.Error:
                 pass
         return self.seen_pids
@@ -204,19 +204,26 @@ def children_of(srv: ServerProcess) -> list[int]:
     return [c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)]
 
 
+def alive(pids) -> list[int]:
+    """Those of ``pids`` that still run (neither gone nor a zombie)."""
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def process_gone(pid: int, timeout: float = 10.0) -> bool:
     """Whether ``pid`` has exited (gone, or a zombie) within ``timeout`` s (polled every 0.05 s)."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except (FileNotFoundError, ProcessLookupError):
-            return True
+    while alive([pid]):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+    return True
 
 
 def stop_and_check_leaks(srv: ServerProcess, pids: list[int], *, sglang_files: bool = False) -> int | None:
@@ -228,8 +235,8 @@ def stop_and_check_leaks(srv: ServerProcess, pids: list[int], *, sglang_files: b
 
     code = srv.stop()
     log = srv.log_path.read_text(errors="replace")
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"server processes left running: {alive}"
+    left = alive(pids)
+    assert not left, f"server processes left running: {left}"
     dpids = {int(p) for p in re.findall(r"daemon pid (\d+) started", log)}
     left = [e.name for e in os.scandir("/dev/shm") if any(e.name.startswith(f"sgle-{p}-") for p in dpids)]
     assert not left, f"daemon segments left in /dev/shm: {left}"

@@ -15,9 +15,9 @@ import time
 import psutil
 import pytest
 
-from sgl_elastic.testing.chaos import _alive, _note_shm as _note, _tree
+from sgl_elastic.testing.chaos import _note_shm as _note, _tree
 from sgl_elastic.testing.clients import admin_status, generate, wait_for, wait_serving
-from sgl_elastic.testing.server import ServerProcess
+from sgl_elastic.testing.server import ServerProcess, alive as _alive
 
 from tests.integration.conftest import PROMPTS as _PROMPTS, TOKEN
 
