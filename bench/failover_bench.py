@@ -227,15 +227,19 @@ def _no_tfs_why(srv: ServerProcess) -> str:
             else "no token of a successful request after the kill within the timeout") + f"; log {srv.log_path}"
 
 
-def run_elastic(model: str, args, rep: int) -> dict:
-    """``--steps`` failures in a row on one elastic server at ``--tp``, under one client load.
+def run_elastic(model: str, args, rep: int, mode: str = "elastic") -> dict:
+    """``--steps`` failures in a row on one elastic server at ``--tp``, under one client load
+    (``mode`` "elastic-move": the survivors' kept bytes moved inside their segments, the layout before
+    the remapped one, ``--elastic-in-place move``).
 
     Returns the first step's fields at the top level (as with one step) and ``steps``: one dict per
     step (tp_before, tp_after, killed_rank, tfs_s, recovery_s, phases_s, requests_failed, ...)."""
     extra = list(FLAGS) + (["--elastic-standby", "1"] if args.add_rank == "standby" else [])
+    if mode == "elastic-move":
+        extra += ["--elastic-in-place", "move"]
     srv = ServerProcess(model, tp_size=args.tp, extra_args=extra, start_timeout_s=1800)
     srv.start()
-    res: dict = {"mode": "elastic", "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
+    res: dict = {"mode": mode, "repeat": rep, "start_s": srv.start_s, "server_log": str(srv.log_path)}
     load: Load | None = None
     peak: ShmPeak | None = None
     try:
@@ -421,6 +425,33 @@ def run_reload_steps(model: str, args, rep: int) -> dict:
     return res  # with the first step's "error", if it had one
 
 
+def _read_alone_s(model: str, nbytes: int, repeats: int = 3) -> float:
+    """Median seconds to read ``nbytes`` of the checkpoint (whole tensors, largest first) with the
+    migration's reader into new shared-memory pages (not pre-faulted: a migration gets new pages too),
+    page cache warm: what a migration that only reloaded the lost bytes would take."""
+    from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
+    from sgl_elastic.executor.shm import ShardSpec, ShmArena
+
+    times = []
+    with SafetensorsCheckpoint(model) as ck:
+        chosen, total = [], 0
+        for name, e in sorted(ck.entries.items(), key=lambda kv: -kv[1].nbytes):
+            if total >= nbytes:
+                break
+            chosen.append((name, e))
+            total += e.nbytes
+        for _ in range(repeats):
+            with ShmArena.create("readalone", [ShardSpec("x", (total,), 1)]) as a:
+                buf, off = a.array("x"), 0
+                t = time.perf_counter()
+                for name, e in chosen:
+                    ck.read_region(name, buf[off:off + e.nbytes])
+                    off += e.nbytes
+                times.append((time.perf_counter() - t) * nbytes / total)
+                del buf
+    return statistics.median(times)
+
+
 def _med(rows: list[dict], key: str):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(vals) if vals else None
@@ -507,8 +538,11 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             print(f"[bench] {mode} repeat {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                run = {"elastic": run_elastic, "reload": run_reload_steps}.get(mode)
-                rows.append(run(model, args, rep) if run else run_once(mode, model, args, rep))
+                if mode.startswith("elastic"):
+                    rows.append(run_elastic(model, args, rep, mode))
+                else:
+                    run = {"reload": run_reload_steps}.get(mode)
+                    rows.append(run(model, args, rep) if run else run_once(mode, model, args, rep))
             except Exception as e:  # noqa: BLE001 - kept in the results, the run goes on
                 rows.append({"mode": mode, "repeat": rep, "error": f"{type(e).__name__}: {e}"})
             print(f"[bench]   {json.dumps(rows[-1])[:400]}", file=sys.stderr, flush=True)
@@ -520,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         summary[mode]["requests_failed"] = sum(r.get("requests_failed", 0) for r in rs)
         summary[mode]["requests_ok"] = sum(r.get("requests_ok", 0) for r in rs)
         summary[mode]["runs"] = len(rs)
+        migs = [r["migration"] for r in rs if r.get("migration")]
+        for k in ("achieved_s", "move_s", "reload_s", "copy_s", "alloc_s", "reload_bytes", "keep_bytes",
+                  "remapped_bytes", "alloc_bytes"):
+            vals = [m[k] for m in migs if m.get(k) is not None]
+            summary[mode][f"migration_{k}"] = statistics.median(vals) if vals else None
+    lost = [summary[m].get("migration_reload_bytes") for m in summary if summary[m].get("migration_reload_bytes")]
+    if lost:  # the floor of a migration: reading the lost bytes alone, into new pages, measured now
+        summary["read_lost_alone_s"] = _read_alone_s(model, int(statistics.median(lost)))
     e, rl = summary.get("elastic", {}), summary.get("reload", {})
     if e.get("tfs_s") and rl.get("tfs_s"):
         summary["tfs_ratio_reload_over_elastic"] = rl["tfs_s"] / e["tfs_s"]
@@ -544,6 +586,17 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("tfs_ratio_reload_over_elastic", "decode_after_elastic_over_vanilla"):
         if k in summary:
             print(f"{k}: {summary[k]:.2f}")
+    for mode in args.modes.split(","):
+        m = summary[mode]
+        if m.get("migration_achieved_s") is None:
+            continue
+        mb = lambda k: (m.get(k) or 0) / 1e6  # noqa: E731
+        alone = summary.get("read_lost_alone_s")
+        ratio = f" = {m['migration_achieved_s'] / alone:.2f}x reading the lost bytes alone ({alone:.3f} s)" if alone else ""
+        print(f"{mode} migration {m['migration_achieved_s']:.3f} s{ratio}: reload {mb('migration_reload_bytes'):.0f} MB"
+              f" in {m['migration_reload_s'] or 0:.3f} s, kept {mb('migration_keep_bytes'):.0f} MB"
+              f" ({mb('migration_remapped_bytes'):.0f} MB remapped in place, the rest copied or moved; moves"
+              f" {m['migration_move_s'] or 0:.3f} s), new memory {mb('migration_alloc_bytes'):.0f} MB")
     if e.get("shm_rest_before") is not None:
         print(f"daemon shm: rest {e['shm_rest_before'] / 1e6:.0f} MB before, peak {e['shm_peak'] / 1e6:.0f} MB during,"
               f" rest {e['shm_rest_after'] / 1e6:.0f} MB after")

@@ -42,6 +42,8 @@ class ElasticArgs:
         so a failover keeps the KV of requests in flight and of cached prefixes (no re-prefill).
     drain_timeout_s: on SIGTERM, how long the requests in flight may take to finish before the rest are
         aborted (each gets an explicit error) and the server exits.
+    in_place: how a failover turns a survivor's weights into its new shard on CPU ("remap": the kept bytes
+        stay in their pages; "move": moved inside its segment; "off": copied into a new one).
     """
 
     tp_widths: tuple[int, ...] | None = None
@@ -57,6 +59,7 @@ class ElasticArgs:
     kv_backup: bool = True
     redundant_experts: int = 0
     drain_timeout_s: float = 30.0
+    in_place: str = "remap"
 
     def __post_init__(self):
         if self.redundant_experts < 0:
@@ -158,6 +161,12 @@ class ElasticArgs:
                  " leaving no process or shared-memory file behind (default 30)",
         )
         group.add_argument(
+            "--elastic-in-place", choices=("remap", "move", "off"), default="remap",
+            help="how a failover turns a survivor's weights into its new shard (CPU): remap them (the bytes it"
+                 " keeps stay in their pages; the default), move them inside its segment, or copy them into a new"
+                 " one (the last two are there to measure against)",
+        )
+        group.add_argument(
             "--elastic-kv-backup", action=argparse.BooleanOptionalAction, default=True,
             help="with in-place failover: every rank also writes its KV into a backup pool held beside the next"
                  " rank's, so after a failure the survivors keep the KV of the requests in flight and of cached"
@@ -182,4 +191,5 @@ class ElasticArgs:
             kv_backup=args.elastic_kv_backup,
             redundant_experts=args.elastic_redundant_experts,
             drain_timeout_s=args.elastic_drain_timeout,
+            in_place=args.elastic_in_place,
         )

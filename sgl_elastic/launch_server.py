@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         from sgl_elastic.patches import daemon_layout, table
 
         try:
-            daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install)
+            daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install,
+                                            in_place=elastic_args.in_place)
             if int(server_args.tp_size) > 1 and elastic_args.failover:
                 failover, admin_token = _arm_failover(elastic_args, daemon)
         except (ValueError, RuntimeError, TimeoutError) as exc:

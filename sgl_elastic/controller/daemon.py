@@ -25,18 +25,18 @@ def _log(msg: str) -> None:
 
 
 class ServerDaemon:
-    def __init__(self, checkpoint: str, layout, backend: str) -> None:
-        self.checkpoint, self.layout, self.backend = checkpoint, layout, backend
+    def __init__(self, checkpoint: str, layout, backend: str, in_place: str = "remap") -> None:
+        self.checkpoint, self.layout, self.backend, self.in_place = checkpoint, layout, backend, in_place
         self.proc: DaemonProcess | None = None
 
     @classmethod
-    def start_for(cls, layout, server_args, install_hooks=None) -> "ServerDaemon":
+    def start_for(cls, layout, server_args, install_hooks=None, in_place: str = "remap") -> "ServerDaemon":
         """Start a daemon holding ``layout`` (``patches.daemon_layout``) of ``server_args``' model,
         call ``install_hooks()`` (the patches' installer), and arm the supervisor with it."""
         from sgl_elastic.controller.supervisor import supervisor
 
         on_cuda = getattr(server_args, "device", "cpu") not in ("cpu", None)
-        d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm")
+        d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm", in_place)
         d.start()
         if install_hooks is not None:
             install_hooks()  # the daemon hooks (already installed at tp >= 2 by activate)
@@ -45,7 +45,7 @@ class ServerDaemon:
 
     def start(self) -> None:
         t0 = time.perf_counter()
-        self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True)
+        self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True, in_place=self.in_place)
         _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint}"
              f" for {self.layout.tp_size} rank(s)")
         with self.proc.client() as c:

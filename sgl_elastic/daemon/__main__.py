@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", help="comma-separated ranks this node holds (default: all)")
     p.add_argument("--parent-pid", type=int, help="exit (freeing every segment) when this process is gone:"
                    " the server that started it")
+    p.add_argument("--in-place", default="remap", choices=("remap", "move", "off"),
+                   help="how a migration reuses a survivor's segment (CPU): remap its pages (default), move its"
+                        " bytes inside it, or copy into a new one")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = DaemonConfig(run_dir=a.run_dir, tcp=a.tcp, backend=a.backend, checkpoint=a.checkpoint,
                               layout_bytes=layout_bytes,
-                              ranks=[int(r) for r in a.ranks.split(",")] if a.ranks else None)
+                              ranks=[int(r) for r in a.ranks.split(",")] if a.ranks else None,
+                              in_place=a.in_place)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,8 @@ class DaemonProcess:
     """A daemon child process. ``with DaemonProcess.start() as d: d.client().stats()``.
 
     Args of ``start``: ``tcp`` (serve on 127.0.0.1, free port), ``backend`` ("shm" | "cuda"),
-    ``checkpoint``/``layout`` (load at start), ``log`` (file object for its stderr; default: inherit).
+    ``checkpoint``/``layout`` (load at start), ``log`` (file object for its stderr; default: inherit),
+    ``in_place`` (how migrations reuse a survivor's segment: ``memory.IN_PLACE_MODES``).
     """
 
     def __init__(self, proc: subprocess.Popen, run_dir: str, own_dir: bool) -> None:
@@ -44,12 +45,13 @@ class DaemonProcess:
     @classmethod
     def start(cls, *, tcp: bool = False, backend: str = "shm", checkpoint: str | None = None, layout=None,
               run_dir: str | None = None, timeout: float = 30.0, log=None,
-              exit_with_parent: bool = False) -> "DaemonProcess":
+              exit_with_parent: bool = False, in_place: str = "remap") -> "DaemonProcess":
         own = run_dir is None
         reap_dead()  # what crashed daemons of earlier runs left behind
         # The parent makes the private directory (0700), so it knows where to look before the child starts.
         run_dir = run_dir or tempfile.mkdtemp(prefix="sgle-daemon-")
-        cmd = [sys.executable, "-m", "sgl_elastic.daemon", "--run-dir", run_dir, "--backend", backend]
+        cmd = [sys.executable, "-m", "sgl_elastic.daemon", "--run-dir", run_dir, "--backend", backend,
+               "--in-place", in_place]
         if tcp:
             cmd.append("--tcp")
         if exit_with_parent:  # a server's daemon: it must not outlive the server

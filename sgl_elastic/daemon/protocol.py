@@ -316,8 +316,11 @@ class MigrationSummary(msgspec.Struct, kw_only=True):
     copy_s: float = 0.0  # wall time of the keep / peer copy workers (overlapping the reloads)
     predicted_s: float = 0.0  # the executor's cost model for this plan (achieved / modelled in reports)
     move_s: float = 0.0  # in-place moves of the kept bytes (CPU; beside the reloads)
-    in_place_ranks: int = 0  # new ranks whose segment is a survivor's, regrown in place (CPU)
+    in_place_ranks: int = 0  # new ranks whose segment is a survivor's, regrown or remapped in place (CPU)
     alloc_bytes: int = 0  # new memory the migration took (in place: only the extensions)
+    remapped_bytes: int = 0  # kept bytes that stayed in their pages (CPU remap: none of them copied)
+    remapped_ranks: int = 0  # of in_place_ranks, those remapped rather than regrown
+    released_bytes: int = 0  # pages of the old layout given back after the migration
     kv_kept_slots: int = 0  # indexed KV slots carried over to the new layout (0: KV dropped)
     kv_s: float = 0.0  # seconds carrying the KV pools over
 

@@ -71,6 +71,7 @@ class DaemonConfig:
     tcp: serve ``tcp://127.0.0.1:<free port>`` instead of ipc (the token still applies).
     backend: "shm" (CPU shared memory) or "cuda" (CUDA IPC).
     checkpoint / layout_bytes / ranks: load these at start (else wait for a LoadModel request).
+    in_place: how a migration turns a survivor's segment into its new rank's (``memory.IN_PLACE_MODES``).
     """
 
     run_dir: str | None = None
@@ -79,10 +80,15 @@ class DaemonConfig:
     checkpoint: str | None = None
     layout_bytes: bytes | None = None
     ranks: list[int] | None = None
+    in_place: str = "remap"
 
     def __post_init__(self) -> None:
+        from sgl_elastic.memory import IN_PLACE_MODES
+
         if self.backend not in ("shm", "cuda"):
             raise ValueError(f"backend={self.backend!r}; choose 'shm' (CPU) or 'cuda'")
+        if self.in_place not in IN_PLACE_MODES:
+            raise ValueError(f"in_place={self.in_place!r}; choose one of {', '.join(IN_PLACE_MODES)}")
         if (self.checkpoint is None) != (self.layout_bytes is None):
             raise ValueError("give both checkpoint and layout to load at start, or neither")
 
@@ -144,7 +150,7 @@ class Daemon:
         self.instance = secrets.token_hex(4)
         self._token = secrets.token_urlsafe(32)
         self.state = DaemonState.STARTING
-        self.store = ModelStore(make_memory(config.backend, self.instance), self.instance)
+        self.store = ModelStore(make_memory(config.backend, self.instance, in_place=config.in_place), self.instance)
         self._lock = threading.Lock()  # guards store swaps and self.state
         self._stop = threading.Event()
         self._cancel = threading.Event()
@@ -490,8 +496,10 @@ class Daemon:
                 self.last_migration = P.MigrationSummary(
                     **same, epoch=self.store.epoch, predicted_s=rep.predicted.predicted_s,
                     kv_kept_slots=self.store.last_kv[0], kv_s=self.store.last_kv[1])
-                logger.info("migration done: %d of %d ranks in place, %.1f MB of new memory, %.3f s",
-                            rep.in_place_ranks, plan.new_layout.tp_size, rep.alloc_bytes / 1e6, rep.achieved_s)
+                logger.info("migration done: %d of %d ranks in place (%d remapped: %.1f MB kept where they lie,"
+                            " %.1f MB copied), %.1f MB of new memory, %.3f s", rep.in_place_ranks,
+                            plan.new_layout.tp_size, rep.remapped_ranks, rep.remapped_bytes / 1e6,
+                            rep.copied_keep_bytes / 1e6, rep.alloc_bytes / 1e6, rep.achieved_s)
             except ModelDropped as e:
                 logger.error("migration failed:\n%s", traceback.format_exc())
                 reason = self.last_error = f"migration failed: {e}"

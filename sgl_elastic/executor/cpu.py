@@ -21,6 +21,15 @@ waits until the moves have passed the first byte it writes (``_Gate``; the moves
 the ops high in the file start first). Peer copies out of such an arena are staged before the
 moves. The cost: the old layout is gone once the moves start, so a failure after that leaves the arena neither old nor new
 (``InPlaceFailed``, ``corrupted`` set); before it, the file is given back as it was.
+
+Remapped (preferred over the moves where the arenas are page-aligned, ``ShmArena.place``): the kept
+bytes do not move at all. The new arena is the same file under a new view (``ShmArena.remap``):
+every kept run that is whole pages (a block of rows, a whole tensor or expert) is mapped at its
+new offset from the pages it already lies in; everything else of the view (the units gained, and
+the kept columns of a column-sharded tensor, whose row stride changes) gets new pages at the end of
+the file and is written there by the reloads and copies (those kept columns by a copy out of the
+old view). The old view is never written, so a failure at any point leaves it intact (the file is
+truncated back); after the last copy the pages only the old view used are punched out.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from sgl_elastic.executor.ops import full_region, shard_view, split_queues
 from sgl_elastic.executor.report import ExecReport
 from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
 from sgl_elastic.layout.geometry import rank_tensors
-from sgl_elastic.executor.shm import ShardSpec, ShmArena, fallocate_range
+from sgl_elastic.executor.shm import PAGE, ShardSpec, ShmArena, fallocate_range
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology
@@ -46,6 +55,9 @@ __all__ = ["CpuExecutor", "allocate_rank_arenas", "load_rank_from_checkpoint", "
 
 
 _PREFAULT_CHUNK = 256 << 20
+# A remapped arena is one mmap per run in every process that maps it (the kernel's default limit is
+# 65530 per process): past this many, the next migration gives the rank a new arena (one run) instead.
+MAX_RUNS = 4096
 _STAGE_BYTES = 32 << 20
 
 
@@ -72,7 +84,7 @@ def _reserve(ranges: list[tuple[ShmArena, int, int]]) -> threading.Thread:
     there (a page they touch first is simply allocated by their fault instead)."""
     def work() -> None:
         for a, start, end in ranges:
-            fallocate_range(getattr(a._shm, "_fd", -1), start, end)  # type: ignore[attr-defined]
+            fallocate_range(a.fd, start, end)
 
     t = threading.Thread(target=work, name="sgle-reserve-ext", daemon=True)
     t.start()
@@ -144,13 +156,16 @@ class CpuExecutor:
         topology: bandwidths for the cost model (``Topology.single_node`` with measured figures).
         reload_workers / copy_workers: threads per queue (the model assumes the measured bandwidths
             are what these workers get in all).
-        in_place: regrow the survivors' own arenas where the plan allows it (module docstring);
-            False: every destination is a new arena and the old ones are only read.
+        in_place: remap or regrow the survivors' own arenas where the plan allows it (module
+            docstring); False: every destination is a new arena and the old ones are only read.
+        remap: with ``in_place``, remap page-aligned arenas (kept bytes stay in their pages);
+            False: always regrow and move.
     """
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, topology: Topology, *, reload_workers: int = 1,
-                 copy_workers: int = 1, in_place: bool = False) -> None:
+                 copy_workers: int = 1, in_place: bool = False, remap: bool = True) -> None:
         self.checkpoint = checkpoint
+        self.remap = remap
         self.topology = topology
         self.reload_workers = reload_workers
         self.copy_workers = copy_workers
@@ -166,34 +181,45 @@ class CpuExecutor:
             raise ValueError(f"no arena for surviving old ranks {missing}; pass one per survivor")
         t0 = time.perf_counter()
         reloads, copies, fanout = split_queues(plan)
-        moves = in_place_moves(plan, old, copies) if self.in_place else {}
+        remaps = in_place_remaps(plan, old, copies) if self.in_place and self.remap else {}
+        moves = {d: m for d, m in in_place_moves(plan, old, copies).items() if d not in remaps} if self.in_place else {}
+        remapped = {i for _, _, ids in remaps.values() for i in ids}  # KEEP ops the remaps do
         new: dict[int, ShmArena] = {}
-        grown: dict[int, int] = {}  # new rank -> old rank whose file it regrew
+        grown: dict[int, int] = {}  # new rank -> old rank whose file it regrew or remapped
+        alloc: dict[int, int] = {}  # new rank -> bytes of new memory
         moved, reserving = False, None
         try:
             # Step 1: every destination buffer, once, before any copy (in place: only the extension).
             ranges = []
             for d in range(plan.new_layout.tp_size):
                 specs = [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)]
-                if d in moves:
+                if d in remaps:
+                    src, keep, _ = remaps[d]
+                    new[d], fresh = old[src].remap(specs, keep)
+                    grown[d] = src
+                    ranges += [(new[d], f, f + n) for f, n in fresh]
+                    alloc[d] = sum(n for _, n in fresh)
+                elif d in moves:
                     src = moves[d][0]
                     before = old[src].nbytes
                     new[d] = old[src].regrow(specs)
                     grown[d] = src
                     ranges.append((new[d], before, new[d].nbytes))
+                    alloc[d] = new[d].nbytes - before
                 else:
                     new[d] = ShmArena.create(f"{label}-r{d}", specs)
+                    alloc[d] = new[d].nbytes
             _prefault([a for d, a in new.items() if d not in grown])
             reserving = _reserve(ranges)  # the extensions' pages, beside the moves (never writes data)
             t_alloc = time.perf_counter()
             # Step 2a (in place): stage what peers read out of a regrown arena (before any move).
             staged: dict[int, np.ndarray] = {}
-            in_place_src = set(grown.values())
+            in_place_src = {grown[d] for d in moves}  # a remapped arena's old view is never written
             for op in copies:
                 if op.kind != KEEP and op.src_rank in in_place_src:
                     staged[id(op)] = np.array(shard_view(old[op.src_rank].array(op.tensor), op, op.src_offset))
-            moved = bool(grown)
-            gate = _Gate({d: moves[d][1] for d in grown})
+            moved = bool(moves)
+            gate = _Gate({d: moves[d][1] for d in moves})
             read0 = self.checkpoint.bytes_read
 
             # Step 2: reloads and copies concurrently (reload workers first: the slowest resource).
@@ -221,17 +247,17 @@ class CpuExecutor:
                     del buf
 
             def first_byte(op: CopyOp) -> tuple[int, int]:  # (rank, first byte the op writes)
-                if op.dst_rank not in grown:
+                if op.dst_rank not in moves:
                     return op.dst_rank, 0
                 sh = new[op.dst_rank].shards[op.tensor]
                 return op.dst_rank, sh.offset + op.byte_runs(sh.shape, op.dst_offset, sh.itemsize)[0]
 
             shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
-            left = [op for op in copies if not (op.kind == KEEP and op.dst_rank in grown)]
+            left = [op for op in copies if not (op.kind == KEEP and (op.dst_rank in moves or id(op) in remapped))]
             spans: dict[str, float] = {}
             # Reloads and copies run beside the moves: an op into a regrown rank waits at the gate until
             # no source not yet moved lies at or above the first byte it writes.
-            threads = _start(sorted(grown), do_moves, min(len(grown), os.cpu_count() or 1), "move", spans, gate=gate) + \
+            threads = _start(sorted(moves), do_moves, min(len(grown), os.cpu_count() or 1), "move", spans, gate=gate) + \
                 _start(reloads, do_reload, self.reload_workers, "reload", spans, gate=gate, where=first_byte) + \
                 _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte)
             _join(threads)
@@ -239,6 +265,7 @@ class CpuExecutor:
             # Step 3: fan-out copies read what the reloads wrote.
             t_fan = time.perf_counter()
             _join(_start(fanout, do_copy, self.copy_workers, "fanout", spans))
+            released = sum(new[d].release_unused() for d in remaps)
             t_end = time.perf_counter()
         except BaseException as e:
             if reserving is not None:
@@ -253,7 +280,10 @@ class CpuExecutor:
                                     sorted(grown.values())) from e
             raise
         keep_gbps = self.copy_gbps
-        alloc = {d: a.nbytes - (old[grown[d]].nbytes if d in grown else 0) for d, a in new.items()}
+        in_view: dict[int, int] = {}
+        for op in copies:
+            if id(op) in remapped:
+                in_view[op.dst_rank] = in_view.get(op.dst_rank, 0) + op.nbytes
         report = ExecReport(
             backend="cpu-shm", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans.get("reload", 0.0),
             copy_s=spans.get("copy", 0.0), move_s=spans.get("move", 0.0), fanout_s=t_end - t_fan,
@@ -261,13 +291,66 @@ class CpuExecutor:
             peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout),
             reload_bytes=sum(op.nbytes for op in reloads), file_bytes_read=self.checkpoint.bytes_read - read0,
             num_ops=len(reloads) + len(copies) + len(fanout),
-            predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps, alloc_bytes=alloc),
+            predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps, alloc_bytes=alloc, kept_in_place=in_view),
             in_place_ranks=len(grown), alloc_bytes=sum(alloc.values()),
+            remapped_bytes=sum(in_view.values()), remapped_ranks=len(remaps), released_bytes=released,
         )
         return new, report
 
 
 Move = tuple[int, int, int, int, int, int]  # (src byte, dst byte, run bytes, src stride, dst stride, runs)
+
+
+def _keep_source(plan: MigrationPlan, old: dict[int, ShmArena], d: int, ops: list[CopyOp]) -> int | None:
+    """The one surviving old rank all of new rank ``d``'s kept bytes come from, when its arena is
+    this process's own and becomes ``d`` (a survivor keeps its file); else None."""
+    srcs = {op.src_rank for op in ops}
+    if len(srcs) != 1:
+        return None
+    s = srcs.pop()
+    arena = old.get(s)
+    if arena is None or not arena.owner or plan.old2new_rank[s] != d:
+        return None
+    return s
+
+
+def in_place_remaps(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[CopyOp]
+                    ) -> dict[int, tuple[int, list[tuple[int, int, int]], set[int]]]:
+    """New rank -> (old rank whose file it remaps, keep ranges ``(new view offset, old view offset,
+    bytes)``, ids of the KEEP ops they do) for every new rank whose kept bytes can stay in their
+    pages (module docstring). A kept run that is not whole pages at both ends, or strided (a
+    column block), is left to a copy."""
+    keeps: dict[int, list[CopyOp]] = {}
+    for op in copies:
+        if op.kind == KEEP:
+            keeps.setdefault(op.dst_rank, []).append(op)
+    out = {}
+    for d, ops in keeps.items():
+        s = _keep_source(plan, old, d, ops)
+        if s is None or not old[s].page_aligned or len(old[s].runs) > MAX_RUNS:
+            continue  # too fragmented after many changes: a new arena (one run) instead
+        arena = old[s]
+        placed_t, _ = ShmArena.place([ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)])
+        if any(sp.offset % PAGE for sp in placed_t):
+            continue
+        placed = {sp.name: sp for sp in placed_t}
+        keep, ids = [], set()
+        for op in ops:
+            a, b = arena.shards[op.tensor], placed[op.tensor]
+            f0, run, _, n = op.byte_runs(a.shape, op.src_offset, a.itemsize)
+            g0, _, _, n2 = op.byte_runs(b.shape, op.dst_offset, b.itemsize)
+            src, dst = a.offset + f0, b.offset + g0
+            if n != 1 or n2 != 1 or src % PAGE or dst % PAGE:
+                continue
+            if run % PAGE:  # only a tensor's last bytes: the rest of its last page is padding in both views
+                if src + run != a.offset + a.nbytes or dst + run != b.offset + b.nbytes:
+                    continue
+                run = -(-run // PAGE) * PAGE
+            keep.append((dst, src, run))
+            ids.add(id(op))
+        if keep:
+            out[d] = (s, keep, ids)
+    return out
 
 
 def in_place_moves(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[CopyOp]) -> dict[int, tuple[int, list[Move]]]:
@@ -279,13 +362,10 @@ def in_place_moves(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[C
             keeps.setdefault(op.dst_rank, []).append(op)
     out = {}
     for d, ops in keeps.items():
-        srcs = {op.src_rank for op in ops}
-        if len(srcs) != 1:
+        s = _keep_source(plan, old, d, ops)
+        if s is None or old[s].runs:  # a remapped arena is not regrown
             continue
-        s = srcs.pop()
-        arena = old.get(s)
-        if arena is None or not arena.owner or plan.old2new_rank[s] != d:
-            continue
+        arena = old[s]
         new_shards, new_size = ShmArena.place(
             [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)])
         if new_size < arena.nbytes:

@@ -33,6 +33,14 @@ class ExecReport(msgspec.Struct, frozen=True, kw_only=True):
     move_s: float = 0.0  # wall time of the in-place moves (beside the reloads and copies)
     in_place_ranks: int = 0  # new ranks whose arena is a survivor's, regrown (CPU executor)
     alloc_bytes: int = 0  # bytes of new memory the destinations took (0: not reported)
+    remapped_bytes: int = 0  # kept bytes that stayed in their pages (a remapped view; none copied)
+    remapped_ranks: int = 0  # new ranks whose arena is a survivor's file remapped (of in_place_ranks)
+    released_bytes: int = 0  # pages of the old views punched out after the migration
+
+    @property
+    def copied_keep_bytes(self) -> int:
+        """Kept bytes that were copied or moved (not remapped)."""
+        return self.keep_bytes - self.remapped_bytes
 
     @property
     def efficiency(self) -> float:

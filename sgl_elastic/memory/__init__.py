@@ -18,16 +18,25 @@ from sgl_elastic.layout.dtypes import ITEMSIZE as DTYPE_ITEMSIZE
 from sgl_elastic.memory.base import AttachedTensors, DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.memory.handles import SegmentRef, TensorHandle
 
-__all__ = ["TensorAlloc", "Segment", "DeviceMemory", "AttachedTensors", "SegmentRef", "TensorHandle",
+# How a migration turns a survivor's segment into its new rank's (CPU): "remap" (its kept bytes stay
+# in their pages, the view is remapped; the default), "move" (the file is regrown and the kept bytes
+# moved inside it), "off" (every new rank gets a new segment; the kept bytes are copied).
+IN_PLACE_MODES = ("remap", "move", "off")
+
+__all__ = ["IN_PLACE_MODES", "TensorAlloc", "Segment", "DeviceMemory", "AttachedTensors", "SegmentRef", "TensorHandle",
            "make_memory", "attach_handles"]
 
 
-def make_memory(backend: str, instance: str, device_of_rank: dict[int, str] | None = None) -> DeviceMemory:
-    """``backend`` "shm" (CPU) or "cuda"; the CUDA module is imported only here, on demand."""
+def make_memory(backend: str, instance: str, device_of_rank: dict[int, str] | None = None,
+                in_place: str = "remap") -> DeviceMemory:
+    """``backend`` "shm" (CPU) or "cuda"; the CUDA module is imported only here, on demand.
+    ``in_place`` (shm): how a survivor's own segment becomes its new rank's (``IN_PLACE_MODES``)."""
+    if in_place not in IN_PLACE_MODES:
+        raise ValueError(f"in_place={in_place!r}; choose one of {', '.join(IN_PLACE_MODES)}")
     if backend == "shm":
         from sgl_elastic.memory.shm import ShmMemory
 
-        return ShmMemory(instance)
+        return ShmMemory(instance, in_place=in_place)
     if backend == "cuda":
         from sgl_elastic.memory.cuda import CudaMemory
 

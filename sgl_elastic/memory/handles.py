@@ -14,7 +14,8 @@ class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
     backend "shm": ``locator`` is the POSIX shared-memory name (``/dev/shm/<locator>``).
     backend "cuda": ``ipc`` holds the CUDA IPC fields of the storage (msgpack), ``device_uuid`` the
     GPU (clients map it to their own device index, as SGLang's ``patch_torch`` does).
-    ``size``: bytes.
+    ``size``: bytes. ``runs`` (shm): ``(view offset, file offset, bytes)`` of a segment remapped by a
+    migration, mapped run by run into one address range; empty: the file is the view.
     """
 
     backend: str
@@ -22,6 +23,7 @@ class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     device_uuid: str = ""
     ipc: bytes = b""
+    runs: tuple[tuple[int, int, int], ...] = ()
 
 
 class TensorHandle(msgspec.Struct, frozen=True, array_like=True):

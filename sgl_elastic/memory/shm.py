@@ -8,8 +8,10 @@ SIGINT); if it is SIGKILLed, Python's resource tracker (a process of its own) un
 
 Client side, ``ShmMapping`` maps ``/dev/shm/<name>`` read-write with a plain ``mmap`` (no
 ``SharedMemory`` object: that would register the name with the client's resource tracker, which
-would unlink the daemon's segment when the client exits). A mapping stays valid after the daemon
-unlinks the name or dies: the pages live until the last mapping goes.
+would unlink the daemon's segment when the client exits), or, for a segment remapped by a
+migration (``SegmentRef.runs``), run by run into one address range (``executor.shm.map_runs``).
+A mapping stays valid after the daemon unlinks the name or dies: the pages live until the last
+mapping goes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ShmSegment(Segment):
 
     def refs(self) -> list[SegmentRef]:
         h = self.arena.handle
-        return [SegmentRef(backend="shm", locator=h.shm_name, size=h.size)]
+        return [SegmentRef(backend="shm", locator=h.shm_name, size=h.size, runs=h.runs)]
 
     def handles(self) -> list[TensorHandle]:
         return [TensorHandle(s.name, 0, s.offset, self.dtypes[s.name], tuple(s.shape))
@@ -67,8 +69,8 @@ class ShmSegment(Segment):
         first decode steps after a recovery."""
         import threading
 
-        fd = getattr(self.arena._shm, "_fd", -1)  # type: ignore[attr-defined]
-        if fd < 0 or not hasattr(os, "posix_fallocate"):
+        fd = self.arena.fd
+        if fd < 0 or self.arena.runs or not hasattr(os, "posix_fallocate"):
             return
         own, start, size = os.dup(fd), self.resident, self.nbytes
 
@@ -88,8 +90,8 @@ class ShmMemory(DeviceMemory):
     backend = "shm"
     shared_pool = True
 
-    def __init__(self, instance: str) -> None:
-        self.instance = instance
+    def __init__(self, instance: str, in_place: str = "remap") -> None:
+        self.instance, self.in_place = instance, in_place
 
     def free_bytes(self, rank: int) -> int:
         """Free bytes of the /dev/shm filesystem (shared by every rank of the node)."""
@@ -105,7 +107,7 @@ class ShmMemory(DeviceMemory):
         """The same file, extended to fit ``specs`` (never shrunk: a smaller table gets None)."""
         shards = [ShardSpec(s.name, s.shape, s.itemsize) for s in specs]
         _, size = ShmArena.place(shards)
-        if not isinstance(seg, ShmSegment) or not seg.arena.owner or size < seg.arena.nbytes:
+        if not isinstance(seg, ShmSegment) or not seg.arena.owner or seg.arena.runs or size < seg.arena.nbytes:
             return None
         resident = seg.arena.nbytes
         grown = seg.arena.regrow(shards)
@@ -131,14 +133,15 @@ class ShmMemory(DeviceMemory):
         return read, copy, measure_alloc_gbps(probe)
 
     def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
-        """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, regrowing a
-        survivor's own file in place where it can (only the lost share gets new pages) and
-        allocating the other destinations before any copy."""
+        """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, remapping (or,
+        ``in_place="move"``, regrowing) a survivor's own file where it can (only the lost share gets
+        new pages) and allocating the other destinations before any copy."""
         from sgl_elastic.executor.cpu import CpuExecutor
 
         dtypes = segment_dtypes(old.values(), ckpt)
-        new_arenas, report = CpuExecutor(ckpt, topo, in_place=True).run(plan, {r: s.arena for r, s in old.items()},
-                                                                        label=label)
+        new_arenas, report = CpuExecutor(ckpt, topo, in_place=self.in_place != "off",
+                                         remap=self.in_place == "remap").run(plan, {r: s.arena for r, s in old.items()},
+                                                                             label=label)
         return {r: self.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
 
 
@@ -161,13 +164,23 @@ class ShmMapping:
                 f"{path} does not exist: the daemon freed this segment (layout changed or daemon stopped);"
                 " export the handles again"
             ) from None
+        self._mmap = self._view = None
         try:
             size = os.fstat(fd).st_size
-            if size < ref.size:
-                raise ValueError(f"{path} holds {size} bytes but the handle says {ref.size}")
-            self._mmap = mmap.mmap(fd, ref.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            need = max((f + n for _, f, n in ref.runs), default=ref.size)
+            if size < need:
+                raise ValueError(f"{path} holds {size} bytes but the handle says {need}")
+            if ref.runs:
+                from sgl_elastic.executor.shm import map_runs
+
+                self._view = map_runs(fd, ref.size, ref.runs, populate=populate)
+            else:
+                self._mmap = mmap.mmap(fd, ref.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        if self._view is not None:
+            self.flat = torch.frombuffer(self._view, dtype=torch.uint8)
+            return
         flag = MADV_POPULATE_READ
         if populate and flag is not None:
             try:
@@ -178,6 +191,9 @@ class ShmMapping:
 
     def close(self) -> None:
         self.flat = None
+        self._view = None  # a run mapping goes with the last tensor over it
+        if self._mmap is None:
+            return
         try:
             self._mmap.close()
         except BufferError:

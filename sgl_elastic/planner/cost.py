@@ -39,13 +39,15 @@ class CostEstimate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 0.0,
-                 alloc_bytes: dict[int, int] | None = None) -> CostEstimate:
+                 alloc_bytes: dict[int, int] | None = None, kept_in_place: dict[int, int] | None = None) -> CostEstimate:
     """Predict the wall time of ``plan`` on ``topology`` (bandwidths in GB/s, result in seconds).
 
     ``alloc_bytes``: new rank -> bytes of new memory its destination takes (what the executor
     allocates: all of it, or only the extension of a file regrown in place). With the topology's
     ``alloc_gbps`` they add ``alloc_s``. The model adds it to the copies' time instead of overlapping
-    it: allocating pages means zeroing them, on the cores and through the memory bus the copies use."""
+    it: allocating pages means zeroing them, on the cores and through the memory bus the copies use.
+    ``kept_in_place``: new rank -> kept bytes that cost nothing (remapped where they lie, CPU)."""
+    free = dict(kept_in_place or {})
     slots = plan.new2slot
     reload_in: dict[int, int] = {}
     keep_at: dict[int, int] = {}
@@ -80,6 +82,8 @@ def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 
     peer = {f"egress[{s}]": t for s, t in egress.items()} | {f"ingress[{s}]": t for s, t in ingress.items()}
     peer_s = max(peer.values(), default=0.0)
     phases |= peer
+    for d, b in free.items():
+        keep_at[slots[d]] = max(0, keep_at.get(slots[d], 0) - b)
     keep_s = max((b / (keep_gbps * GB) for b in keep_at.values()), default=0.0) if keep_gbps > 0 else 0.0
     if topology.node_copy_gbps:
         per_node: dict[int, float] = {}
@@ -87,6 +91,9 @@ def predict_time(plan: MigrationPlan, topology: Topology, *, keep_gbps: float = 
             if op.stage == 0 and (op.kind == PEER or (op.kind == KEEP and keep_gbps > 0)):
                 node = topology.node_of_slot[slots[op.dst_rank]]
                 per_node[node] = per_node.get(node, 0.0) + op.nbytes
+        for d, b in free.items():
+            node = topology.node_of_slot[slots[d]]
+            per_node[node] = max(0.0, per_node.get(node, 0.0) - b)
         for node, b in per_node.items():
             if topology.node_copy_gbps[node] > 0:
                 t = b / (topology.node_copy_gbps[node] * GB)

@@ -70,16 +70,30 @@ def wait_gone(paths_fn, timeout=5.0):
     return paths_fn()
 
 
+def _stopped(d) -> None:
+    d.stop()
+    assert d.proc.poll() is not None
+    assert segments_of_pid(d.pid) == [], "daemon left shared-memory segments"
+    assert not os.path.exists(d.run_dir)
+
+
 @pytest.fixture
 def daemon():
     d = DaemonProcess.start()
     try:
         yield d
     finally:
-        d.stop()
-        assert d.proc.poll() is not None
-        assert segments_of_pid(d.pid) == [], "daemon left shared-memory segments"
-        assert not os.path.exists(d.run_dir)
+        _stopped(d)
+
+
+@pytest.fixture
+def moving_daemon():
+    """A daemon whose migrations move a survivor's kept bytes inside its file (``--in-place move``)."""
+    d = DaemonProcess.start(in_place="move")
+    try:
+        yield d
+    finally:
+        _stopped(d)
 
 
 @pytest.fixture
@@ -250,17 +264,22 @@ def _load_a_copy(daemon, ckpt, tmp_path):
     return c, copy, old
 
 
-def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt, tmp_path):
+def _spoil(copy) -> None:
+    for f in glob.glob(str(copy / "*.safetensors")):
+        with open(f, "r+b") as fh:  # keep the header, lose the tensors
+            n = int.from_bytes(fh.read(8), "little")
+            fh.truncate(8 + n + 64)
+
+
+def test_migration_failing_after_its_in_place_moves_drops_the_model(moving_daemon, ckpt, tmp_path):
     """The checkpoint loses its data after the load (truncated), so the migration's reloads fail
     while the survivor's kept bytes are being moved in place: the daemon may not claim the old
     shards are intact. It drops the model (state empty, a clear last_error), refuses exports,
     frees every segment, and a new LoadModel works again."""
+    daemon = moving_daemon
     c, copy, old = _load_a_copy(daemon, ckpt, tmp_path)
     try:
-        for f in glob.glob(str(copy / "*.safetensors")):
-            with open(f, "r+b") as fh:  # keep the header, lose the tensors
-                n = int.from_bytes(fh.read(8), "little")
-                fh.truncate(8 + n + 64)
+        _spoil(copy)
         with pytest.raises(DaemonError, match="dropped"):
             c.apply_migration(plan_migration(old, ClusterChange(failed=(1,))), timeout=60)
         s = c.stats()
@@ -270,6 +289,24 @@ def test_migration_failing_after_its_in_place_moves_drops_the_model(daemon, ckpt
             c.export_weights(0)
         c.load_model(ckpt, layout_of(ckpt, 1))  # the intact checkpoint: serving can start again
         assert c.wait_ready(60).state == "ready"
+    finally:
+        c.close()
+
+
+def test_remapped_migration_failing_midway_keeps_the_old_layout(daemon, ckpt, tmp_path):
+    """The same spoiled checkpoint under the default remapped migration: the survivor's old view was
+    never written (its kept bytes stay in their pages, the rest goes to new ones), so the daemon
+    stays READY on the old layout with the survivor's shards intact, and says so."""
+    c, copy, old = _load_a_copy(daemon, ckpt, tmp_path)
+    try:
+        _spoil(copy)
+        with pytest.raises(DaemonError, match="survivors' shards are intact"):
+            c.apply_migration(plan_migration(old, ClusterChange(failed=(1,))), timeout=60)
+        s = c.stats()
+        assert s.state == "ready" and s.epoch == 0, s
+        with SafetensorsCheckpoint(ckpt) as ck, c.attach_weights(0) as a:
+            for t, shape in rank_tensors(old, 0):
+                assert torch.equal(a.tensors[t.name], expected_shard(ck, old, 0, t, shape)), t.name
     finally:
         c.close()
 

@@ -91,9 +91,12 @@ def test_down_to_one_then_scale_up(server, want):
 
 
 def _footprint(url, daemon_pid):
+    """(mean rank RSS, the daemon's shared memory): pages the daemon's files hold, not their sizes
+    (a remapped segment's file grows by the units a survivor gains and gives back what it lost as
+    holes)."""
     ranks = [psutil.Process(r["pid"]) for r in _status(url)["ranks"]]
     rss = sum(p.memory_info().rss for p in ranks) / len(ranks)
-    shm = sum(e.stat().st_size for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{daemon_pid}-"))
+    shm = sum(e.stat().st_blocks * 512 for e in os.scandir("/dev/shm") if e.name.startswith(f"sgle-{daemon_pid}-"))
     return rss, shm
 
 

@@ -370,3 +370,141 @@ def test_cuda_executor_rebuilds_new_shards(tmp_path):
                 if want is not None:
                     got = new[r][t.name].cpu().view(torch.float32).numpy()
                     np.testing.assert_array_equal(got, want)
+
+
+def page_config(kind: str = "qwen3_moe", nkv: int = 4):
+    """``toy_config`` with 1024-wide rows (4 KiB of float32): every shard of every layout is whole
+    pages, so the arenas are page-aligned and a migration remaps instead of moving."""
+    cfg = toy_config(kind, nkv)
+    cfg.hidden_size = 1024
+    return cfg
+
+
+def _kept_file_bytes(plan, arenas: dict, layout_of_arena, ranks) -> dict:
+    """(old rank, tensor, first row) -> (file ranges of that kept row block in ``arenas``) for every
+    dim-0 / whole KEEP op of the plan, read from the arenas' own run tables."""
+    out = {}
+    for op in plan.tensor_ops():
+        if op.kind != "keep" or op.dim == 1 or op.src_rank not in ranks:
+            continue
+        a = arenas[op.src_rank]
+        sh = a.shards[op.tensor]
+        f0, run, _, _ = op.byte_runs(sh.shape, op.src_offset, sh.itemsize)
+        out[(op.src_rank, op.tensor, op.start)] = a.file_ranges(sh.offset + f0, run)
+    return out
+
+
+@pytest.mark.parametrize("kind,nkv,tp,failed,added,ep", [
+    ("qwen3_moe", 4, 3, (1,), 0, False),   # 3 -> 2, a middle rank
+    ("qwen3_moe", 4, 3, (0,), 0, False),   # rank 0 lost: every survivor's units shift in the view
+    ("qwen3", 8, 4, (1, 2), 0, False),     # two at once
+    ("qwen3_moe", 4, 3, (2,), 0, True),    # expert parallel: whole experts keep their pages
+    ("qwen3", 4, 2, (), 1, False),         # scale-up: the survivors shrink, keeping their pages
+])
+def test_remapped_migration_keeps_kept_bytes_in_their_file_pages(tmp_path, kind, nkv, tp, failed, added, ep):
+    """Issue 27: on page-aligned arenas a survivor's kept rows and whole tensors are not copied: in
+    the new view they are the same file pages (same file offsets, checked through each arena's run
+    table and by reading the file itself), only the column-sharded kept bytes are copied, nothing
+    of the old view is written, and the pages only the old view used are punched out."""
+    old = ElasticLayout.from_hf_config(page_config(kind, nkv), tp, mlp_unit=8, vocab_unit=8, expert_parallel=ep)
+    full = write_checkpoint(tmp_path, old)
+    plan = plan_migration(old, ClusterChange(failed=failed, added=added))
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        arenas = allocate_rank_arenas(old, "old")
+        try:
+            for r, a in arenas.items():
+                load_rank_from_checkpoint(old, r, ck, a)
+            assert all(a.page_aligned for a in arenas.values())
+            survivors = {r: a for r, a in arenas.items() if r not in failed}
+            before = _kept_file_bytes(plan, survivors, old, survivors)
+            assert before
+            new, report = CpuExecutor(ck, Topology.single_node(tp + added, read_gbps=1, copy_gbps=4),
+                                      in_place=True).run(plan, survivors)
+            try:
+                assert report.remapped_ranks == len(survivors) == report.in_place_ranks
+                kept_cols = sum(op.nbytes for op in plan.tensor_ops() if op.kind == "keep" and op.dim == 1)
+                assert report.remapped_bytes == report.keep_bytes - kept_cols > 0
+                assert report.copied_keep_bytes == kept_cols
+                for (s, name, start), ranges in before.items():
+                    d = plan.old2new_rank[s]
+                    a = new[d]
+                    assert a.handle.shm_name == survivors[s].handle.shm_name  # the survivor's own file
+                    op = next(o for o in plan.tensor_ops() if o.kind == "keep" and o.src_rank == s
+                              and o.tensor == name and o.start == start)
+                    sh = a.shards[name]
+                    g0, run, _, _ = op.byte_runs(sh.shape, op.dst_offset, sh.itemsize)
+                    assert a.file_ranges(sh.offset + g0, run) == ranges, f"{name} rows from {start} moved in the file"
+                    # the file itself holds the checkpoint's bytes at those offsets
+                    want = expected_shard(full, plan.new_layout, d, next(t for t in old.tensors() if t.name == name))
+                    rows = want if want.ndim == 1 else want.reshape(want.shape[0], -1)
+                    blk = rows if op.dim < 0 else rows[op.dst_offset:op.dst_offset + op.length]
+                    fd = os.open(f"/dev/shm/{a.handle.shm_name}", os.O_RDONLY)
+                    try:
+                        got = b"".join(os.pread(fd, n, f) for f, n in ranges)
+                    finally:
+                        os.close(fd)
+                    assert got == blk.tobytes(), f"{name}: the kept pages no longer hold the checkpoint's rows"
+                for r in range(plan.new_layout.tp_size):  # and the whole new view is right
+                    for t in plan.new_layout.tensors():
+                        want = expected_shard(full, plan.new_layout, r, t)
+                        if want is not None:
+                            np.testing.assert_array_equal(new[r].array(t.name).view(np.float32), want,
+                                                          err_msg=f"new rank {r} {t.name}")
+                # the old views' pages no survivor keeps went back: each file holds about its view
+                for s in survivors:
+                    a = new[plan.old2new_rank[s]]
+                    held = os.stat(f"/dev/shm/{a.handle.shm_name}").st_blocks * 512
+                    assert held <= a.nbytes + 64 * 1024, (held, a.nbytes)
+                assert report.released_bytes > 0 or added == 0 and not failed
+                # another process's view of a remapped arena reads the same bytes (ArenaHandle runs)
+                d0 = plan.old2new_rank[min(survivors)]
+                other = ShmArena.attach(new[d0].handle)
+                try:
+                    for name in list(new[d0].shards)[:8]:
+                        np.testing.assert_array_equal(other.array(name), new[d0].array(name))
+                finally:
+                    other.close()
+            finally:
+                for a in new.values():
+                    a.close()
+        finally:
+            for a in arenas.values():
+                a.close()
+
+
+def test_remapped_failure_leaves_the_old_view_intact(tmp_path):
+    """A failure in the middle of a remapped migration (a reload fails) leaves every survivor's old
+    view with its bytes, its file its old size, and the old arena its owner: nothing was moved."""
+    from sgl_elastic.executor.cpu import InPlaceFailed
+
+    old = ElasticLayout.from_hf_config(page_config(), 3, mlp_unit=8, vocab_unit=8)
+    full = write_checkpoint(tmp_path, old)
+    plan = plan_migration(old, ClusterChange(failed=(1,)))
+    with SafetensorsCheckpoint(tmp_path) as ck:
+        arenas = allocate_rank_arenas(old, "old")
+        try:
+            for r, a in arenas.items():
+                load_rank_from_checkpoint(old, r, ck, a)
+            survivors = {r: arenas[r] for r in (0, 2)}
+            sizes = {r: os.path.getsize(f"/dev/shm/{a.handle.shm_name}") for r, a in survivors.items()}
+
+            def boom(*args, **kwargs):
+                raise OSError(28, "injected failure")
+
+            patch = pytest.MonkeyPatch()
+            patch.setattr(ck, "read_region", boom)
+            try:
+                with pytest.raises(InPlaceFailed, match="injected failure") as info:
+                    CpuExecutor(ck, Topology.single_node(3, read_gbps=1, copy_gbps=1), in_place=True).run(plan, survivors)
+            finally:
+                patch.undo()
+            assert not info.value.corrupted
+            for r, a in survivors.items():
+                assert a.owner and os.path.getsize(f"/dev/shm/{a.handle.shm_name}") == sizes[r]
+                for t in old.tensors():
+                    want = expected_shard(full, old, r, t)
+                    if want is not None:
+                        np.testing.assert_array_equal(a.array(t.name).view(np.float32), want)
+        finally:
+            for a in arenas.values():
+                a.close()
