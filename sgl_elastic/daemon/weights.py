@@ -24,7 +24,7 @@ import numpy as np
 from sgl_elastic.layout.dtypes import SAFETENSORS_TO_TORCH
 from sgl_elastic.memory import DeviceMemory, Segment, TensorAlloc
 from sgl_elastic.executor.safetensors_io import RAW_DTYPE, SafetensorsCheckpoint
-from sgl_elastic.layout.geometry import rank_tensors, shard_region
+from sgl_elastic.layout.geometry import rank_tensors, shard_region, stored_transposed
 from sgl_elastic.layout import ElasticLayout
 
 __all__ = ["weight_allocs", "load_ranks", "LoadCancelled"]
@@ -49,7 +49,8 @@ def weight_allocs(layout: ElasticLayout, rank: int, ckpt: SafetensorsCheckpoint)
             )
         if tuple(e.shape) != tuple(t.shape):
             raise ValueError(f"{t.name}: checkpoint shape {e.shape} != layout shape {t.shape}; wrong layout for this model")
-        out.append(TensorAlloc(t.name, SAFETENSORS_TO_TORCH[e.dtype], shape))
+        out.append(TensorAlloc(t.name, SAFETENSORS_TO_TORCH[e.dtype], shape, transposed=stored_transposed(t),
+                               alone=t.family == "full"))
     return out
 
 

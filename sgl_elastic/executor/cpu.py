@@ -44,8 +44,8 @@ import numpy as np
 
 from sgl_elastic.executor.ops import full_region, shard_view, split_queues
 from sgl_elastic.executor.report import ExecReport
-from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint
-from sgl_elastic.layout.geometry import rank_tensors
+from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint, copy_bits
+from sgl_elastic.layout.geometry import rank_tensors, stored_transposed
 from sgl_elastic.executor.shm import PAGE, ShardSpec, ShmArena, fallocate_range
 from sgl_elastic.planner.cost import predict_time
 from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
@@ -120,12 +120,30 @@ def _prefault(arenas: list[ShmArena]) -> None:
         raise errors[0]
 
 
+def _specs(layout, rank: int) -> list[ShardSpec]:
+    """``rank``'s shards of ``layout`` as arena specs (column-sharded tensors stored transposed,
+    ``layout.geometry.stored_transposed``, as the daemon stores them)."""
+    return [ShardSpec(t.name, shape, t.dtype_bytes, transposed=stored_transposed(t), alone=t.family == "full")
+            for t, shape in rank_tensors(layout, rank)]
+
+
+def _runs(op: CopyOp, sh: ShardSpec, offset: int) -> tuple[int, int, int, int]:
+    """``op.byte_runs`` in the arena's storage of shard ``sh``: a column block of a transposed shard
+    is a block of its storage's rows (one run)."""
+    if sh.transposed and op.dim == 1:
+        col = sh.shape[0] * sh.itemsize
+        return (offset * col, op.length * col, op.length * col, 1)
+    if sh.transposed:
+        raise ValueError(f"{op.tensor}: a transposed shard is cut along dim 1 only, not {op.dim}")
+    return op.byte_runs(sh.shape, offset, sh.itemsize)
+
+
 def allocate_rank_arenas(plan_layout, label: str, prefault: bool = True) -> dict[int, ShmArena]:
     """One arena per rank of ``plan_layout`` with every shard it holds (shapes from the layout)."""
     out = {}
     try:
         for r in range(plan_layout.tp_size):
-            specs = [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan_layout, r)]
+            specs = _specs(plan_layout, r)
             out[r] = ShmArena.create(f"{label}-r{r}", specs)
         if prefault:
             _prefault(list(out.values()))
@@ -192,7 +210,7 @@ class CpuExecutor:
             # Step 1: every destination buffer, once, before any copy (in place: only the extension).
             ranges = []
             for d in range(plan.new_layout.tp_size):
-                specs = [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)]
+                specs = _specs(plan.new_layout, d)
                 if d in remaps:
                     src, keep, _ = remaps[d]
                     new[d], fresh = old[src].remap(specs, keep)
@@ -233,7 +251,7 @@ class CpuExecutor:
                     src_arena = new[op.src_rank] if op.stage == 1 else old[op.src_rank]
                     src = shard_view(src_arena.array(op.tensor), op, op.src_offset)
                 dst = shard_view(new[op.dst_rank].array(op.tensor), op, op.dst_offset)
-                np.copyto(dst, src)
+                copy_bits(dst, src)
 
             def do_moves(d: int) -> None:  # a regrown rank's kept bytes, the gate lowered as they go
                 buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
@@ -250,7 +268,7 @@ class CpuExecutor:
                 if op.dst_rank not in moves:
                     return op.dst_rank, 0
                 sh = new[op.dst_rank].shards[op.tensor]
-                return op.dst_rank, sh.offset + op.byte_runs(sh.shape, op.dst_offset, sh.itemsize)[0]
+                return op.dst_rank, sh.offset + _runs(op, sh, op.dst_offset)[0]
 
             shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
             left = [op for op in copies if not (op.kind == KEEP and (op.dst_rank in moves or id(op) in remapped))]
@@ -330,15 +348,17 @@ def in_place_remaps(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[
         if s is None or not old[s].page_aligned or len(old[s].runs) > MAX_RUNS:
             continue  # too fragmented after many changes: a new arena (one run) instead
         arena = old[s]
-        placed_t, _ = ShmArena.place([ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)])
+        placed_t, _ = ShmArena.place(_specs(plan.new_layout, d))
         if any(sp.offset % PAGE for sp in placed_t):
             continue
         placed = {sp.name: sp for sp in placed_t}
         keep, ids = [], set()
         for op in ops:
             a, b = arena.shards[op.tensor], placed[op.tensor]
-            f0, run, _, n = op.byte_runs(a.shape, op.src_offset, a.itemsize)
-            g0, _, _, n2 = op.byte_runs(b.shape, op.dst_offset, b.itemsize)
+            if a.transposed != b.transposed:
+                continue
+            f0, run, _, n = _runs(op, a, op.src_offset)
+            g0, _, _, n2 = _runs(op, b, op.dst_offset)
             src, dst = a.offset + f0, b.offset + g0
             if n != 1 or n2 != 1 or src % PAGE or dst % PAGE:
                 continue
@@ -366,21 +386,23 @@ def in_place_moves(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[C
         if s is None or old[s].runs:  # a remapped arena is not regrown
             continue
         arena = old[s]
-        new_shards, new_size = ShmArena.place(
-            [ShardSpec(t.name, shape, t.dtype_bytes) for t, shape in rank_tensors(plan.new_layout, d)])
+        new_shards, new_size = ShmArena.place(_specs(plan.new_layout, d))
         if new_size < arena.nbytes:
             continue
         placed = {sp.name: sp for sp in new_shards}
         runs, ok, dim1 = [], True, set()
         for op in ops:
             a, b = arena.shards[op.tensor], placed[op.tensor]
-            if op.dim == 1:
+            if op.dim == 1 and not a.transposed:
                 if op.tensor in dim1:  # two column blocks of one tensor interleave: no safe order
                     ok = False
                     break
                 dim1.add(op.tensor)
-            f0, run, ss, n = op.byte_runs(a.shape, op.src_offset, a.itemsize)
-            g0, run2, sd, n2 = op.byte_runs(b.shape, op.dst_offset, b.itemsize)
+            if a.transposed != b.transposed:
+                ok = False
+                break
+            f0, run, ss, n = _runs(op, a, op.src_offset)
+            g0, run2, sd, n2 = _runs(op, b, op.dst_offset)
             src, dst = a.offset + f0, b.offset + g0
             if run != run2 or n != n2 or dst < src or dst + (n - 1) * sd < src + (n - 1) * ss:
                 ok = False

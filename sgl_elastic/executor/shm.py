@@ -126,12 +126,17 @@ def _coalesce(runs: list[Run]) -> list[Run]:
 
 
 class ShardSpec(msgspec.Struct, frozen=True):
-    """One tensor in an arena: name, shape (elements), itemsize (bytes), byte offset in the segment."""
+    """One tensor in an arena: name, shape (elements), itemsize (bytes), byte offset in the segment;
+    ``transposed``: a 2-D tensor stored column-major (``shape[::-1]`` row-major; ``ShmArena.array``
+    still gives it in ``shape``, as a transposed view); ``alone``: a tensor never cut and never part
+    of a fused parameter (a norm, a router), which page-aligned placement may pad."""
 
     name: str
     shape: tuple[int, ...]
     itemsize: int
     offset: int = 0
+    transposed: bool = False
+    alone: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -221,14 +226,14 @@ class ShmArena:
     @staticmethod
     def place(specs) -> tuple[tuple[ShardSpec, ...], int]:
         """Offsets of ``specs`` in one segment, in order, and the segment's size. Page-aligned (each
-        tensor on its own pages) when every 2-D or larger shard is a whole number of pages: then a
-        fused parameter's parts stay back to back and any later layout can be ``remap``ped. Else
-        64-byte aligned (a small vector then costs no page of its own)."""
+        tensor on its own pages) when every shard that is not ``alone`` is a whole number of pages:
+        then a fused parameter's parts stay back to back and any later layout can be ``remap``ped.
+        Else 64-byte aligned."""
         specs = list(specs)
-        align = PAGE if all(s.nbytes % PAGE == 0 for s in specs if len(s.shape) >= 2) else _ALIGN
+        align = PAGE if all(s.nbytes % PAGE == 0 for s in specs if not s.alone) else _ALIGN
         placed, off = [], 0
         for s in specs:
-            placed.append(ShardSpec(s.name, tuple(s.shape), s.itemsize, off))
+            placed.append(ShardSpec(s.name, tuple(s.shape), s.itemsize, off, s.transposed, s.alone))
             off += -(-s.nbytes // align) * align
         return tuple(placed), max(off, 1)
 
@@ -347,10 +352,14 @@ class ShmArena:
         return cls(shm, handle.shards, owner=False)
 
     def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` in its shape (a transposed view for a ``transposed`` one)."""
         arr = self._arrays.get(name)
         if arr is None:
             s = self.shards[name]
-            arr = np.ndarray(s.shape, dtype=RAW_DTYPE[s.itemsize], buffer=self.buf, offset=s.offset)
+            if s.transposed:
+                arr = np.ndarray(s.shape[::-1], dtype=RAW_DTYPE[s.itemsize], buffer=self.buf, offset=s.offset).T
+            else:
+                arr = np.ndarray(s.shape, dtype=RAW_DTYPE[s.itemsize], buffer=self.buf, offset=s.offset)
             self._arrays[name] = arr
         return arr
 

@@ -12,7 +12,8 @@ from sgl_elastic.layout.elastic import ElasticLayout
 from sgl_elastic.layout.family import FamilyLayout
 from sgl_elastic.layout.tensors import TensorSpec
 
-__all__ = ["family_granule_range", "shard_granule_range", "rows_cols", "shard_region", "shard_shape", "rank_tensors"]
+__all__ = ["family_granule_range", "shard_granule_range", "rows_cols", "shard_region", "shard_shape", "rank_tensors",
+           "stored_transposed"]
 
 Region = tuple[int, int, int, int]
 
@@ -50,6 +51,14 @@ def shard_region(t: TensorSpec, layout: ElasticLayout, rank: int) -> Region | No
     a, b = shard_granule_range(layout, t.family, t.subdim, rank)
     a, b = a * t.granule_elems, b * t.granule_elems
     return (a, b, 0, cols) if t.dim == 0 else (0, rows, a, b)
+
+
+def stored_transposed(t: TensorSpec) -> bool:
+    """Whether the CPU daemon stores ``t``'s shards transposed (column-major: the shard ``[rows, w]``
+    as ``[w, rows]`` row-major): the column-sharded 2-D tensors (``o_proj``, ``down_proj``), so that
+    a rank's column block is contiguous like a row block is, and a survivor that keeps columns keeps
+    their pages (the row stride of a row-major shard changes with its width)."""
+    return t.dim == 1 and len(t.shape) == 2
 
 
 def shard_shape(t: TensorSpec, layout: ElasticLayout, rank: int) -> tuple[int, ...] | None:

@@ -75,7 +75,8 @@ def attach_handles(handles, *, populate: bool = False) -> AttachedTensors:
             n = math.prod(h.shape) * DTYPE_ITEMSIZE[h.dtype]
             if h.offset < 0 or h.offset + n > flat.numel():
                 raise ValueError(f"{h.name}: bytes [{h.offset}, {h.offset + n}) outside its segment of {flat.numel()}")
-            tensors[h.name] = flat[h.offset:h.offset + n].view(getattr(torch, h.dtype)).view(h.shape)
+            t = flat[h.offset:h.offset + n].view(getattr(torch, h.dtype))
+            tensors[h.name] = t.view(tuple(h.shape[::-1])).t() if h.transposed else t.view(h.shape)
     except BaseException:
         for m in mappings:
             m.close()

@@ -31,14 +31,20 @@ ALIGN = 64
 
 
 class TensorAlloc:
-    """A tensor to place in a segment: ``name``, torch ``dtype`` name, ``shape`` (elements)."""
+    """A tensor to place in a segment: ``name``, torch ``dtype`` name, ``shape`` (elements);
+    ``transposed``: a 2-D tensor the device may store column-major (the CPU backend does; others
+    ignore it and say so in the tensor's handle); ``alone``: never cut nor fused (``ShardSpec``)."""
 
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "transposed", "alone")
 
-    def __init__(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], transposed: bool = False,
+                 alone: bool = False) -> None:
         if dtype not in DTYPE_ITEMSIZE:
             raise ValueError(f"{name}: dtype {dtype!r} not supported; use one of {sorted(DTYPE_ITEMSIZE)}")
         self.name, self.dtype, self.shape = name, dtype, tuple(int(s) for s in shape)
+        if transposed and len(self.shape) != 2:
+            raise ValueError(f"{name}: only a 2-D tensor can be stored transposed, not shape {self.shape}")
+        self.transposed, self.alone = transposed, alone
 
     @property
     def itemsize(self) -> int:

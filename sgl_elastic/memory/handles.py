@@ -28,10 +28,13 @@ class SegmentRef(msgspec.Struct, frozen=True, kw_only=True):
 
 class TensorHandle(msgspec.Struct, frozen=True, array_like=True):
     """A tensor inside segment ``segment`` (index into ``Handles.segments``) at byte ``offset``;
-    ``dtype`` is a torch dtype name ("bfloat16"); ``shape`` in elements (row-major, contiguous)."""
+    ``dtype`` is a torch dtype name ("bfloat16"); ``shape`` in elements: row-major and contiguous,
+    or, ``transposed``, a 2-D tensor stored column-major (``shape[::-1]`` row-major: the client's
+    tensor is that storage's ``.t()``)."""
 
     name: str
     segment: int
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    transposed: bool = False

@@ -45,17 +45,17 @@ class ShmSegment(Segment):
         return [SegmentRef(backend="shm", locator=h.shm_name, size=h.size, runs=h.runs)]
 
     def handles(self) -> list[TensorHandle]:
-        return [TensorHandle(s.name, 0, s.offset, self.dtypes[s.name], tuple(s.shape))
+        return [TensorHandle(s.name, 0, s.offset, self.dtypes[s.name], tuple(s.shape), s.transposed)
                 for s in self.arena.handle.shards]
 
     def load_region(self, ckpt, name: str, region: tuple[int, int, int, int]) -> int:
         return ckpt.read_region(name, self.arena.array(name), *region)
 
     def write(self, name: str, src) -> None:
-        import numpy as np
+        from sgl_elastic.executor.safetensors_io import copy_bits
 
         dst = self.arena.array(name)
-        np.copyto(dst, src.reshape(dst.shape))
+        copy_bits(dst, src.reshape(dst.shape))
 
     def zero(self) -> None:
         for name in self.arena.shards:
@@ -100,12 +100,12 @@ class ShmMemory(DeviceMemory):
 
     def allocate(self, rank: int, kind: str, specs: list[TensorAlloc]) -> ShmSegment:
         arena = ShmArena.create(f"d{self.instance}-{kind}-r{rank}",
-                                [ShardSpec(s.name, s.shape, s.itemsize) for s in specs])
+                                [ShardSpec(s.name, s.shape, s.itemsize, transposed=s.transposed, alone=s.alone) for s in specs])
         return ShmSegment(rank, kind, arena, {s.name: s.dtype for s in specs})
 
     def regrow(self, seg: Segment, rank: int, specs: list[TensorAlloc]) -> ShmSegment | None:
         """The same file, extended to fit ``specs`` (never shrunk: a smaller table gets None)."""
-        shards = [ShardSpec(s.name, s.shape, s.itemsize) for s in specs]
+        shards = [ShardSpec(s.name, s.shape, s.itemsize, transposed=s.transposed, alone=s.alone) for s in specs]
         _, size = ShmArena.place(shards)
         if not isinstance(seg, ShmSegment) or not seg.arena.owner or seg.arena.runs or size < seg.arena.nbytes:
             return None

@@ -124,7 +124,7 @@ def _expand(layout, rank: int, shards: dict):
             yield t.name, shard.view(tuple(t.shape))
             continue
         full = torch.empty(tuple(t.shape), dtype=shard.dtype, device=shard.device)
-        full.view(rows, cols)[r0:r1, c0:c1].copy_(shard.view(r1 - r0, c1 - c0))
+        full.view(rows, cols)[r0:r1, c0:c1].copy_(shard.reshape(r1 - r0, c1 - c0))
         yield t.name, full
 
 
@@ -216,9 +216,31 @@ def shard_views(model, shards: dict):
         for a, b in zip(ts, ts[1:]):
             if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
                 return None, f"{name}: its shards are not contiguous in the daemon's segment"
-        views[name] = torch.as_strided(base, tuple(p.shape), torch.empty(tuple(p.shape), device="meta").stride(),
-                                       base.storage_offset())
+        strides = _param_strides(tuple(p.shape), ts)
+        if strides is None:
+            return None, f"{name}: its shards' layout {ts[0].stride()} does not make a {tuple(p.shape)} view"
+        views[name] = torch.as_strided(base, tuple(p.shape), strides, base.storage_offset())
     return views, ""
+
+
+def _param_strides(shape: tuple[int, ...], parts: list) -> tuple[int, ...] | None:
+    """Strides of the parameter of ``shape`` over ``parts`` (back to back in memory): row-major
+    parts make a row-major parameter; column-major ones (a transposed shard, the CPU daemon's
+    column-sharded tensors) make the parameter column-major in its last two dims: one part
+    (``o_proj``) is its own view, several equal ones (``w2`` of the experts) are stacked along a new
+    first dim. Anything else: None."""
+    import torch
+
+    if all(t.is_contiguous() for t in parts):
+        return torch.empty(shape, device="meta").stride()
+    first = parts[0]
+    if first.dim() != 2 or any(t.shape != first.shape or t.stride() != first.stride() for t in parts):
+        return None
+    if len(parts) == 1 and shape == tuple(first.shape):
+        return tuple(first.stride())
+    if len(shape) == 3 and shape[0] == len(parts) and shape[1:] == tuple(first.shape):
+        return (first.numel(),) + tuple(first.stride())
+    return None
 
 
 class DaemonModelLoader:

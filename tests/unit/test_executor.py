@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sgl_elastic.executor.cpu import _runs
 from sgl_elastic.executor import CpuExecutor, SafetensorsCheckpoint, ShardSpec, ShmArena, load_rank_from_checkpoint
 from sgl_elastic.executor.cpu import allocate_rank_arenas
 from sgl_elastic.executor.owner import ShardOwner
@@ -380,16 +381,20 @@ def page_config(kind: str = "qwen3_moe", nkv: int = 4):
     return cfg
 
 
-def _kept_file_bytes(plan, arenas: dict, layout_of_arena, ranks) -> dict:
-    """(old rank, tensor, first row) -> (file ranges of that kept row block in ``arenas``) for every
-    dim-0 / whole KEEP op of the plan, read from the arenas' own run tables."""
+def _kept_file_bytes(plan, arenas: dict, ranks) -> dict:
+    """(old rank, tensor, first unit) -> (file ranges of that kept block in ``arenas``) for every
+    KEEP op of the plan, read from the arenas' own run tables (a column block of a transposed shard
+    is a block of its storage's rows)."""
+    from sgl_elastic.executor.cpu import _runs
+
     out = {}
     for op in plan.tensor_ops():
-        if op.kind != "keep" or op.dim == 1 or op.src_rank not in ranks:
+        if op.kind != "keep" or op.src_rank not in ranks:
             continue
         a = arenas[op.src_rank]
         sh = a.shards[op.tensor]
-        f0, run, _, _ = op.byte_runs(sh.shape, op.src_offset, sh.itemsize)
+        f0, run, _, n = _runs(op, sh, op.src_offset)
+        assert n == 1, f"{op.tensor}: a kept block of {n} runs"
         out[(op.src_rank, op.tensor, op.start)] = a.file_ranges(sh.offset + f0, run)
     return out
 
@@ -402,10 +407,11 @@ def _kept_file_bytes(plan, arenas: dict, layout_of_arena, ranks) -> dict:
     ("qwen3", 4, 2, (), 1, False),         # scale-up: the survivors shrink, keeping their pages
 ])
 def test_remapped_migration_keeps_kept_bytes_in_their_file_pages(tmp_path, kind, nkv, tp, failed, added, ep):
-    """Issue 27: on page-aligned arenas a survivor's kept rows and whole tensors are not copied: in
-    the new view they are the same file pages (same file offsets, checked through each arena's run
-    table and by reading the file itself), only the column-sharded kept bytes are copied, nothing
-    of the old view is written, and the pages only the old view used are punched out."""
+    """Issue 27: on page-aligned arenas no kept byte is copied: a survivor's kept rows, columns (the
+    column-sharded tensors are stored transposed) and whole tensors are, in the new view, the same
+    file pages (same file offsets, checked through each arena's run table and by reading the file
+    itself), nothing of the old view is written, and the pages only the old view used are punched
+    out."""
     old = ElasticLayout.from_hf_config(page_config(kind, nkv), tp, mlp_unit=8, vocab_unit=8, expert_parallel=ep)
     full = write_checkpoint(tmp_path, old)
     plan = plan_migration(old, ClusterChange(failed=failed, added=added))
@@ -416,15 +422,14 @@ def test_remapped_migration_keeps_kept_bytes_in_their_file_pages(tmp_path, kind,
                 load_rank_from_checkpoint(old, r, ck, a)
             assert all(a.page_aligned for a in arenas.values())
             survivors = {r: a for r, a in arenas.items() if r not in failed}
-            before = _kept_file_bytes(plan, survivors, old, survivors)
+            before = _kept_file_bytes(plan, survivors, survivors)
             assert before
             new, report = CpuExecutor(ck, Topology.single_node(tp + added, read_gbps=1, copy_gbps=4),
                                       in_place=True).run(plan, survivors)
             try:
                 assert report.remapped_ranks == len(survivors) == report.in_place_ranks
-                kept_cols = sum(op.nbytes for op in plan.tensor_ops() if op.kind == "keep" and op.dim == 1)
-                assert report.remapped_bytes == report.keep_bytes - kept_cols > 0
-                assert report.copied_keep_bytes == kept_cols
+                assert report.remapped_bytes == report.keep_bytes > 0 and report.copied_keep_bytes == 0
+                assert any(op.kind == "keep" and op.dim == 1 for op in plan.tensor_ops())  # columns kept too
                 for (s, name, start), ranges in before.items():
                     d = plan.old2new_rank[s]
                     a = new[d]
@@ -432,12 +437,16 @@ def test_remapped_migration_keeps_kept_bytes_in_their_file_pages(tmp_path, kind,
                     op = next(o for o in plan.tensor_ops() if o.kind == "keep" and o.src_rank == s
                               and o.tensor == name and o.start == start)
                     sh = a.shards[name]
-                    g0, run, _, _ = op.byte_runs(sh.shape, op.dst_offset, sh.itemsize)
+                    g0, run, _, _ = _runs(op, sh, op.dst_offset)
                     assert a.file_ranges(sh.offset + g0, run) == ranges, f"{name} rows from {start} moved in the file"
                     # the file itself holds the checkpoint's bytes at those offsets
                     want = expected_shard(full, plan.new_layout, d, next(t for t in old.tensors() if t.name == name))
-                    rows = want if want.ndim == 1 else want.reshape(want.shape[0], -1)
-                    blk = rows if op.dim < 0 else rows[op.dst_offset:op.dst_offset + op.length]
+                    if op.dim < 0:
+                        blk = want
+                    elif op.dim == 0:
+                        blk = want[op.dst_offset:op.dst_offset + op.length]
+                    else:  # stored transposed: the block's columns, column after column
+                        blk = np.ascontiguousarray(want[:, op.dst_offset:op.dst_offset + op.length].T)
                     fd = os.open(f"/dev/shm/{a.handle.shm_name}", os.O_RDONLY)
                     try:
                         got = b"".join(os.pread(fd, n, f) for f, n in ranges)
@@ -455,7 +464,8 @@ def test_remapped_migration_keeps_kept_bytes_in_their_file_pages(tmp_path, kind,
                     a = new[plan.old2new_rank[s]]
                     held = os.stat(f"/dev/shm/{a.handle.shm_name}").st_blocks * 512
                     assert held <= a.nbytes + 64 * 1024, (held, a.nbytes)
-                assert report.released_bytes > 0 or added == 0 and not failed
+                if added:  # the survivors shrank: what they gave away went back to the kernel
+                    assert report.released_bytes > 0
                 # another process's view of a remapped arena reads the same bytes (ArenaHandle runs)
                 d0 = plan.old2new_rank[min(survivors)]
                 other = ShmArena.attach(new[d0].handle)
@@ -508,3 +518,24 @@ def test_remapped_failure_leaves_the_old_view_intact(tmp_path):
         finally:
             for a in arenas.values():
                 a.close()
+
+
+@pytest.mark.parametrize("size", ["tiny", "bench"])
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral", "qwen3"])
+def test_test_and_bench_models_get_page_aligned_remappable_arenas(family, size):
+    """The claim of docs/failover.md: for the test and bench models, in float32 and bfloat16, at every
+    tp the CPU daemon serves (1..4, with and without expert parallelism), every rank's arena is placed
+    page-aligned, so its failovers remap instead of moving bytes."""
+    from sgl_elastic.executor.cpu import _specs
+    from sgl_elastic.executor.shm import PAGE
+    from sgl_elastic.testing.models import hf_config, model_spec
+
+    for dtype in ("float32", "bfloat16"):
+        cfg = hf_config(model_spec(family, size))
+        cfg.dtype = dtype
+        for tp in (1, 2, 3, 4):
+            for ep in ((False, True) if family != "qwen3" else (False,)):
+                layout = ElasticLayout.from_hf_config(cfg, tp, expert_parallel=ep)
+                for r in range(tp):
+                    placed, _ = ShmArena.place(_specs(layout, r))
+                    assert all(s.offset % PAGE == 0 for s in placed), (family, size, dtype, tp, ep, r)

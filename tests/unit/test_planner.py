@@ -331,8 +331,10 @@ def _full_groups(w):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 6), per=st.integers(1, 6), sigma=st.floats(0.1, 2.5))
 def test_fewest_moves_is_near_the_full_rebalance_and_moves_no_more(seed, n, per, sigma):
-    """``_fewest_moves`` never ends more than REBALANCE_TOL above the full rebalance, never moves more
-    experts than it, and keeps every rank's expert count."""
+    """``_fewest_moves`` never ends more than REBALANCE_TOL above the full rebalance, moves no more
+    experts than it whenever the full rebalance is itself within REBALANCE_TOL of the better balance
+    (a swap search that balances clearly better may move more: seed 15, n 4, widths [2, 2, 2, 2]), and
+    keeps every rank's expert count."""
     from sgl_elastic.planner.experts import REBALANCE_TOL, _fewest_moves, _max_ratio
 
     rng = np.random.default_rng(seed)
@@ -354,7 +356,8 @@ def test_fewest_moves_is_near_the_full_rebalance_and_moves_no_more(seed, n, per,
     def moved(placed):
         return sum(len(set(k) - held[r]) for r, k in enumerate(placed))
 
-    assert moved(got) <= moved(full)
+    if _max_ratio(full, w, cap) <= best * (1 + REBALANCE_TOL) + 1e-12:  # full is a candidate: got moves no more
+        assert moved(got) <= moved(full)
 
 
 def test_capacity_policy_follows_capacities():
