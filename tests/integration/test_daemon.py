@@ -239,6 +239,14 @@ def test_migration_runs_through_executor(loaded, ckpt, change):
     assert summary.in_place_ranks == sum(1 for n in weights_now if f"/dev/shm/{n}" in old_segments)
     if change.failed:
         assert summary.in_place_ranks == 1 and summary.alloc_bytes < plan.keep_bytes + plan.reload_bytes
+    # every survivor's file is remapped, its kept bytes left in their pages (none copied); 2 -> 3: the
+    # survivors gave units away, so pages went back to the kernel
+    assert summary.remapped_ranks == summary.in_place_ranks == old.tp_size - len(change.failed)
+    assert summary.remapped_bytes == plan.keep_bytes
+    assert all(ref.runs for r in range(plan.new_layout.tp_size) for ref in c.export_weights(r).segments
+               if f"/dev/shm/{ref.locator}" in old_segments)
+    if change.added:
+        assert summary.released_bytes > 0
     with SafetensorsCheckpoint(ckpt) as ck:
         for rank in range(plan.new_layout.tp_size):
             with c.attach_weights(rank) as a:
