@@ -131,6 +131,17 @@ class SafetensorsCheckpoint:
                 m = self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             return m
 
+    @staticmethod
+    def _populate(m: mmap.mmap, first: int, end: int) -> None:
+        """Map the page-cache pages of file bytes ``[first, end)`` in one call, not one fault per 4 KiB."""
+        if MADV_POPULATE_READ is None:
+            return
+        start = first - first % mmap.PAGESIZE
+        try:
+            m.madvise(MADV_POPULATE_READ, start, end - start)
+        except OSError:
+            pass  # an older kernel: the pages fault in at first use
+
     def close(self) -> None:
         with self._lock:
             for m in self._maps.values():
@@ -175,6 +186,8 @@ class SafetensorsCheckpoint:
             # case 0: a column-major destination (a transposed shard): one transposing copy from
             # the file's page-cache mapping.
             m = self._map(e.file, e.offset + rows * row_bytes)
+            if row_bytes <= 2 * mmap.PAGESIZE or 4 * n_cols * e.itemsize >= row_bytes:  # most pages are needed
+                self._populate(m, e.offset + row0 * row_bytes, e.offset + row1 * row_bytes)
             src = np.ndarray((rows, cols), dtype=RAW_DTYPE[e.itemsize], buffer=m, offset=e.offset)
             copy_bits(out2.view(RAW_DTYPE[e.itemsize]), src[row0:row1, col0:col1])
             del src
@@ -187,15 +200,8 @@ class SafetensorsCheckpoint:
                 and out2.strides[1] == e.itemsize:
             # case 2: short runs: one strided copy from the file's page-cache mapping.
             m = self._map(e.file, e.offset + rows * row_bytes)
-            populate = MADV_POPULATE_READ
-            if populate is not None and row_bytes <= mmap.PAGESIZE:
-                # every page of the row span holds needed bytes: map them in one call, not one fault each
-                first = e.offset + row0 * row_bytes
-                start = first - first % mmap.PAGESIZE
-                try:
-                    m.madvise(populate, start, e.offset + row1 * row_bytes - start)
-                except OSError:
-                    pass
+            if row_bytes <= mmap.PAGESIZE:  # every page of the row span holds needed bytes
+                self._populate(m, e.offset + row0 * row_bytes, e.offset + row1 * row_bytes)
             src = np.ndarray((rows, cols), dtype=RAW_DTYPE[e.itemsize], buffer=m, offset=e.offset)
             np.copyto(out2.view(RAW_DTYPE[e.itemsize]), src[row0:row1, col0:col1])  # bitwise
             del src
