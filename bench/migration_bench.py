@@ -46,7 +46,7 @@ def _layout(model: str, tp: int) -> ElasticLayout:
     return ElasticLayout.from_hf_config(cfg, tp)
 
 
-def run_mode(mode: str, ck, old: ElasticLayout, plan, topo) -> dict:
+def run_mode(mode: str, ck, old: ElasticLayout, plan, topo, workers: int = 1) -> dict:
     arenas = allocate_rank_arenas(old, f"mb-{mode}")
     new = {}
     try:
@@ -55,7 +55,8 @@ def run_mode(mode: str, ck, old: ElasticLayout, plan, topo) -> dict:
         for r in plan.change.failed:
             arenas.pop(r).close()  # the dead rank's memory goes first, as in the daemon
         t = time.perf_counter()
-        new, rep = CpuExecutor(ck, topo, in_place=mode != "off", remap=mode == "remap").run(plan, arenas, label=mode)
+        new, rep = CpuExecutor(ck, topo, in_place=mode != "off", remap=mode == "remap",
+                               reload_workers=workers).run(plan, arenas, label=mode)
         wall = time.perf_counter() - t
         return {"mode": mode, "wall_s": wall, "achieved_s": rep.achieved_s, "reload_s": rep.reload_s, "copy_s": rep.copy_s,
                 "move_s": rep.move_s, "alloc_s": rep.alloc_s, "predicted_s": rep.predicted.predicted_s,
@@ -68,16 +69,32 @@ def run_mode(mode: str, ck, old: ElasticLayout, plan, topo) -> dict:
             a.close()
 
 
-def read_alone(ck, plan) -> dict:
-    """The plan's reloads only, one worker (the executor's default), into new sparse segments."""
+def read_alone(ck, plan, workers: int = 1) -> dict:
+    """The plan's reloads only, by ``workers`` threads (as the executor's reload workers), into new
+    sparse segments."""
+    import threading
+
     reloads, _, _ = split_queues(plan)
     shapes = {t.name: t.shape for t in plan.old_layout.tensors()}
     dst = {d: ShmArena.create(f"mb-read-r{d}", _specs(plan.new_layout, d)) for d in range(plan.new_layout.tp_size)}
-    try:
-        t = time.perf_counter()
-        for op in reloads:
+    queue, lock = list(reloads), threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                op = queue.pop(0)
             view = shard_view(dst[op.dst_rank].array(op.tensor), op, op.dst_offset)
             ck.read_region(op.tensor, view, *full_region(shapes[op.tensor], op))
+
+    try:
+        t = time.perf_counter()
+        threads = [threading.Thread(target=work) for _ in range(workers)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
         return {"mode": "read-alone", "wall_s": time.perf_counter() - t, "reload_bytes": sum(op.nbytes for op in reloads)}
     finally:
         for a in dst.values():
@@ -92,6 +109,7 @@ def main() -> int:
     ap.add_argument("--fail", default="1", help="comma-separated old ranks lost")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--reload-workers", type=int, default=1, help="reload threads, of the executor and of read-alone")
     ap.add_argument("--json", default="results/migration_bench.json")
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -110,7 +128,8 @@ def main() -> int:
         topo = Topology.single_node(args.tp, read_gbps=read, copy_gbps=copy, alloc_gbps=alloc)
         for rep in range(args.repeats):
             for mode in modes + ["read-alone"]:
-                row = read_alone(ck, plan) if mode == "read-alone" else run_mode(mode, ck, old, plan, topo)
+                row = read_alone(ck, plan, args.reload_workers) if mode == "read-alone" else \
+                    run_mode(mode, ck, old, plan, topo, args.reload_workers)
                 row["repeat"] = rep
                 rows.append(row)
                 print(f"[migration_bench] repeat {rep + 1}/{args.repeats} {mode}: {row['wall_s']:.3f} s", file=sys.stderr,
