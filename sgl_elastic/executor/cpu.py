@@ -319,6 +319,15 @@ class CpuExecutor:
 Move = tuple[int, int, int, int, int, int]  # (src byte, dst byte, run bytes, src stride, dst stride, runs)
 
 
+def _keeps_by_rank(copies: list[CopyOp]) -> dict[int, list[CopyOp]]:
+    """New rank -> its KEEP ops."""
+    keeps: dict[int, list[CopyOp]] = {}
+    for op in copies:
+        if op.kind == KEEP:
+            keeps.setdefault(op.dst_rank, []).append(op)
+    return keeps
+
+
 def _keep_source(plan: MigrationPlan, old: dict[int, ShmArena], d: int, ops: list[CopyOp]) -> int | None:
     """The one surviving old rank all of new rank ``d``'s kept bytes come from, when its arena is
     this process's own and becomes ``d`` (a survivor keeps its file); else None."""
@@ -338,12 +347,8 @@ def in_place_remaps(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[
     bytes)``, ids of the KEEP ops they do) for every new rank whose kept bytes can stay in their
     pages (module docstring). A kept run that is not whole pages at both ends, or strided (a
     column block), is left to a copy."""
-    keeps: dict[int, list[CopyOp]] = {}
-    for op in copies:
-        if op.kind == KEEP:
-            keeps.setdefault(op.dst_rank, []).append(op)
     out = {}
-    for d, ops in keeps.items():
+    for d, ops in _keeps_by_rank(copies).items():
         s = _keep_source(plan, old, d, ops)
         if s is None or not old[s].page_aligned or len(old[s].runs) > MAX_RUNS:
             continue  # too fragmented after many changes: a new arena (one run) instead
@@ -376,12 +381,8 @@ def in_place_remaps(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[
 def in_place_moves(plan: MigrationPlan, old: dict[int, ShmArena], copies: list[CopyOp]) -> dict[int, tuple[int, list[Move]]]:
     """New rank -> (old rank whose arena it regrows, its kept bytes as moves in execution order), for
     every new rank that may be migrated in place (module docstring); the others are absent."""
-    keeps: dict[int, list[CopyOp]] = {}
-    for op in copies:
-        if op.kind == KEEP:
-            keeps.setdefault(op.dst_rank, []).append(op)
     out = {}
-    for d, ops in keeps.items():
+    for d, ops in _keeps_by_rank(copies).items():
         s = _keep_source(plan, old, d, ops)
         if s is None or old[s].runs:  # a remapped arena is not regrown
             continue
