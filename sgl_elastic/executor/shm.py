@@ -52,7 +52,7 @@ _ALIGN = 64
 PAGE = mmap.PAGESIZE
 Run = tuple[int, int, int]  # (view offset, file offset, bytes)
 
-_MAP_FIXED, _MAP_NORESERVE, _MADV_POPULATE_READ = 0x10, 0x4000, 22
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _libc = None
 
@@ -95,8 +95,8 @@ def map_runs(fd: int, size: int, runs: tuple[Run, ...] | list[Run], populate: bo
                            fd, off)
             if got != base + view:
                 raise OSError(ctypes.get_errno(), f"mmap of file bytes [{off}, +{n}) at view {view} failed")
-        if populate:
-            lib.madvise(base, total, _MADV_POPULATE_READ)  # an old kernel refuses: pages fault in at first use
+        if populate and MADV_POPULATE_READ is not None:
+            lib.madvise(base, total, MADV_POPULATE_READ)  # an old kernel refuses: pages fault in at first use
     except BaseException:
         lib.munmap(base, total)
         raise
