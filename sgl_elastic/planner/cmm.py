@@ -41,6 +41,7 @@ from sgl_elastic.layout.geometry import family_granule_range
 from sgl_elastic.layout.tensors import FAMILY_SUBDIMS, TensorSpec
 from sgl_elastic.planner.experts import choose_placement, default_capacity, expert_ops, is_placed, moe_layers
 from sgl_elastic.planner.plan import HOST, KEEP, PEER, RELOAD, ClusterChange, FamilyOp, MigrationPlan, MovePiece, RankTotals
+from sgl_elastic.planner.sources import SOURCE_CHOICES, choose_sources
 from sgl_elastic.planner.topology import Topology
 
 __all__ = ["plan_migration", "build_plan", "family_granule_bytes", "new_slots"]
@@ -364,6 +365,7 @@ def plan_migration(
     expert_capacity: Sequence[float] | None = None,
     rebalance_experts: bool = False,
     expert_placer=None,
+    source_choice: str | None = None,
 ) -> MigrationPlan:
     """Plan the recovery from ``old_layout`` after ``change`` (failed ranks and/or added devices).
 
@@ -385,10 +387,19 @@ def plan_migration(
             moving survivors' experts too (by peer copies).
         expert_placer: with ``rebalance_experts``, another placement algorithm to apply instead
             (``planner.experts.choose_placement``'s ``placer``; a baseline such as DeepSeek's EPLB).
+        source_choice: "time": a byte a reachable survivor holds is peer-copied or reloaded from the
+            destination's host, whichever the topology's model finishes sooner (``planner.sources``);
+            "peer": always peer-copied (the seed paper's assumption). None (default): "time" when a
+            topology is given, "peer" when not (the default topology is a guess, not a measurement).
 
     Returns a MigrationPlan whose reload bytes equal the lower bound (bytes no survivor holds) when
-    every needed byte held by a survivor is reachable, and whose peer bytes are then minimal.
+    every needed byte held by a survivor is reachable and ``source_choice="peer"``, and whose peer
+    bytes are then minimal. With "time", peer bytes may become reloads where that is modelled faster.
     """
+    if source_choice is None:
+        source_choice = "time" if topology is not None else "peer"
+    if source_choice not in SOURCE_CHOICES:
+        raise ValueError(f"source_choice={source_choice!r}; choose one of {SOURCE_CHOICES}")
     # Step 1: slots, policy, topology.
     change = change.normalized()
     old_tp = old_layout.tp_size
@@ -458,15 +469,17 @@ def plan_migration(
                                            cap if expert_loads is not None else None, rebalance_experts,
                                            expert_placer)
         new_layout = new_layout.with_families(fams)
-    return build_plan(old_layout, change, new_layout, order, topo)
+    return build_plan(old_layout, change, new_layout, order, topo, source_choice=source_choice)
 
 
 def build_plan(old_layout: ElasticLayout, change: ClusterChange, new_layout: ElasticLayout, order: tuple[int, ...],
-               topology: Topology, *, allow_keep: bool = True, allow_peer: bool = True) -> MigrationPlan:
+               topology: Topology, *, allow_keep: bool = True, allow_peer: bool = True,
+               source_choice: str = "peer") -> MigrationPlan:
     """Ops and totals that turn ``old_layout`` into ``new_layout`` with new rank r on slot ``order[r]``.
 
     ``allow_keep=False, allow_peer=False`` gives the full-reload baseline; ``allow_peer=False`` the
-    greedy "keep what you hold, reload the rest" baseline.
+    greedy "keep what you hold, reload the rest" baseline. ``source_choice="time"``: then turn peer
+    bytes into reloads where the topology's model says that is faster (``planner.sources``).
     """
     old_tp, n_new = old_layout.tp_size, new_layout.tp_size
     survivors, _ = new_slots(old_tp, change)
@@ -499,6 +512,13 @@ def build_plan(old_layout: ElasticLayout, change: ClusterChange, new_layout: Ela
                 total_granules = _subdim_size(old_layout.family(name), sd)
             lower_bound += w * (total_granules - sum(b - a for a, b in _merge(list(hold.values()))))
             ops.extend(_subdim_ops(name, sd, w, hold, need, order, topology, peer_out, allow_keep, allow_peer))
+
+    if source_choice == "time" and allow_peer:
+        ops = choose_sources(ops, order, topology)
+        peer_out = {}
+        for op in ops:
+            if op.kind == PEER:
+                peer_out[op.src_slot] = peer_out.get(op.src_slot, 0) + op.nbytes
 
     # Step 5: totals per new rank.
     totals, keep, peer, reload = [], 0, 0, 0

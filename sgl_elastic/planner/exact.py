@@ -18,7 +18,7 @@ from sgl_elastic.planner.cmm import family_granule_bytes, new_slots
 from sgl_elastic.planner.plan import ClusterChange
 from sgl_elastic.planner.topology import Topology
 
-__all__ = ["exact_min_cost"]
+__all__ = ["exact_min_makespan", "exact_min_cost"]
 
 
 def _old_sets(fam: FamilyLayout, sd: str, rank: int) -> set[int]:
@@ -172,3 +172,25 @@ def exact_min_cost_for_widths(old: ElasticLayout, change: ClusterChange, new: El
     cons2 = cons + [LinearConstraint(reload_m.ravel()[None, :], -np.inf, min_reload + 0.5)]
     r2 = milp(peer_m.ravel(), constraints=cons2, integrality=integrality, bounds=bounds)
     return (min_reload + lost_reload, round(r2.fun) + lost_peer)
+
+
+def exact_min_makespan(ops, new2slot, topology: Topology, max_candidates: int = 200_000) -> float:
+    """Smallest makespan (``planner.sources.makespan``) over every way of sending each stage-0 peer op's
+    granules partly by a reload (its last k granules, k = 0..n), by enumeration. Independent of the
+    LP in ``planner.sources``; for tests (raises ValueError above ``max_candidates`` combinations)."""
+    from sgl_elastic.planner.plan import PEER
+    from sgl_elastic.planner.sources import _split, makespan
+
+    ops = list(ops)
+    peers = [i for i, op in enumerate(ops) if op.kind == PEER and op.stage == 0]
+    total = 1
+    for i in peers:
+        total *= ops[i].end - ops[i].start + 1
+    if total > max_candidates:
+        raise ValueError(f"{total} combinations: too many to enumerate")
+    best = float("inf")
+    for counts in itertools.product(*(range(ops[i].end - ops[i].start + 1) for i in peers)):
+        c = dict(zip(peers, counts))
+        trial = [piece for i, op in enumerate(ops) for piece in (_split(op, c[i]) if i in c else [op])]
+        best = min(best, makespan(trial, new2slot, topology))
+    return best

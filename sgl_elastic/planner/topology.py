@@ -66,10 +66,74 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
         """GB/s of a peer copy src -> dst (inf for src == dst, 0 when unreachable)."""
         return float("inf") if src == dst else float(self.link_gbps[src][dst])
 
+    @property
+    def num_nodes(self) -> int:
+        return max(self.node_of_slot, default=-1) + 1
+
+    def link_class(self, src: int, dst: int) -> str:
+        """"self", "node" (same node: shared memory / NVLink), "network" (across nodes) or "none"."""
+        if src == dst:
+            return "self"
+        if self.link_gbps[src][dst] <= 0:
+            return "none"
+        return "node" if self.node_of_slot[src] == self.node_of_slot[dst] else "network"
+
+    def without_links(self, pairs) -> "Topology":
+        """The same topology with the links ``(src, dst)`` of ``pairs`` gone (both directions): what the
+        executor plans with after a copy over one of them failed."""
+        cut = {(a, b) for a, b in pairs} | {(b, a) for a, b in pairs}
+        links = tuple(tuple(0.0 if (i, j) in cut else bw for j, bw in enumerate(row)) for i, row in enumerate(self.link_gbps))
+        return msgspec.structs.replace(self, link_gbps=links)
+
+    def without_nodes(self, nodes) -> "Topology":
+        """Every link to and from the slots of ``nodes`` gone (a dead or partitioned node)."""
+        gone = set(nodes)
+        slots = [s for s, n in enumerate(self.node_of_slot) if n in gone]
+        return self.without_links([(a, b) for a in slots for b in range(self.num_slots) if a != b])
+
     def fully_connected(self) -> bool:
         return all(self.link_gbps[i][j] > 0 for i in range(self.num_slots) for j in range(self.num_slots) if i != j)
 
     # ---- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def nodes(
+        cls,
+        node_of_slot: Sequence[int],
+        *,
+        intra_gbps: float,
+        inter_gbps: float,
+        host_gbps: float | Sequence[float],
+        storage_gbps: float | Sequence[float] = 0.0,
+        node_copy_gbps: float | Sequence[float] = 0.0,
+        cut: Sequence[tuple[int, int]] = (),
+    ) -> "Topology":
+        """Devices on several nodes: ``intra_gbps`` between two devices of a node, ``inter_gbps`` across
+        nodes (the network; 0: none), ``host_gbps`` the reload path into a device of each node (one
+        figure or one per node: each node reads its own copy of the checkpoint), ``storage_gbps`` and
+        ``node_copy_gbps`` shared per node (0: no shared limit). ``cut``: pairs of nodes that cannot
+        reach each other (a partition)."""
+        nodes = tuple(int(n) for n in node_of_slot)
+        if not nodes or min(nodes) < 0:
+            raise ValueError(f"node_of_slot must name a node >= 0 for every slot, got {node_of_slot}")
+        num_nodes = max(nodes) + 1
+
+        def per_node(value, what: str) -> tuple[float, ...]:
+            vals = (float(value),) * num_nodes if isinstance(value, (int, float)) else tuple(map(float, value))
+            if len(vals) != num_nodes:
+                raise ValueError(f"{what}: one figure per node ({num_nodes}), got {len(vals)}")
+            return vals
+
+        host = per_node(host_gbps, "host_gbps")
+        cut_pairs = {(a, b) for a, b in cut} | {(b, a) for a, b in cut}
+        links = tuple(
+            tuple(0.0 if i == j else intra_gbps if nodes[i] == nodes[j]
+                  else 0.0 if (nodes[i], nodes[j]) in cut_pairs else inter_gbps for j in range(len(nodes)))
+            for i in range(len(nodes)))
+        storage = per_node(storage_gbps, "storage_gbps")
+        copy = per_node(node_copy_gbps, "node_copy_gbps")
+        return cls(node_of_slot=nodes, link_gbps=links, host_gbps=tuple(host[n] for n in nodes),
+                   storage_gbps=storage if any(storage) else (), node_copy_gbps=copy if any(copy) else ())
+
     @classmethod
     def uniform(cls, num_slots: int, *, link_gbps: float = 100.0, host_gbps: float = 10.0) -> "Topology":
         """One node, every pair linked at ``link_gbps``."""

@@ -106,8 +106,9 @@ def _sharded_totals(plan) -> tuple[int, int]:
     return reload, peer
 
 
-def check_plan_invariants(plan, topo: Topology) -> None:
-    """Coverage exactly once, valid sources, no unreachable link, totals consistent."""
+def check_plan_invariants(plan, topo: Topology, peer_rule: bool = True) -> None:
+    """Coverage exactly once, valid sources, no unreachable link, totals consistent; ``peer_rule``: the
+    plan copies every byte a reachable survivor holds (``source_choice="peer"``)."""
     old, new = plan.old_layout, plan.new_layout
     failed = set(plan.change.failed)
     reloads: dict[tuple, list] = {}
@@ -150,7 +151,7 @@ def check_plan_invariants(plan, topo: Topology) -> None:
                 assert covered == list(range(total))
     assert plan.reload_bytes == sum(t.reload_bytes for t in plan.totals)
     assert plan.reload_bytes >= plan.lower_bound_reload_bytes
-    if topo.fully_connected():
+    if topo.fully_connected() and peer_rule:
         assert plan.reload_bytes == plan.lower_bound_reload_bytes
 
 
@@ -159,7 +160,7 @@ def check_plan_invariants(plan, topo: Topology) -> None:
 @given(cases(max_new=4))
 def test_cmm_matches_exhaustive_solver_attn_mlp(case):
     layout, change, topo = case
-    plan = plan_migration(layout, change, topo)
+    plan = plan_migration(layout, change, topo, source_choice="peer")
     check_plan_invariants(plan, topo)
     assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
 
@@ -168,7 +169,7 @@ def test_cmm_matches_exhaustive_solver_attn_mlp(case):
 @given(cases(max_new=4, families=("attn", "experts", "vocab")))
 def test_cmm_matches_exhaustive_solver_experts_vocab(case):
     layout, change, topo = case
-    plan = plan_migration(layout, change, topo)
+    plan = plan_migration(layout, change, topo, source_choice="peer")
     check_plan_invariants(plan, topo)
     assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
 
@@ -177,7 +178,7 @@ def test_cmm_matches_exhaustive_solver_experts_vocab(case):
 @given(cases(max_new=5, families=("attn", "mlp")))
 def test_cmm_matches_exhaustive_solver_five_ranks(case):
     layout, change, topo = case
-    plan = plan_migration(layout, change, topo)
+    plan = plan_migration(layout, change, topo, source_choice="peer")
     assert _sharded_totals(plan) == exact_min_cost(layout, change, topo)
 
 
@@ -191,7 +192,7 @@ def test_heuristic_order_is_optimal_for_its_widths(case):
         change = ClusterChange(failed=change.failed, added=change.added)
     if not all(topo.reachable(a, b) for a in range(topo.num_slots) for b in range(topo.num_slots)):
         topo = Topology.islands([s % 2 for s in range(topo.num_slots)], intra_gbps=50, inter_gbps=10, host_gbps=5)
-    plan = plan_migration(layout, change, topo, exhaustive_max_ranks=0)
+    plan = plan_migration(layout, change, topo, exhaustive_max_ranks=0, source_choice="peer")
     check_plan_invariants(plan, topo)
     assert _sharded_totals(plan) == exact_min_cost_for_widths(layout, change, plan.new_layout, topo)
 
@@ -211,7 +212,7 @@ def test_real_model_plans_meet_lower_bound_and_beat_baselines(failed, added):
     for cfg in (mixtral_8x22b(), qwen3_moe_30b()):
         old = ElasticLayout.from_hf_config(cfg, 8)
         change = ClusterChange(failed=failed, added=added)
-        plan = plan_migration(old, change, topo)
+        plan = plan_migration(old, change, topo, source_choice="peer")
         check_plan_invariants(plan, topo)
         greedy, full = plan_greedy(old, change, topo), plan_full_reload(old, change, topo)
         assert plan.reload_bytes == plan.lower_bound_reload_bytes <= greedy.reload_bytes <= full.reload_bytes
@@ -220,6 +221,12 @@ def test_real_model_plans_meet_lower_bound_and_beat_baselines(failed, added):
         assert full.reload_bytes >= sum(t.nbytes for t in old.tensors())
         assert predict_time(plan, topo).predicted_s <= predict_time(greedy, topo).predicted_s + 1e-9
         assert predict_time(greedy, topo).predicted_s <= predict_time(full, topo).predicted_s + 1e-9
+        # choosing per byte by the model: never slower than always copying, never below the lower bound
+        timed = plan_migration(old, change, topo)
+        check_plan_invariants(timed, topo, peer_rule=False)
+        assert timed.new_layout == plan.new_layout and timed.keep_bytes == plan.keep_bytes
+        assert timed.reload_bytes >= plan.lower_bound_reload_bytes
+        assert predict_time(timed, topo).predicted_s <= predict_time(plan, topo).predicted_s + 1e-9
 
 
 def test_plan_is_deterministic_and_serialisable():
