@@ -197,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         from sgl_elastic.controller.daemon import ServerDaemon
         from sgl_elastic.patches import daemon_layout, table
 
+        nnodes = int(getattr(server_args, "nnodes", 1) or 1)
         try:
             daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install,
                                             in_place=elastic_args.in_place)
-            if int(server_args.tp_size) > 1 and elastic_args.failover:
+            if nnodes > 1 and elastic_args.failover:
+                print(f"[sgl-elastic] --nnodes {nnodes}: this node's state daemon holds its ranks"
+                      f" {daemon.ranks}; in-place failover across nodes is not available yet, so a rank"
+                      " failure ends the server as it does in SGLang", file=sys.stderr, flush=True)
+            elif int(server_args.tp_size) > 1 and elastic_args.failover:
                 failover, admin_token = _arm_failover(elastic_args, daemon)
         except (ValueError, RuntimeError, TimeoutError) as exc:
             if daemon is not None:

@@ -17,7 +17,22 @@ import time
 from sgl_elastic.daemon.client import DaemonError, DaemonUnavailable
 from sgl_elastic.daemon.launch import ENV_DIR, DaemonProcess
 
-__all__ = ["ServerDaemon"]
+__all__ = ["ServerDaemon", "node_ranks"]
+
+
+def node_ranks(server_args) -> list[int]:
+    """The TP ranks this node runs under SGLang's multi-node launch (``--nnodes``, ``--node-rank``;
+    pipeline parallelism 1): ``tp_size // nnodes`` consecutive ranks from ``node_rank`` times that,
+    as ``engine._calculate_rank_ranges`` gives them."""
+    tp = int(server_args.tp_size)
+    nnodes = int(getattr(server_args, "nnodes", 1) or 1)
+    node = int(getattr(server_args, "node_rank", 0) or 0)
+    if nnodes <= 1:
+        return list(range(tp))
+    if tp % nnodes:
+        raise ValueError(f"--tp {tp} over --nnodes {nnodes}: SGLang runs tp/nnodes ranks per node; give a multiple")
+    per = tp // nnodes
+    return list(range(node * per, (node + 1) * per))
 
 
 def _log(msg: str) -> None:
@@ -25,32 +40,42 @@ def _log(msg: str) -> None:
 
 
 class ServerDaemon:
-    def __init__(self, checkpoint: str, layout, backend: str, in_place: str = "remap") -> None:
+    def __init__(self, checkpoint: str, layout, backend: str, in_place: str = "remap",
+                 ranks: list[int] | None = None) -> None:
         self.checkpoint, self.layout, self.backend, self.in_place = checkpoint, layout, backend, in_place
+        self.ranks = ranks  # the TP ranks of this node (None: every rank: one node)
         self.proc: DaemonProcess | None = None
 
     @classmethod
     def start_for(cls, layout, server_args, install_hooks=None, in_place: str = "remap") -> "ServerDaemon":
         """Start a daemon holding ``layout`` (``patches.daemon_layout``) of ``server_args``' model,
-        call ``install_hooks()`` (the patches' installer), and arm the supervisor with it."""
+        call ``install_hooks()`` (the patches' installer), and arm the supervisor with it.
+
+        With ``--nnodes N`` the daemon holds this node's TP ranks only (``node_ranks``), and the
+        supervisor's restart stays off: it would restart this node's schedulers alone, which cannot
+        rejoin the other nodes' process group."""
         from sgl_elastic.controller.supervisor import supervisor
 
         on_cuda = getattr(server_args, "device", "cpu") not in ("cpu", None)
-        d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm", in_place)
+        ranks = node_ranks(server_args)
+        d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm", in_place,
+                ranks=ranks if int(getattr(server_args, "nnodes", 1) or 1) > 1 else None)
         d.start()
         if install_hooks is not None:
             install_hooks()  # the daemon hooks (already installed at tp >= 2 by activate)
-        supervisor().enable(ensure_daemon=d.ensure, on_teardown=d.stop)
+        if d.ranks is None:
+            supervisor().enable(ensure_daemon=d.ensure, on_teardown=d.stop)
         return d
 
     def start(self) -> None:
         t0 = time.perf_counter()
         self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True, in_place=self.in_place)
-        _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint}"
-             f" for {self.layout.tp_size} rank(s)")
+        which = f"{self.layout.tp_size} rank(s)" if self.ranks is None else \
+            f"this node's rank(s) {self.ranks} of {self.layout.tp_size}"
+        _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint} for {which}")
         with self.proc.client() as c:
             try:
-                c.load_model(self.checkpoint, self.layout)
+                c.load_model(self.checkpoint, self.layout, ranks=self.ranks)
                 s = self._wait(c)
             except (DaemonError, DaemonUnavailable) as e:
                 self.stop()
