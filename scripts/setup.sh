@@ -54,6 +54,21 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "$TORCH_SPEC" >"$CONSTRAINTS"
 "${PIP[@]}" -q -c "$CONSTRAINTS" -r "$ROOT/requirements/cpu.txt"
 
+ensure_ibverbs() {
+  # Mooncake's transfer engine (multi-node daemons) loads libibverbs.so.1 even over TCP.
+  if ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1'; then return 0; fi
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing libibverbs1 (Mooncake's transfer engine loads it)"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 >/dev/null 2>&1; }; then
+      return 0
+    fi
+  fi
+  echo "[setup] warning: libibverbs.so.1 is missing and could not be installed (apt-get install libibverbs1):" \
+       "multi-node migrations cannot read from peer daemons; their tests are skipped" >&2
+}
+ensure_ibverbs
+
 echo "[setup] installing SGLang 0.5.23 and friends without their CUDA closure"
 "${PIP[@]}" -q --no-deps -r "$ROOT/requirements/cpu-nodeps.txt"
 

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-place", default="remap", choices=("remap", "move", "off"),
                    help="how a migration reuses a survivor's segment (CPU): remap its pages (default), move its"
                         " bytes inside it, or copy into a new one")
+    p.add_argument("--node-host", default="127.0.0.1",
+                   help="this node's address: where the transfer endpoint for peer daemons listens (multi-node)")
+    p.add_argument("--link-gbps", type=float, default=0.0,
+                   help="cap on reads from peer daemons in GB/s (benchmarks: a slower inter-node link; 0: none)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         config = DaemonConfig(run_dir=a.run_dir, tcp=a.tcp, backend=a.backend, checkpoint=a.checkpoint,
                               layout_bytes=layout_bytes,
                               ranks=[int(r) for r in a.ranks.split(",")] if a.ranks else None,
-                              in_place=a.in_place)
+                              in_place=a.in_place, node_host=a.node_host, link_gbps=a.link_gbps)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -242,13 +242,29 @@ class DaemonClient:
     def evict_kv(self, num_slots: int = 0) -> list[int]:
         return self._req(P.EvictKv, num_slots=num_slots).freed_slots
 
-    def apply_migration(self, plan, timeout: float = 600.0) -> P.MigrationSummary:
-        """Run ``plan`` in the daemon and wait for it; returns what the executor moved."""
-        epoch = self.stats().epoch
-        self._req(P.ApplyMigration, plan=plan.to_bytes())
+    def apply_migration(self, plan, timeout: float = 600.0, **nodes) -> P.MigrationSummary:
+        """Run ``plan`` in the daemon and wait for it; returns what the executor moved. ``nodes``:
+        ``ranks``, ``remote`` (``{old rank: RemoteArena}``), ``hold_old`` (``start_migration``)."""
+        epoch = self.start_migration(plan, **nodes)
         s = self.wait_ready(timeout, epoch=epoch + 1)
         assert s.last_migration is not None
         return s.last_migration
+
+    def start_migration(self, plan, *, ranks: list[int] | None = None, remote: dict | None = None,
+                        hold_old: bool = False) -> int:
+        """Start ``plan`` (returns at once, with the epoch before it): ``wait_ready(epoch=that + 1)``.
+        Several nodes: ``ranks`` this daemon builds, the peers' ``remote`` arenas, ``hold_old``."""
+        epoch = self.stats().epoch
+        self._req(P.ApplyMigration, plan=plan.to_bytes(), ranks=ranks,
+                  remote=P.encode_remote(remote) if remote else b"", hold_old=hold_old)
+        return epoch
+
+    def export_remote(self) -> P.RemoteReply:
+        """This daemon's weight views for peer daemons (its transfer endpoint opens)."""
+        return self._req(P.ExportRemote)
+
+    def release_old(self) -> None:
+        self._req(P.ReleaseOld)
 
     def shutdown(self, timeout: float | None = None) -> None:
         self._req(P.Shutdown, timeout)

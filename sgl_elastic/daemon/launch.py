@@ -32,7 +32,10 @@ class DaemonProcess:
 
     Args of ``start``: ``tcp`` (serve on 127.0.0.1, free port), ``backend`` ("shm" | "cuda"),
     ``checkpoint``/``layout`` (load at start), ``log`` (file object for its stderr; default: inherit),
-    ``in_place`` (how migrations reuse a survivor's segment: ``memory.IN_PLACE_MODES``).
+    ``in_place`` (how migrations reuse a survivor's segment: ``memory.IN_PLACE_MODES``),
+    ``node_host`` / ``link_gbps`` (the transfer endpoint for peer daemons of other nodes), ``ranks``
+    (with ``checkpoint``: the ranks to load), ``wrap`` (a command prefix, e.g. ``unshare ...``: a node
+    of its own).
     """
 
     def __init__(self, proc: subprocess.Popen, run_dir: str, own_dir: bool) -> None:
@@ -45,7 +48,8 @@ class DaemonProcess:
     @classmethod
     def start(cls, *, tcp: bool = False, backend: str = "shm", checkpoint: str | None = None, layout=None,
               run_dir: str | None = None, timeout: float = 30.0, log=None,
-              exit_with_parent: bool = False, in_place: str = "remap") -> "DaemonProcess":
+              exit_with_parent: bool = False, in_place: str = "remap", node_host: str | None = None,
+              link_gbps: float = 0.0, ranks: list[int] | None = None, wrap: list[str] | None = None) -> "DaemonProcess":
         own = run_dir is None
         reap_dead()  # what crashed daemons of earlier runs left behind
         # The parent makes the private directory (0700), so it knows where to look before the child starts.
@@ -56,13 +60,19 @@ class DaemonProcess:
             cmd.append("--tcp")
         if exit_with_parent:  # a server's daemon: it must not outlive the server
             cmd += ["--parent-pid", str(os.getpid())]
+        if node_host is not None:
+            cmd += ["--node-host", node_host]
+        if link_gbps > 0:
+            cmd += ["--link-gbps", str(link_gbps)]
+        if ranks is not None:
+            cmd += ["--ranks", ",".join(map(str, ranks))]
         layout_file = None
         if checkpoint is not None:
             layout_file = os.path.join(run_dir, "layout.msgpack")
             with open(os.open(layout_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(layout.to_bytes())
             cmd += ["--checkpoint", str(checkpoint), "--layout-file", layout_file]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([*(wrap or []), *cmd], stdin=subprocess.DEVNULL, stderr=log, stdout=subprocess.DEVNULL)
         d = cls(proc, run_dir, own)
         deadline = time.monotonic() + timeout
         while not os.path.exists(os.path.join(run_dir, INFO_FILE)):

@@ -45,6 +45,11 @@ __all__ = [
     "CommitParams",
     "KvForget",
     "KvClear",
+    "ExportRemote",
+    "ReleaseOld",
+    "RemoteReply",
+    "encode_remote",
+    "decode_remote",
     "Ok",
     "Error",
     "StatsReply",
@@ -201,9 +206,27 @@ class EvictKv(_Req):
 
 
 class ApplyMigration(_Req):
-    """Run a ``MigrationPlan`` (``plan.to_bytes()``) on the held shards; the layout's epoch advances."""
+    """Run a ``MigrationPlan`` (``plan.to_bytes()``) on the held shards; the layout's epoch advances.
+
+    Several nodes (one daemon each): ``ranks`` are the new ranks this daemon builds; ``remote`` the
+    old ranks peer daemons hold, ``encode_remote({rank: RemoteArena})`` (from their ``ExportRemote``),
+    read over the transfer engine; ``hold_old``: keep the old views (peers read them) until
+    ``ReleaseOld``. Without ``ranks``: every rank, every survivor held here (one node).
+    """
 
     plan: bytes
+    ranks: list[Rank] | None = None
+    remote: Annotated[bytes, Meta(max_length=16 << 20)] = b""
+    hold_old: bool = False
+
+
+class ExportRemote(_Req):
+    """This daemon's weight views for peer daemons of other nodes: its transfer endpoint opens (on
+    the node address it was started with) and registers them; reply ``RemoteReply``."""
+
+
+class ReleaseOld(_Req):
+    """Free the old views an ``ApplyMigration`` with ``hold_old`` kept (every peer has read them)."""
 
 
 class Shutdown(_Req):
@@ -254,7 +277,7 @@ class KvClear(_Req):
 
 Request = Union[Stats, LoadModel, RegisterRank, ExportWeights, AllocKv, ExportKv, KvMatch, KvInsert, KvDump,
                 KvRelease, EvictKv, ApplyMigration, Shutdown, PublishParams, ExportParams, CommitParams, KvForget,
-                KvClear]
+                KvClear, ExportRemote, ReleaseOld]
 REQUEST_TYPES: dict[str, type] = {t.__name__: t for t in Request.__args__}  # type: ignore[attr-defined]
 
 
@@ -321,6 +344,9 @@ class MigrationSummary(msgspec.Struct, kw_only=True):
     remapped_bytes: int = 0  # kept bytes that stayed in their pages (CPU remap: none of them copied)
     remapped_ranks: int = 0  # of in_place_ranks, those remapped rather than regrown
     released_bytes: int = 0  # pages of the old layout given back after the migration
+    remote_bytes: int = 0  # bytes read from peer daemons of other nodes (multi-node)
+    rerouted_bytes: int = 0  # bytes whose read from a peer failed, reloaded from this node's checkpoint
+    remote_s: float = 0.0  # wall time of those reads
     kv_kept_slots: int = 0  # indexed KV slots carried over to the new layout (0: KV dropped)
     kv_s: float = 0.0  # seconds carrying the KV pools over
 
@@ -390,7 +416,28 @@ class EvictReply(_Msg):
     freed_slots: list[int]
 
 
-Reply = Union[Ok, Error, StatsReply, Registered, Handles, KvMatchReply, KvInsertReply, KvDumpReply, EvictReply]
+class RemoteReply(_Msg):
+    """``addr``: this daemon's transfer endpoint (host:port); ``arenas``: ``encode_remote`` of its
+    ranks' ``RemoteArena`` (epoch ``epoch``)."""
+
+    addr: str
+    epoch: int
+    arenas: bytes
+
+
+def encode_remote(arenas: dict) -> bytes:
+    """``{old rank: executor.remote.RemoteArena}`` as msgpack (``ApplyMigration.remote``)."""
+    return msgspec.msgpack.encode(arenas)
+
+
+def decode_remote(data: bytes) -> dict:
+    from sgl_elastic.executor.remote import RemoteArena
+
+    return msgspec.msgpack.decode(data, type=dict[int, RemoteArena]) if data else {}
+
+
+Reply = Union[Ok, Error, StatsReply, Registered, Handles, KvMatchReply, KvInsertReply, KvDumpReply, EvictReply,
+              RemoteReply]
 
 
 # ---- coding ---------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class DaemonConfig:
     backend: "shm" (CPU shared memory) or "cuda" (CUDA IPC).
     checkpoint / layout_bytes / ranks: load these at start (else wait for a LoadModel request).
     in_place: how a migration turns a survivor's segment into its new rank's (``memory.IN_PLACE_MODES``).
+    node_host: this node's address, where the transfer endpoint for peer daemons listens
+        (``ExportRemote``; multi-node only). link_gbps: cap on its reads (benchmarks; 0: none).
     """
 
     run_dir: str | None = None
@@ -81,6 +83,8 @@ class DaemonConfig:
     layout_bytes: bytes | None = None
     ranks: list[int] | None = None
     in_place: str = "remap"
+    node_host: str = "127.0.0.1"
+    link_gbps: float = 0.0
 
     def __post_init__(self) -> None:
         from sgl_elastic.memory import IN_PLACE_MODES
@@ -170,7 +174,11 @@ class Daemon:
             P.EvictKv: self._evict_kv, P.ApplyMigration: self._apply_migration, P.Shutdown: self._shutdown,
             P.PublishParams: self._publish_params, P.ExportParams: self._export_params,
             P.CommitParams: self._commit_params, P.KvForget: self._kv_forget, P.KvClear: self._kv_clear,
+            P.ExportRemote: self._export_remote, P.ReleaseOld: self._release_old,
         }
+        self._transfer = None  # executor.remote.TransferEndpoint, opened by the first ExportRemote
+        self._held_old: list = []  # old views kept for peers (ApplyMigration.hold_old)
+        self._held_new: list = []  # new arenas whose old-only pages wait for ReleaseOld
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def _to(self, target: DaemonState, reason: str = "") -> None:
@@ -483,7 +491,19 @@ class Daemon:
 
         self._need(DaemonState.READY, what="ApplyMigration")
         plan = MigrationPlan.from_bytes(req.plan)
-        check_plan(plan, self.store.layout, set(self.store.weights))
+        remote = P.decode_remote(req.remote)
+        if req.ranks is not None:
+            bad = sorted(r for r in req.ranks if r >= plan.new_layout.tp_size)
+            if bad:
+                raise ValueError(f"ranks {bad} are not new ranks of the plan (its tp is {plan.new_layout.tp_size})")
+            if remote and self._transfer is None:
+                raise ValueError("remote arenas given but this daemon has no transfer endpoint: send ExportRemote first")
+        elif remote or req.hold_old:
+            raise ValueError("remote / hold_old belong to a multi-node migration: give ranks too")
+        if self._held_old:
+            raise ValueError("the old views of the last migration are still held: send ReleaseOld first")
+        check_plan(plan, self.store.layout, set(self.store.weights),
+                   set(remote) if req.ranks is not None else None)
         self._to(DaemonState.MIGRATING, plan.change.label(plan.old_layout.tp_size))
 
         freed: list = []
@@ -491,7 +511,11 @@ class Daemon:
         def work() -> None:
             reason, after = "migrated", DaemonState.READY
             try:
-                rep = self.store.migrate(plan, self._lock, freed)
+                nodes = {} if req.ranks is None else dict(ranks=list(req.ranks), remote=remote,
+                                                          endpoint=self._transfer, release=not req.hold_old)
+                rep = self.store.migrate(plan, self._lock, freed, **nodes)
+                if req.hold_old:
+                    self._held_new = [self.store.weights[r] for r in req.ranks if r in self.store.weights]
                 same = {k: v for k, v in msgspec.structs.asdict(rep).items() if k in P.MigrationSummary.__struct_fields__}
                 self.last_migration = P.MigrationSummary(
                     **same, epoch=self.store.epoch, predicted_s=rep.predicted.predicted_s,
@@ -515,9 +539,14 @@ class Daemon:
             # READY first: the old layout's memory is freed off the recovery's path, at the lowest CPU
             # priority (the kernel's page freeing, ~0.35 s on the bench model, runs in this thread: on a
             # small host it would otherwise take a core from the survivors' rebuild)
+            if req.hold_old and after is DaemonState.READY:
+                self._held_old = list(freed)  # the peers may still read them: ReleaseOld frees them
+                return
             _lower_priority()
             t_free = time.perf_counter()
             for seg in freed:
+                if self._transfer is not None:
+                    self._transfer.unregister(seg.arena.address)
                 seg.close()
             if freed:
                 logger.info("freed the old layout's %d segments in %.3f s", len(freed), time.perf_counter() - t_free)
@@ -525,6 +554,38 @@ class Daemon:
         self._worker = threading.Thread(target=work, name="sgle-daemon-migrate", daemon=True)
         self._worker.start()
         return P.Ok(version=P.PROTOCOL_VERSION, detail="migrating; poll Stats until state is 'ready'")
+
+    def _export_remote(self, req: P.ExportRemote) -> P.RemoteReply:
+        from sgl_elastic.executor.remote import RemoteArena, TransferEndpoint
+
+        self._need(DaemonState.READY, what="ExportRemote")
+        if self.config.backend != "shm":
+            raise ValueError("ExportRemote: the transfer endpoint serves the CPU backend's segments only")
+        if self._transfer is None:
+            self._transfer = TransferEndpoint(self.config.node_host, rate_gbps=self.config.link_gbps)
+            logger.info("transfer endpoint for peer daemons on %s (Mooncake, tcp)", self._transfer.addr)
+        arenas = {}
+        with self._lock:
+            for r, seg in self.store.weights.items():
+                arena = seg.arena
+                self._transfer.register(arena.address, arena.nbytes)
+                arenas[r] = RemoteArena(addr=self._transfer.addr, base=arena.address, handle=arena.handle)
+            epoch = self.store.epoch
+        return P.RemoteReply(version=P.PROTOCOL_VERSION, addr=self._transfer.addr, epoch=epoch,
+                             arenas=P.encode_remote(arenas))
+
+    def _release_old(self, req: P.ReleaseOld) -> P.Ok:
+        self._need(DaemonState.READY, what="ReleaseOld")
+        held, self._held_old = self._held_old, []
+        new, self._held_new = self._held_new, []
+        released = 0
+        for seg in held:
+            if self._transfer is not None:
+                self._transfer.unregister(seg.arena.address)
+            seg.close()
+        for seg in new:
+            released += seg.arena.release_unused() if seg.arena.runs else 0
+        return P.Ok(version=P.PROTOCOL_VERSION, detail=f"freed {len(held)} old views; {released} bytes of pages given back")
 
     def _shutdown(self, req: P.Shutdown) -> P.Ok:
         self._stop.set()

@@ -120,7 +120,9 @@ class ModelStore:
             self.bytes_read += read
             self.load_s = time.perf_counter() - t0
 
-    def migrate(self, plan: MigrationPlan, swap_lock=None, freed: list | None = None) -> ExecReport:
+    def migrate(self, plan: MigrationPlan, swap_lock=None, freed: list | None = None, *,
+                ranks: list[int] | None = None, remote: dict | None = None, endpoint=None,
+                release: bool = True) -> ExecReport:
         """Apply ``plan`` through the executor; returns its report.
 
         The failed ranks' segments are never read (their memory is lost with the device): the plan
@@ -132,13 +134,18 @@ class ModelStore:
         (``_carry_kv``), else they are dropped (the requests are prefilled again). ``freed``: the old
         segments are appended there for the caller to close (after it has answered: unmapping
         gigabytes takes ~0.1 s) instead of closed here.
+
+        Several nodes: ``ranks`` are the new ranks this daemon builds, ``remote`` the old ranks peer
+        daemons hold (``RemoteArena``, read through ``endpoint``); the KV pools are not carried over
+        (a request in flight is prefilled again), and ``release=False`` leaves the old views' pages
+        for the peers that may still read them (``release_unused`` once they are done).
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
         from sgl_elastic.executor.cpu import InPlaceFailed
 
         if self.layout is None:
             raise ValueError("no model held; LoadModel first")
-        check_plan(plan, self.layout, set(self.weights))
+        check_plan(plan, self.layout, set(self.weights), set(remote) if ranks is not None else None)
         failed = set(plan.change.failed)
         # Step 0: the failed ranks' memory is lost with their devices and nothing reads it: free it
         # first, so that the pages this migration allocates are the ones just freed (on this VM pages
@@ -157,8 +164,11 @@ class ModelStore:
         # Step 1: build the new shards (survivors untouched).
         try:
             with SafetensorsCheckpoint(self.checkpoint) as ckpt:
+                nodes = {} if ranks is None else dict(ranks=ranks, remote=remote or {}, endpoint=endpoint,
+                                                      release=release)
                 new, report = run_plan(self.memory, plan, survivors, ckpt,
-                                       label=f"d{self.instance}-weights-e{self.epoch + 1}", bandwidths=self.bandwidths)
+                                       label=f"d{self.instance}-weights-e{self.epoch + 1}", bandwidths=self.bandwidths,
+                                       **nodes)
         except InPlaceFailed as e:
             if not e.corrupted:
                 raise
@@ -174,7 +184,7 @@ class ModelStore:
                                " model was dropped (no layout held): LoadModel again") from e
         # Step 2: swap in the new layout; the KV pools and the prefix index are carried over when every KV
         # head has a live source (kv_migrate), else dropped (the requests are re-prefilled).
-        carried = self._carry_kv(plan, swap_lock)
+        carried = self._carry_kv(plan, swap_lock) if ranks is None else None
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new
             if carried is not None:
@@ -189,7 +199,7 @@ class ModelStore:
             # read (SGLang writes a slot before it reads it, and the prefix index starts empty)
             old_spare, self.kv_spare = self.kv_spare, {}
             for s, seg in list(old_kv.items()):
-                if carried is None and plan.old2new_rank[s] >= 0:
+                if carried is None and plan.old2new_rank[s] >= 0 and (ranks is None or plan.old2new_rank[s] in ranks):
                     self.kv_spare[plan.old2new_rank[s]] = old_kv.pop(s)
             old_params, self.params, self.params_ready = self.params, {}, set()
             self.layout = plan.new_layout

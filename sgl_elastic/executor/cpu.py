@@ -129,7 +129,9 @@ def _specs(layout, rank: int) -> list[ShardSpec]:
 
 def _runs(op: CopyOp, sh: ShardSpec, offset: int) -> tuple[int, int, int, int]:
     """``op.byte_runs`` in the arena's storage of shard ``sh``: a column block of a transposed shard
-    is a block of its storage's rows (one run)."""
+    is a block of its storage's rows (one run); a whole tensor is one run whatever its storage."""
+    if op.dim < 0:
+        return (0, sh.nbytes, sh.nbytes, 1)
     if sh.transposed and op.dim == 1:
         col = sh.shape[0] * sh.itemsize
         return (offset * col, op.length * col, op.length * col, 1)
@@ -190,17 +192,49 @@ class CpuExecutor:
         self.in_place = in_place
         self.copy_gbps = topology.node_copy_gbps[0] if topology.node_copy_gbps else 0.0
 
-    def run(self, plan: MigrationPlan, old: dict[int, ShmArena], label: str = "mig") -> tuple[dict[int, ShmArena], ExecReport]:
+    def run(self, plan: MigrationPlan, old: dict[int, ShmArena], label: str = "mig", *,
+            ranks: list[int] | None = None, remote: dict | None = None,
+            endpoint=None, release: bool = True) -> tuple[dict[int, ShmArena], ExecReport]:
         """Execute ``plan``: ``old`` maps old rank -> its arena (survivors only). Returns new rank ->
         arena (caller closes them; an arena regrown in place is the old one's file, and the old
-        arena object no longer unlinks it) and the report."""
-        missing = [s for s in range(plan.old_layout.tp_size) if s not in plan.change.failed and s not in old]
+        arena object no longer unlinks it) and the report.
+
+        Several nodes (``executor.remote``): ``ranks`` are the new ranks this node builds (default:
+        all); ``remote`` maps the old ranks another node's daemon holds to their ``RemoteArena``,
+        read through ``endpoint`` (this node's ``TransferEndpoint``). A copy whose read fails
+        (``LinkFailed``) is reloaded from the checkpoint instead, as is a fan-out whose source is a
+        new rank of another node (its reload there may not have happened yet). With ``ranks`` no
+        survivor's bytes are moved in place (another node may read its old view meanwhile: only
+        remaps, which never write it). ``release=False``: the pages only the old views use are not
+        punched out here (a peer may still read them); the caller calls ``release_unused`` later."""
+        remote = dict(remote or {})
+        mine = set(range(plan.new_layout.tp_size) if ranks is None else ranks)
+        missing = [s for s in range(plan.old_layout.tp_size)
+                   if s not in plan.change.failed and s not in old and s not in remote and ranks is None]
         if missing:
             raise ValueError(f"no arena for surviving old ranks {missing}; pass one per survivor")
+        if remote and endpoint is None:
+            raise ValueError("remote arenas need a TransferEndpoint to read them")
         t0 = time.perf_counter()
         reloads, copies, fanout = split_queues(plan)
+        reloads = [op for op in reloads if op.dst_rank in mine]
+        copies = [op for op in copies if op.dst_rank in mine]
+        fanout = [op for op in fanout if op.dst_rank in mine]
+        if ranks is not None:
+            # a fan-out from a new rank of another node: reload here instead
+            reloads += [as_reload(op) for op in fanout if op.src_rank not in mine]
+            fanout = [op for op in fanout if op.src_rank in mine]
+            unheld = sorted({op.src_rank for op in copies if op.src_rank not in old and op.src_rank not in remote})
+            if unheld:
+                raise ValueError(f"old ranks {unheld} are sources of this node's copies but neither held here"
+                                 " nor given as remote arenas")
+        if endpoint is not None:
+            endpoint.reset_pace()
+        remote_ops = [op for op in copies if op.src_rank in remote]
+        copies = [op for op in copies if op.src_rank not in remote]
         remaps = in_place_remaps(plan, old, copies) if self.in_place and self.remap else {}
-        moves = {d: m for d, m in in_place_moves(plan, old, copies).items() if d not in remaps} if self.in_place else {}
+        moves = {d: m for d, m in in_place_moves(plan, old, copies).items() if d not in remaps} \
+            if self.in_place and ranks is None else {}
         remapped = {i for _, _, ids in remaps.values() for i in ids}  # KEEP ops the remaps do
         new: dict[int, ShmArena] = {}
         grown: dict[int, int] = {}  # new rank -> old rank whose file it regrew or remapped
@@ -209,7 +243,7 @@ class CpuExecutor:
         try:
             # Step 1: every destination buffer, once, before any copy (in place: only the extension).
             ranges = []
-            for d in range(plan.new_layout.tp_size):
+            for d in sorted(mine):
                 specs = _specs(plan.new_layout, d)
                 if d in remaps:
                     src, keep, _ = remaps[d]
@@ -253,6 +287,30 @@ class CpuExecutor:
                 dst = shard_view(new[op.dst_rank].array(op.tensor), op, op.dst_offset)
                 copy_bits(dst, src)
 
+            broken: list[CopyOp] = []  # remote reads that failed: reloaded after the others
+            registered: list[int] = []
+            if remote_ops:
+                for d in sorted(mine):
+                    endpoint.register(new[d].address, new[d].nbytes)
+                    registered.append(new[d].address)
+
+            def do_remote(op: CopyOp) -> None:
+                from sgl_elastic.executor.remote import LinkFailed
+
+                src = remote[op.src_rank]
+                sh_src = {x.name: x for x in src.handle.shards}[op.tensor]
+                sh_dst = new[op.dst_rank].shards[op.tensor]
+                f0, run, s_stride, n = _runs(op, sh_src, op.src_offset)
+                g0, run2, d_stride, n2 = _runs(op, sh_dst, op.dst_offset)
+                if (run, n) != (run2, n2):
+                    raise ValueError(f"{op.tensor}: source runs {run}x{n} and destination runs {run2}x{n2} differ")
+                base = new[op.dst_rank].address + sh_dst.offset
+                try:
+                    endpoint.read(src.addr, [base + g0 + k * d_stride for k in range(n)],
+                                  [src.base + sh_src.offset + f0 + k * s_stride for k in range(n)], [run] * n)
+                except LinkFailed:
+                    broken.append(op)
+
             def do_moves(d: int) -> None:  # a regrown rank's kept bytes, the gate lowered as they go
                 buf = np.frombuffer(new[d]._shm.buf, dtype=np.uint8)  # type: ignore[attr-defined]
                 stage = np.empty(_STAGE_BYTES, dtype=np.uint8)  # one per mover thread
@@ -277,13 +335,18 @@ class CpuExecutor:
             # no source not yet moved lies at or above the first byte it writes.
             threads = _start(sorted(moves), do_moves, min(len(grown), os.cpu_count() or 1), "move", spans, gate=gate) + \
                 _start(reloads, do_reload, self.reload_workers, "reload", spans, gate=gate, where=first_byte) + \
-                _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte)
+                _start(left, do_copy, self.copy_workers, "copy", spans, gate=gate, where=first_byte) + \
+                _start(remote_ops, do_remote, self.copy_workers, "remote", spans, gate=gate, where=first_byte)
             _join(threads)
+            if broken:  # the link is gone: those bytes from this node's checkpoint
+                _join(_start([as_reload(op) for op in broken], do_reload, self.reload_workers, "reroute", spans))
             reserving.join()
             # Step 3: fan-out copies read what the reloads wrote.
             t_fan = time.perf_counter()
             _join(_start(fanout, do_copy, self.copy_workers, "fanout", spans))
-            released = sum(new[d].release_unused() for d in remaps)
+            released = sum(new[d].release_unused() for d in remaps) if release else 0
+            for ptr in registered:
+                endpoint.unregister(ptr)
             t_end = time.perf_counter()
         except BaseException as e:
             if reserving is not None:
@@ -306,9 +369,12 @@ class CpuExecutor:
             backend="cpu-shm", achieved_s=t_end - t0, alloc_s=t_alloc - t0, reload_s=spans.get("reload", 0.0),
             copy_s=spans.get("copy", 0.0), move_s=spans.get("move", 0.0), fanout_s=t_end - t_fan,
             keep_bytes=sum(op.nbytes for op in copies if op.kind == KEEP),
-            peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout),
+            peer_bytes=sum(op.nbytes for op in copies if op.kind != KEEP) + sum(op.nbytes for op in fanout)
+            + sum(op.nbytes for op in remote_ops),
             reload_bytes=sum(op.nbytes for op in reloads), file_bytes_read=self.checkpoint.bytes_read - read0,
-            num_ops=len(reloads) + len(copies) + len(fanout),
+            num_ops=len(reloads) + len(copies) + len(fanout) + len(remote_ops),
+            remote_bytes=sum(op.nbytes for op in remote_ops) - sum(op.nbytes for op in broken),
+            rerouted_bytes=sum(op.nbytes for op in broken), remote_s=spans.get("remote", 0.0),
             predicted=predict_time(plan, self.topology, keep_gbps=keep_gbps, alloc_bytes=alloc, kept_in_place=in_view),
             in_place_ranks=len(grown), alloc_bytes=sum(alloc.values()),
             remapped_bytes=sum(in_view.values()), remapped_ranks=len(remaps), released_bytes=released,
@@ -317,6 +383,12 @@ class CpuExecutor:
 
 
 Move = tuple[int, int, int, int, int, int]  # (src byte, dst byte, run bytes, src stride, dst stride, runs)
+
+
+def as_reload(op: CopyOp) -> CopyOp:
+    """The same bytes of ``op``'s destination, read from the checkpoint instead."""
+    return CopyOp(op.tensor, op.dim, "reload", -1, -1, op.dst_rank, op.start, op.length, op.start, op.dst_offset,
+                  op.nbytes, 0)
 
 
 def _keeps_by_rank(copies: list[CopyOp]) -> dict[int, list[CopyOp]]:

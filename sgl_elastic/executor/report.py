@@ -36,6 +36,9 @@ class ExecReport(msgspec.Struct, frozen=True, kw_only=True):
     remapped_bytes: int = 0  # kept bytes that stayed in their pages (a remapped view; none copied)
     remapped_ranks: int = 0  # new ranks whose arena is a survivor's file remapped (of in_place_ranks)
     released_bytes: int = 0  # pages of the old views punched out after the migration
+    remote_bytes: int = 0  # bytes read from another node's daemon (executor.remote)
+    rerouted_bytes: int = 0  # bytes whose read from another node failed, reloaded here instead
+    remote_s: float = 0.0  # wall time of the remote reads
 
     @property
     def copied_keep_bytes(self) -> int:

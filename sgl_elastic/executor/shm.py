@@ -367,6 +367,11 @@ class ShmArena:
         return name in self.shards
 
     @property
+    def address(self) -> int:
+        """Address of the view's first byte in this process (what a transfer engine registers)."""
+        return int(np.frombuffer(self.buf, dtype=np.uint8, count=1).ctypes.data)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the view (what the shard table indexes)."""
         return self.size

@@ -132,17 +132,18 @@ class ShmMemory(DeviceMemory):
         read, copy = measure_concurrent_gbps(ckpt, nbytes=probe, chunk_bytes=mib)
         return read, copy, measure_alloc_gbps(probe)
 
-    def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str):
+    def run_plan(self, plan, old: dict[int, Segment], ckpt, topo, label: str, **nodes):
         """``executor.CpuExecutor`` runs the plan on the shared-memory arenas directly, remapping (or,
         ``in_place="move"``, regrowing) a survivor's own file where it can (only the lost share gets
-        new pages) and allocating the other destinations before any copy."""
+        new pages) and allocating the other destinations before any copy. ``nodes``: ``ranks``,
+        ``remote``, ``endpoint`` of a multi-node migration (``CpuExecutor.run``)."""
         from sgl_elastic.executor.cpu import CpuExecutor
 
         dtypes = segment_dtypes(old.values(), ckpt)
         remap = self.in_place == "remap"
         new_arenas, report = CpuExecutor(ckpt, topo, in_place=self.in_place != "off", remap=remap,
                                          reload_workers=reload_workers(remap)).run(
-            plan, {r: s.arena for r, s in old.items()}, label=label)
+            plan, {r: s.arena for r, s in old.items()}, label=label, **nodes)
         return {r: self.wrap(r, "weights", a, dtypes) for r, a in new_arenas.items()}, report
 
 
