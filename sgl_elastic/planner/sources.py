@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from sgl_elastic.planner.plan import KEEP, PEER, RELOAD, FamilyOp
 from sgl_elastic.planner.topology import Topology
 
-__all__ = ["SOURCE_CHOICES", "choose_sources", "resource_loads", "makespan", "reroute"]
+__all__ = ["SOURCE_CHOICES", "choose_sources", "resource_loads", "makespan"]
 
 SOURCE_CHOICES = ("time", "peer")  # "peer": every byte a reachable survivor holds is copied (the old rule)
 GB = 1e9
@@ -238,40 +238,6 @@ def _improve(ops: list[FamilyOp], peers: list[int], counts: dict[int, int], new2
             for name, t in delta[i]:
                 loads[name] += sign * t
     return counts
-
-
-def reroute(plan, topology: Topology, failed_ops: Sequence[FamilyOp]) -> list[FamilyOp]:
-    """Ops that replace ``failed_ops`` (peer copies whose link failed during the migration) on
-    ``topology`` (the old one without that link: ``Topology.without_links``).
-
-    The new layout stays: its destinations are allocated and the other ops may be done. The plan's
-    sources are chosen again for the same layout and device order on the new topology, and each
-    failed op's granules are taken from what that plan does with them: a copy over a link that
-    still works, or a host reload. A stage-1 fan-out in the new plan (its source would be a reload
-    the migration may not have made) becomes a reload. Raises ValueError when a failed op is not a
-    peer copy of ``plan``."""
-    from sgl_elastic.planner.cmm import build_plan
-
-    ops_set = set(plan.ops)
-    for f in failed_ops:
-        if f.kind != PEER or f not in ops_set:
-            raise ValueError(f"{f} is not a peer copy of this plan: only those can be re-routed")
-    again = build_plan(plan.old_layout, plan.change, plan.new_layout, plan.new2slot, topology, source_choice="time")
-    out: list[FamilyOp] = []
-    for f in failed_ops:
-        per = f.nbytes // (f.end - f.start)
-        for op in again.ops:
-            if (op.family, op.subdim, op.dst_rank, op.layer) != (f.family, f.subdim, f.dst_rank, f.layer):
-                continue
-            a, b = max(op.start, f.start), min(op.end, f.end)
-            if b <= a:
-                continue
-            if op.kind == PEER and (op.stage == 1 or not topology.reachable(op.src_slot, plan.new2slot[f.dst_rank])):
-                out.append(FamilyOp(f.family, f.subdim, RELOAD, -1, -1, f.dst_rank, a, b, (b - a) * per, 0, f.layer))
-            else:
-                out.append(FamilyOp(op.family, op.subdim, op.kind, op.src_slot, op.src_rank, f.dst_rank, a, b,
-                                    (b - a) * per, 0, f.layer))
-    return out
 
 
 def kinds_of(ops: Sequence[FamilyOp]) -> dict[str, int]:

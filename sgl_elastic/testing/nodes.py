@@ -6,8 +6,8 @@ starts ``python -m sgl_elastic.launch_server --nnodes N --node-rank K --dist-ini
 
 - node 0 serves HTTP on 127.0.0.1; node K >= 1 binds 127.0.0.(K+1) (SGLang's health stub there);
 - node K >= 1 runs in its own IPC and mount namespaces (``unshare --ipc --mount``, root only) with
-  a private tmpfs on ``/dev/shm`` and on ``/tmp``: it cannot map node 0's shared memory nor read its
-  daemon's run dir. ``isolated`` says whether that worked (else node-scoped names only);
+  a private tmpfs on ``/dev/shm``: it cannot map node 0's shared memory. ``isolated`` says whether
+  that worked (else node-scoped names only); ``/tmp`` stays shared (the checkout may be there);
 - every node is its own process group, stopped by its own pid: node 0 first (SIGINT: SGLang's
   shutdown reaches the other nodes' schedulers through rank 0's broadcast), then the others.
 """
@@ -120,8 +120,9 @@ class MultiNodeServer:
                *self.extra_args]
         if k == 0 or not self.isolated:
             return cmd
-        # private /dev/shm and /tmp, then the launcher itself (exec: the shell leaves no process)
-        script = "mount -t tmpfs tmpfs /dev/shm && mount -t tmpfs tmpfs /tmp && exec \"$@\""
+        # a private /dev/shm, then the launcher itself (exec: the shell leaves no process). /tmp stays
+        # shared: the checkout (and its venv) may live there; the daemon's run dir is its own mkdtemp
+        script = "mount -t tmpfs tmpfs /dev/shm && exec \"$@\""
         return ["unshare", "--ipc", "--mount", "--propagation", "private", "--kill-child=SIGKILL",
                 "sh", "-c", script, "sh", *cmd]
 

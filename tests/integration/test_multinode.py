@@ -1,7 +1,7 @@
 """SGLang's multi-node launch through ``sgl_elastic.launch_server``: tp 4 over two nodes of this
 machine (2 + 2 ranks), ``--nnodes 2 --node-rank 0|1 --dist-init-addr 127.0.0.1:PORT``.
 
-Node 1 runs in its own IPC and mount namespaces (private ``/dev/shm`` and ``/tmp``) on 127.0.0.2;
+Node 1 runs in its own IPC and mount namespaces (a private ``/dev/shm``) on 127.0.0.2;
 each node's state daemon holds that node's ranks only. Checked: HF's greedy tokens (float32), the
 isolation (namespaces, where each daemon's segments live, which ranks it loaded), and that stopping
 node 0 ends every process of both nodes and leaves no daemon segment. The default tier runs
@@ -31,6 +31,10 @@ def _ipc_ns(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/ns/ipc")
 
 
+def _mnt_ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
 @pytest.mark.parametrize("family", ["qwen3-moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 @pytest.mark.timeout(900)
 def test_tp4_over_two_nodes_matches_hf_and_keeps_nodes_apart(family, tiny_models, hf_tokens):
@@ -56,8 +60,7 @@ def test_tp4_over_two_nodes_matches_hf_and_keeps_nodes_apart(family, tiny_models
         assert not any(n.startswith(f"sgle-{dpid[1]}-") for n in names)
         if srv.isolated:
             assert _ipc_ns(dpid[1]) != _ipc_ns(dpid[0]) == _ipc_ns(os.getpid())
-            run_dir = re.search(r"daemon pid \d+ started in (\S+);", logs[1]).group(1)
-            assert not os.path.exists(run_dir), "node 1's daemon run dir is visible from node 0"
+            assert _mnt_ns(dpid[1]) != _mnt_ns(dpid[0])
         pids = srv.note()
     assert not alive(pids), f"processes left running: {alive(pids)}"
     names = os.listdir("/dev/shm")

@@ -13,7 +13,8 @@ from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.layout.presets import preset_config
 from sgl_elastic.planner import PEER, RELOAD, ClusterChange, Topology, plan_migration
 from sgl_elastic.planner.exact import exact_min_makespan
-from sgl_elastic.planner.sources import makespan, reroute
+from sgl_elastic.planner.cmm import reroute
+from sgl_elastic.planner.sources import makespan
 from test_planner import _attn, _blocks, _composition, check_plan_invariants, toy_shape
 
 pytestmark = pytest.mark.unit
