@@ -40,16 +40,9 @@ from sgl_elastic.memory.shm import ShmMemory
 from sgl_elastic.planner import PEER, RELOAD, ClusterChange, Topology, plan_migration
 from sgl_elastic.planner.sources import makespan
 from sgl_elastic.testing.models import build_model
-from sgl_elastic.testing.nodes import can_isolate
+from sgl_elastic.testing.nodes import isolation_prefix
 
 NODE_OF_SLOT = (0, 0, 1, 1)
-
-
-def _wrap() -> list[str]:
-    if not can_isolate():
-        return []
-    return ["unshare", "--ipc", "--mount", "--propagation", "private", "--kill-child=SIGKILL",
-            "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
 
 
 def _start(ckpt: str, layout, link_gbps: float):
@@ -57,7 +50,7 @@ def _start(ckpt: str, layout, link_gbps: float):
     a = DaemonProcess.start(tcp=True, checkpoint=ckpt, layout=layout, ranks=[0, 1], node_host="127.0.0.1",
                             link_gbps=link_gbps, log=logs, timeout=120)
     b = DaemonProcess.start(tcp=True, checkpoint=ckpt, layout=layout, ranks=[2, 3], node_host="127.0.0.2",
-                            link_gbps=link_gbps, log=logs, wrap=_wrap(), timeout=120)
+                            link_gbps=link_gbps, log=logs, wrap=isolation_prefix(), timeout=120)
     ca, cb = a.client(timeout=60), b.client(timeout=60)
     ca.wait_ready(600)
     cb.wait_ready(600)
@@ -114,7 +107,7 @@ def main(argv=None) -> int:
         layout = ElasticLayout.from_hf_config(SimpleNamespace(**json.load(f)), 4)
     with SafetensorsCheckpoint(ckpt) as ck:
         read_gbps, copy_gbps, _ = ShmMemory("bench").measure_bandwidths(ck)
-    print(f"[bench] this host: reload {read_gbps:.2f} GB/s, copy {copy_gbps:.2f} GB/s; node 1 isolated: {bool(_wrap())}")
+    print(f"[bench] this host: reload {read_gbps:.2f} GB/s, copy {copy_gbps:.2f} GB/s; node 1 isolated: {bool(isolation_prefix())}")
     failed = tuple(int(x) for x in args.fail.split(","))
     links = [float(x) for x in args.links.split(",")]
     # The engine's own speed over loopback, for the uncapped case's model: one run copying by the peer rule.

@@ -544,10 +544,7 @@ class Daemon:
                 return
             _lower_priority()
             t_free = time.perf_counter()
-            for seg in freed:
-                if self._transfer is not None:
-                    self._transfer.unregister(seg.arena.address)
-                seg.close()
+            self._close_old(freed)
             if freed:
                 logger.info("freed the old layout's %d segments in %.3f s", len(freed), time.perf_counter() - t_free)
 
@@ -578,14 +575,16 @@ class Daemon:
         self._need(DaemonState.READY, what="ReleaseOld")
         held, self._held_old = self._held_old, []
         new, self._held_new = self._held_new, []
-        released = 0
-        for seg in held:
+        self._close_old(held)
+        released = sum(seg.arena.release_unused() for seg in new)
+        return P.Ok(version=P.PROTOCOL_VERSION, detail=f"freed {len(held)} old views; {released} bytes of pages given back")
+
+    def _close_old(self, segs: list) -> None:
+        """Free old weight views (no longer readable by peers: unregistered first)."""
+        for seg in segs:
             if self._transfer is not None:
                 self._transfer.unregister(seg.arena.address)
             seg.close()
-        for seg in new:
-            released += seg.arena.release_unused() if seg.arena.runs else 0
-        return P.Ok(version=P.PROTOCOL_VERSION, detail=f"freed {len(held)} old views; {released} bytes of pages given back")
 
     def _shutdown(self, req: P.Shutdown) -> P.Ok:
         self._stop.set()

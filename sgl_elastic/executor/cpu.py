@@ -48,7 +48,7 @@ from sgl_elastic.executor.safetensors_io import SafetensorsCheckpoint, copy_bits
 from sgl_elastic.layout.geometry import rank_tensors, stored_transposed
 from sgl_elastic.executor.shm import PAGE, ShardSpec, ShmArena, fallocate_range
 from sgl_elastic.planner.cost import predict_time
-from sgl_elastic.planner.plan import KEEP, CopyOp, MigrationPlan
+from sgl_elastic.planner.plan import KEEP, RELOAD, CopyOp, MigrationPlan
 from sgl_elastic.planner.topology import Topology
 
 __all__ = ["CpuExecutor", "allocate_rank_arenas", "load_rank_from_checkpoint", "InPlaceFailed"]
@@ -231,6 +231,7 @@ class CpuExecutor:
         if endpoint is not None:
             endpoint.reset_pace()
         remote_ops = [op for op in copies if op.src_rank in remote]
+        remote_shards = {r: {x.name: x for x in a.handle.shards} for r, a in remote.items()}
         copies = [op for op in copies if op.src_rank not in remote]
         remaps = in_place_remaps(plan, old, copies) if self.in_place and self.remap else {}
         moves = {d: m for d, m in in_place_moves(plan, old, copies).items() if d not in remaps} \
@@ -298,7 +299,7 @@ class CpuExecutor:
                 from sgl_elastic.executor.remote import LinkFailed
 
                 src = remote[op.src_rank]
-                sh_src = {x.name: x for x in src.handle.shards}[op.tensor]
+                sh_src = remote_shards[op.src_rank][op.tensor]
                 sh_dst = new[op.dst_rank].shards[op.tensor]
                 f0, run, s_stride, n = _runs(op, sh_src, op.src_offset)
                 g0, run2, d_stride, n2 = _runs(op, sh_dst, op.dst_offset)
@@ -387,7 +388,7 @@ Move = tuple[int, int, int, int, int, int]  # (src byte, dst byte, run bytes, sr
 
 def as_reload(op: CopyOp) -> CopyOp:
     """The same bytes of ``op``'s destination, read from the checkpoint instead."""
-    return CopyOp(op.tensor, op.dim, "reload", -1, -1, op.dst_rank, op.start, op.length, op.start, op.dst_offset,
+    return CopyOp(op.tensor, op.dim, RELOAD, -1, -1, op.dst_rank, op.start, op.length, op.start, op.dst_offset,
                   op.nbytes, 0)
 
 

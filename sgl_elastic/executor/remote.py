@@ -130,7 +130,3 @@ class TransferEndpoint:
             due = self._t0 + self._sent / (self.rate_gbps * 1e9)
         if due > now:
             time.sleep(due - now)
-
-    def close(self) -> None:
-        for ptr in list(self._registered):
-            self.unregister(ptr)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from sgl_elastic.planner.plan import KEEP, PEER, RELOAD, FamilyOp
+from sgl_elastic.planner.plan import PEER, RELOAD, FamilyOp
 from sgl_elastic.planner.topology import Topology
 
 __all__ = ["SOURCE_CHOICES", "choose_sources", "resource_loads", "makespan"]
@@ -238,11 +238,3 @@ def _improve(ops: list[FamilyOp], peers: list[int], counts: dict[int, int], new2
             for name, t in delta[i]:
                 loads[name] += sign * t
     return counts
-
-
-def kinds_of(ops: Sequence[FamilyOp]) -> dict[str, int]:
-    """Bytes by kind (a summary for tests and benchmarks)."""
-    out = {KEEP: 0, PEER: 0, RELOAD: 0}
-    for op in ops:
-        out[op.kind] += op.nbytes
-    return out

@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import requests
 
 from sgl_elastic.controller.procs import free_port, remove_leftover_shm, shm_inodes_of
-from sgl_elastic.testing.server import ServerStartError
+from sgl_elastic.testing.server import ServerStartError, group_pids
 
-__all__ = ["MultiNodeServer", "Node", "can_isolate", "node_host"]
+__all__ = ["MultiNodeServer", "Node", "can_isolate", "isolation_prefix", "node_host"]
 
 
 def node_host(node_rank: int) -> str:
@@ -50,6 +49,16 @@ def can_isolate() -> bool:
     return r.returncode == 0
 
 
+def isolation_prefix() -> list[str]:
+    """Command prefix that runs a command as a node of its own: private IPC namespace and a private
+    tmpfs on ``/dev/shm`` (``/tmp`` stays shared: a checkout and its venv may live there); the
+    command is killed with the prefix. ``[]`` where namespaces are not available (``can_isolate``)."""
+    if not can_isolate():
+        return []
+    return ["unshare", "--ipc", "--mount", "--propagation", "private", "--kill-child=SIGKILL",
+            "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
+
+
 class Node:
     """One node's launcher process (``proc``: the process group leader; ``unshare`` for an isolated node)."""
 
@@ -65,16 +74,7 @@ class Node:
 
     def members(self) -> list[int]:
         """Live pids of this node's process group (its launcher included)."""
-        if self.proc is None:
-            return []
-        out = []
-        for p in psutil.process_iter(["pid", "status"]):
-            try:
-                if os.getpgid(p.info["pid"]) == self.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    out.append(p.info["pid"])
-            except (ProcessLookupError, psutil.Error):
-                pass
-        return out
+        return group_pids(self.proc.pid) if self.proc is not None else []
 
     def note(self) -> set[int]:
         self.seen_pids |= set(self.members())
@@ -118,13 +118,7 @@ class MultiNodeServer:
                "--tp-size", str(self.tp_size), "--nnodes", str(self.nnodes), "--node-rank", str(k),
                "--dist-init-addr", f"127.0.0.1:{self.dist_port}", "--host", node_host(k), "--port", str(port),
                *self.extra_args]
-        if k == 0 or not self.isolated:
-            return cmd
-        # a private /dev/shm, then the launcher itself (exec: the shell leaves no process). /tmp stays
-        # shared: the checkout (and its venv) may live there; the daemon's run dir is its own mkdtemp
-        script = "mount -t tmpfs tmpfs /dev/shm && exec \"$@\""
-        return ["unshare", "--ipc", "--mount", "--propagation", "private", "--kill-child=SIGKILL",
-                "sh", "-c", script, "sh", *cmd]
+        return cmd if k == 0 or not self.isolated else [*isolation_prefix(), *cmd]
 
     def start(self) -> "MultiNodeServer":
         env = dict(os.environ if self.env is None else self.env)

@@ -171,15 +171,7 @@ class ServerProcess:
         """Pids of the live (non-zombie) processes of the server's process group, leader excluded."""
         if self.proc is None:
             return []
-        members = []
-        for p in psutil.process_iter(["pid", "status"]):
-            try:
-                if p.info["pid"] != self.proc.pid and os.getpgid(p.info["pid"]) == self.proc.pid \
-                        and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    members.append(p.info["pid"])
-            except (ProcessLookupError, psutil.Error):
-                pass
-        return members
+        return [p for p in group_pids(self.proc.pid) if p != self.proc.pid]
 
     def note_children(self) -> set[int]:
         """Add every descendant of the server's main process now to ``seen_pids`` (relaunched or added
@@ -197,6 +189,18 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes of process group ``pgid``, its leader included."""
+    members = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.info["pid"]) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p.info["pid"])
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
 
 
 def children_of(srv: ServerProcess) -> list[int]:

@@ -26,7 +26,7 @@ from sgl_elastic.layout import ElasticLayout
 from sgl_elastic.layout.geometry import rank_tensors, shard_region
 from sgl_elastic.planner import PEER, ClusterChange, Topology, plan_migration
 from sgl_elastic.testing.models import build_model
-from sgl_elastic.testing.nodes import can_isolate
+from sgl_elastic.testing.nodes import isolation_prefix
 
 pytestmark = pytest.mark.skipif(transfer_unavailable() is not None, reason=str(transfer_unavailable()))
 
@@ -44,19 +44,12 @@ def layout_of(ckpt: str, tp: int) -> ElasticLayout:
     return ElasticLayout.from_hf_config(cfg, tp, mlp_unit=64, vocab_unit=64)
 
 
-def _isolated_wrap() -> list[str]:
-    if not can_isolate():
-        return []
-    return ["unshare", "--ipc", "--mount", "--propagation", "private", "--kill-child=SIGKILL",
-            "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
-
-
 @pytest.fixture
 def nodes(ckpt):
     layout = layout_of(ckpt, 4)
     a = DaemonProcess.start(tcp=True, checkpoint=ckpt, layout=layout, ranks=[0, 1], node_host="127.0.0.1")
     b = DaemonProcess.start(tcp=True, checkpoint=ckpt, layout=layout, ranks=[2, 3], node_host="127.0.0.2",
-                            wrap=_isolated_wrap(), timeout=60)
+                            wrap=isolation_prefix(), timeout=60)
     ca, cb = a.client(), b.client()
     try:
         ca.wait_ready(120)
@@ -111,7 +104,7 @@ def test_two_daemons_migrate_together_over_the_transfer_engine(nodes, ckpt):
             with ca.attach_weights(rank) as w:
                 for t, shape in rank_tensors(plan.new_layout, rank):
                     assert torch.equal(w.tensors[t.name], expected(ck, plan.new_layout, rank, t, shape)), t.name
-    if not _isolated_wrap():  # node 1's shared memory is this namespace's: check its ranks too
+    if not isolation_prefix():  # node 1's shared memory is this namespace's: check its ranks too
         with SafetensorsCheckpoint(ckpt) as ck:
             for rank in mine[1]:
                 with cb.attach_weights(rank) as w:
