@@ -44,6 +44,9 @@ class ElasticArgs:
         aborted (each gets an explicit error) and the server exits.
     in_place: how a failover turns a survivor's weights into its new shard on CPU ("remap": the kept bytes
         stay in their pages; "move": moved inside its segment; "off": copied into a new one).
+    node_port / node_host / link_gbps: several nodes (``--nnodes``): node 0's control port (and the next),
+        this node's address on the nodes' network, the network's GB/s (the planner's model; also a cap
+        on the daemons' reads from other nodes; 0: modelled at 1.25, not capped).
     """
 
     tp_widths: tuple[int, ...] | None = None
@@ -60,8 +63,15 @@ class ElasticArgs:
     redundant_experts: int = 0
     drain_timeout_s: float = 30.0
     in_place: str = "remap"
+    node_port: int | None = None
+    node_host: str | None = None
+    link_gbps: float = 0.0
 
     def __post_init__(self):
+        if self.node_port is not None and not 1024 <= self.node_port <= 65534:
+            raise ValueError(f"--elastic-node-port {self.node_port}: give a port in 1024..65534 (it and the next are used)")
+        if not self.link_gbps >= 0:
+            raise ValueError(f"--elastic-link-gbps {self.link_gbps}: give GB/s >= 0 (0: not capped)")
         if self.redundant_experts < 0:
             raise ValueError(f"--elastic-redundant-experts {self.redundant_experts}: give a number of slots >= 0")
         if not self.eplb_interval_s >= 0:
@@ -174,6 +184,24 @@ class ElasticArgs:
                  " pools, in pages as tokens are written)",
         )
 
+        nodes = parser.add_argument_group("sgl-elastic across nodes", "with --nnodes N (SGLang's multi-node launch)")
+        nodes.add_argument(
+            "--elastic-node-port", type=int, default=None, metavar="PORT",
+            help="node 0's failover control port on --dist-init-addr's host (the other nodes' ranks connect to"
+                 " it, their agents to PORT+1); the same on every node (default: the --dist-init-addr port + 32)",
+        )
+        nodes.add_argument(
+            "--elastic-node-host", default=None, metavar="ADDR",
+            help="this node's address on the nodes' network, where its state daemon serves the other nodes"
+                 " (default: node 0: --dist-init-addr's host; others: --host when it names one address)",
+        )
+        nodes.add_argument(
+            "--elastic-link-gbps", type=float, default=0.0, metavar="GBPS",
+            help="the network between nodes in GB/s: the planner copies from another node or reloads from this"
+                 " node's checkpoint by the time each takes at this rate, and the daemons' reads from other"
+                 " nodes are capped at it (default 0: modelled at 1.25 GB/s, not capped)",
+        )
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ElasticArgs":
         widths = parse_widths(args.elastic_tp_widths) if args.elastic_tp_widths else None
@@ -192,4 +220,7 @@ class ElasticArgs:
             redundant_experts=args.elastic_redundant_experts,
             drain_timeout_s=args.elastic_drain_timeout,
             in_place=args.elastic_in_place,
+            node_port=args.elastic_node_port,
+            node_host=args.elastic_node_host,
+            link_gbps=args.elastic_link_gbps,
         )

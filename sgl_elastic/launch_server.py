@@ -191,22 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    daemon = None
-    daemon, failover, admin_token = None, None, None
+    daemon, failover, admin_token, agent = None, None, None, None
     if elastic_args.daemon:
         from sgl_elastic.controller.daemon import ServerDaemon
         from sgl_elastic.patches import daemon_layout, table
 
         nnodes = int(getattr(server_args, "nnodes", 1) or 1)
+        node = int(getattr(server_args, "node_rank", 0) or 0)
+        multi = nnodes > 1 and elastic_args.failover and int(server_args.tp_size) > 1
         try:
+            node_host = _node_host(elastic_args, server_args, node) if multi else None
             daemon = ServerDaemon.start_for(daemon_layout(elastic_args, server_args), server_args, table.install,
-                                            in_place=elastic_args.in_place)
-            if nnodes > 1 and elastic_args.failover:
-                print(f"[sgl-elastic] --nnodes {nnodes}: this node's state daemon holds its ranks"
-                      f" {daemon.ranks}; in-place failover across nodes is not available yet, so a rank"
-                      " failure ends the server as it does in SGLang", file=sys.stderr, flush=True)
+                                            in_place=elastic_args.in_place, node_host=node_host,
+                                            link_gbps=elastic_args.link_gbps, tcp=multi and node > 0)
+            if multi and node > 0:
+                agent = _start_agent(elastic_args, server_args, daemon, node, node_host)
             elif int(server_args.tp_size) > 1 and elastic_args.failover:
-                failover, admin_token = _arm_failover(elastic_args, daemon)
+                failover, admin_token = _arm_failover(elastic_args, daemon, server_args if multi else None)
         except (ValueError, RuntimeError, TimeoutError) as exc:
             if daemon is not None:
                 daemon.stop()
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if failover is not None:
             failover.close()  # before the tear-down kills the ranks: that is not a failure
             admin_token.remove_file()
+        if agent is not None:
+            agent.close()
         if daemon is not None:
             daemon.stop()
         kill_process_tree(os.getpid(), include_parent=False)
@@ -277,8 +280,40 @@ def _spawn_rank(slot: int, standby: bool):
     return proc
 
 
-def _arm_failover(elastic_args, daemon):
-    """In-place failover: the controller's socket (inherited by the schedulers) and the admin API."""
+def _node_host(elastic_args, server_args, node: int) -> str:
+    """This node's address on the nodes' network (``--elastic-node-host``)."""
+    if elastic_args.node_host:
+        return elastic_args.node_host
+    if node == 0:
+        return str(server_args.dist_init_addr).rpartition(":")[0].strip("[]") or "127.0.0.1"
+    host = getattr(server_args, "host", None)
+    if host and host not in ("0.0.0.0", "::"):
+        return host
+    raise ValueError(f"--node-rank {node} with --host {host}: give --elastic-node-host, this node's address on the"
+                     " nodes' network (its state daemon serves node 0 there)")
+
+
+def _start_agent(elastic_args, server_args, daemon, node: int, node_host: str):
+    """A node >= 1: its ranks report to node 0's controller (``controller.nodes.NodeAgent``)."""
+    from sgl_elastic.controller import nodes, wire
+    from sgl_elastic.daemon.client import DaemonClient
+
+    rank_ep, node_ep = nodes.control_endpoints(server_args, elastic_args.node_port)
+    agent = nodes.NodeAgent(node, node_host, node_ep, elastic_args.hung_timeout_s)
+    os.environ[wire.ENV_CONTROL] = rank_ep
+    os.environ.update(agent.environ(elastic_args.hung_timeout_s / 5))
+    os.environ[wire.ENV_KV_BACKUP] = ""
+    c = DaemonClient.from_run_dir(daemon.proc.run_dir)
+    agent.set_daemon(c.endpoint, c._token)
+    nodes.set_agent(agent)
+    print(f"[sgl-elastic] node {node} ({node_host}): its ranks {daemon.ranks} report to node 0's controller at"
+          f" {node_ep}; its daemon serves on {c.endpoint}", file=sys.stderr, flush=True)
+    return agent
+
+
+def _arm_failover(elastic_args, daemon, multi_node_args=None):
+    """In-place failover: the controller's socket (inherited by the schedulers) and the admin API;
+    ``multi_node_args`` (node 0 of several): the other nodes' sockets too (``controller.nodes``)."""
     from sglang.srt.entrypoints.http_server import app
 
     from sgl_elastic.controller.admin import AdminToken, install_routes
@@ -295,11 +330,22 @@ def _arm_failover(elastic_args, daemon):
         import psutil
 
         standby = int((os.cpu_count() or 1) >= 8 and psutil.virtual_memory().available >= 32 << 30)
+    nodes, kv_backup = None, elastic_args.kv_backup
+    if multi_node_args is not None:
+        from sgl_elastic.controller.nodes import control_endpoints
+
+        nodes = (*control_endpoints(multi_node_args, elastic_args.node_port), int(multi_node_args.nnodes))
+        fc.node_link_gbps = elastic_args.link_gbps
+        standby = 0  # a new rank starts on node 0 only
+        if kv_backup:
+            kv_backup = False
+            print("[sgl-elastic] --nnodes: the KV backup is off (the KV is not carried between nodes' daemons yet:"
+                  " requests in flight are prefilled again after a failover)", file=sys.stderr, flush=True)
     fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
            omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp),
            checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s,
            spawn=_spawn_rank, standby=standby, eplb=elastic_args.eplb, eplb_interval_s=elastic_args.eplb_interval_s,
-           kv_backup=elastic_args.kv_backup)
+           kv_backup=kv_backup, nodes=nodes)
     token = AdminToken(elastic_args.admin_token)
     install_routes(app, token, fc)
     return fc, token

@@ -41,13 +41,18 @@ def _log(msg: str) -> None:
 
 class ServerDaemon:
     def __init__(self, checkpoint: str, layout, backend: str, in_place: str = "remap",
-                 ranks: list[int] | None = None) -> None:
+                 ranks: list[int] | None = None, node_host: str | None = None, link_gbps: float = 0.0,
+                 tcp: bool = False) -> None:
         self.checkpoint, self.layout, self.backend, self.in_place = checkpoint, layout, backend, in_place
         self.ranks = ranks  # the TP ranks of this node (None: every rank: one node)
+        # several nodes: this node's address (the transfer endpoint; with tcp, the control socket too:
+        # node 0's controller drives it over the network) and the cap on reads from other nodes
+        self.node_host, self.link_gbps, self.tcp = node_host, link_gbps, tcp
         self.proc: DaemonProcess | None = None
 
     @classmethod
-    def start_for(cls, layout, server_args, install_hooks=None, in_place: str = "remap") -> "ServerDaemon":
+    def start_for(cls, layout, server_args, install_hooks=None, in_place: str = "remap", *,
+                  node_host: str | None = None, link_gbps: float = 0.0, tcp: bool = False) -> "ServerDaemon":
         """Start a daemon holding ``layout`` (``patches.daemon_layout``) of ``server_args``' model,
         call ``install_hooks()`` (the patches' installer), and arm the supervisor with it.
 
@@ -59,7 +64,8 @@ class ServerDaemon:
         on_cuda = getattr(server_args, "device", "cpu") not in ("cpu", None)
         ranks = node_ranks(server_args)
         d = cls(os.path.abspath(server_args.model_path), layout, "cuda" if on_cuda else "shm", in_place,
-                ranks=ranks if int(getattr(server_args, "nnodes", 1) or 1) > 1 else None)
+                ranks=ranks if int(getattr(server_args, "nnodes", 1) or 1) > 1 else None,
+                node_host=node_host, link_gbps=link_gbps, tcp=tcp)
         d.start()
         if install_hooks is not None:
             install_hooks()  # the daemon hooks (already installed at tp >= 2 by activate)
@@ -69,7 +75,8 @@ class ServerDaemon:
 
     def start(self) -> None:
         t0 = time.perf_counter()
-        self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True, in_place=self.in_place)
+        self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True, in_place=self.in_place,
+                                        tcp=self.tcp, node_host=self.node_host, link_gbps=self.link_gbps)
         which = f"{self.layout.tp_size} rank(s)" if self.ranks is None else \
             f"this node's rank(s) {self.ranks} of {self.layout.tp_size}"
         _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint} for {which}")

@@ -100,6 +100,10 @@ class Detection:
                 # step: the sentinels that fired since the first one join it. Otherwise the second
                 # death surfaces only at the check-in, and the first recovery's migration is wasted.
                 dead += [p for p in live if p not in dead and not p.is_alive()]
+                if not self.all_joined():
+                    log("a rank died before every node had joined: no recovery (the server cannot start)")
+                    self.enabled = False
+                    return
                 try:
                     self._recover(dead)
                 except Exception as e:  # noqa: BLE001 - logged; the fallback already ran or is impossible
@@ -131,7 +135,8 @@ class Detection:
         pids = {p.pid for p in live}
         if not got.keys() & pids:
             return
-        settle = time.monotonic() + SELF_REPORT_SETTLE_S
+        # several nodes: a node lost whole is known only when its beats stop (its ranks' peers fail first)
+        settle = time.monotonic() + (SELF_REPORT_SETTLE_S if self.hub is None else self.hub.timeout_s + 1.0)
         while True:
             if any(not p.is_alive() for p in live):
                 return  # a death: the next turn recovers from it with these hellos

@@ -28,6 +28,7 @@ from sgl_elastic.controller.commands import AddRank, CommandQueue, Rebalance, St
 from sgl_elastic.controller.detection import Detection
 from sgl_elastic.controller.fallback import FAILED_MSG, Fallback, sigquit_self
 from sgl_elastic.controller.metrics import FailoverMetrics
+from sgl_elastic.controller.procs import set_remote_fence
 from sgl_elastic.controller.phases import IllegalPhaseTransition, Outcome, Phase, Recovery, log, transition
 from sgl_elastic.controller.rebalancing import ExpertRebalance
 from sgl_elastic.controller.recovery import HELLO_TIMEOUT_S, RecoverySteps
@@ -97,10 +98,13 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         self._eplb_t = time.monotonic()  # last periodic rebalance check (or the last recovery)
         self.eplb_last: dict = {}  # the last rebalance decision, for /elastic/status
         self.add_rank_last: dict = {}  # the last scale-up's end (decision, why, tp_after), for /elastic/status
+        self.node_link_gbps = 0.0  # the network between nodes, as the planner models it (0: nodes.INTER_GBPS)
+        self.hub = None  # controller.nodes.NodeHub with --nnodes > 1: the other nodes' ranks and daemons
+        self._first: dict[int, object] = {}  # TP rank -> process of the first launch, as the nodes report them
 
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
             hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0, eplb: bool = True,
-            eplb_interval_s: float = 0.0, kv_backup: bool = False) -> str:
+            eplb_interval_s: float = 0.0, kv_backup: bool = False, nodes: tuple[str, str, int] | None = None) -> str:
         """Bind the control socket; returns its endpoint (exported to the schedulers as SGLE_CONTROL).
 
         ``on_new_layout(layout)``: called after each recovery (the launcher points the patches of
@@ -110,7 +114,9 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         (``rank.join``), for ``add_rank``; ``standby``: how many warm standbys to keep; ``eplb``:
         with expert parallelism, rank 0 counts expert loads and every recovery places the experts by
         them; ``eplb_interval_s``: also rebalance this often while serving (0: off); ``kv_backup``:
-        every rank mirrors its KV into a backup pool, so a failover keeps the KV (no re-prefill).
+        every rank mirrors its KV into a backup pool, so a failover keeps the KV (no re-prefill);
+        ``nodes``: (rank endpoint, node endpoint, nnodes) with ``--nnodes > 1``: the other nodes' ranks
+        connect to the first, their agents to the second (``controller.nodes``).
         """
         import zmq
 
@@ -126,6 +132,20 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(addr)
+        if nodes is not None:
+            from sgl_elastic.controller.nodes import NodeHub
+
+            self._sock.bind(nodes[0])  # the other nodes' ranks
+            self.hub = NodeHub(nodes[1], nodes[2], on_ranks=self._node_ranks)
+            hub = self.hub
+
+            def fence(pid: int) -> bool:
+                node = hub.node_of(pid)
+                if node:
+                    hub.fence(node, [pid])
+                return bool(node)
+
+            set_remote_fence(fence)
         os.environ[wire.ENV_CONTROL] = addr
         os.environ[wire.ENV_HEARTBEAT] = str(hung_timeout_s / 5) if hung_timeout_s > 0 else ""
         os.environ[wire.ENV_KV_BACKUP] = "1" if kv_backup else ""
@@ -140,9 +160,14 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         return addr
 
     def watch(self, procs: list) -> None:
-        """The scheduler processes, in TP rank order (from the engine hook); starts the detector."""
+        """The scheduler processes, in TP rank order (from the engine hook); starts the detector.
+        With several nodes these are node 0's (ranks 0 ..); the others' come from the hub."""
         with self.lock:
-            self.ranks = list(procs)
+            if self.hub is not None and self.epoch == 0:
+                self._first.update(enumerate(procs))
+                self.ranks = [self._first[r] for r in sorted(self._first)]
+            else:
+                self.ranks = list(procs)
             self.intake_pid = self.ranks[0].pid if self.ranks else 0
             self._slot_of = {p.pid: i for i, p in enumerate(self.ranks)}
         self.metrics.serving(len(self.ranks), self.epoch)
@@ -151,6 +176,27 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
             self._thread.start()
             self._audit_thread = threading.Thread(target=self._audit_loop, name="sgle-request-audit", daemon=True)
             self._audit_thread.start()
+
+    def _node_ranks(self, node: int, ranks: list) -> None:
+        """A node's hello (the hub's thread): its ranks of the first launch join ``ranks``."""
+        with self.lock:
+            if self.epoch != 0:
+                log(f"node {node} said hello after a recovery: its ranks {[r for r, _ in ranks]} do not serve"
+                    " (a node that comes back joins by --elastic-join; not available yet)")
+                for _, p in ranks:
+                    self.hub.fence(node, [p.pid])
+                return
+            self._first.update(ranks)
+            self.ranks = [self._first[r] for r in sorted(self._first)]
+            self._slot_of = {p.pid: i for i, p in enumerate(self.ranks)}
+
+    def all_joined(self) -> bool:
+        """Every node's ranks are known (always, on one node)."""
+        return self.hub is None or (self.hub.complete() and len(self.ranks) == self.layout.tp_size)
+
+    def is_local(self, p) -> bool:
+        """Whether rank process ``p`` runs on this node (its pid means something here)."""
+        return getattr(p, "node", 0) == 0
 
     @property
     def _addr(self) -> str:
@@ -167,6 +213,9 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
 
         self.enabled = False
         self.commands.put(Stop())
+        if self.hub is not None:
+            self.hub.close()
+            set_remote_fence(None)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -175,7 +224,8 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
             widths = list(self.layout.family("attn").widths) if self.layout is not None else []
             return {
                 "state": self.phase.value, "epoch": self.epoch, "tp_size": len(self.ranks),
-                "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive()} for r, p in enumerate(self.ranks)],
+                "ranks": [{"rank": r, "pid": p.pid, "alive": p.is_alive(), "node": getattr(p, "node", 0)}
+                          for r, p in enumerate(self.ranks)],
                 "widths": widths,
                 "standby": [p.pid for p in self.standby if p.is_alive()],
                 "pending": self.commands.pending(),

@@ -97,6 +97,12 @@ class Fallback:
         self.falling_back = True
         rec.fallback = "running"
         try:
+            if self.hub is not None:
+                for p in self.ranks:  # their processes wait for orders that will not come
+                    if not self.is_local(p):
+                        p.kill()
+                raise RuntimeError("no fallback restart over several nodes: SGLang cannot restart the"
+                                   " schedulers of one node into the others' process group")
             if faults.injected("fallback"):
                 raise RuntimeError(f"{faults.ENV_TEST_FAIL}=fallback: injected failure of the fallback restart (tests only)")
             if reload is not None:

@@ -50,11 +50,24 @@ def remove_leftover_shm(inodes: set[int]) -> list[str]:
     return sorted(removed)
 
 
+_remote_fence = None  # pid -> bool: True when ``pid`` is a rank of another node, fenced there
+
+
+def set_remote_fence(fence) -> None:
+    """``fence(pid) -> bool``: how ``sigkill`` reaches the ranks of other nodes (``controller.nodes``):
+    their pids mean nothing on this node, so they are never signalled here."""
+    global _remote_fence
+    _remote_fence = fence
+
+
 def sigkill(*pids: int) -> None:
-    """SIGKILL each of ``pids``; one already gone is not an error (it is what was wanted)."""
+    """SIGKILL each of ``pids``; one already gone is not an error (it is what was wanted). A rank
+    of another node is fenced by its node's agent (``set_remote_fence``)."""
     import signal
 
     for pid in pids:
+        if _remote_fence is not None and _remote_fence(pid):
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -155,8 +155,14 @@ class RecoverySteps:
             raise RuntimeError("no rank survived")
         self._to(a.rec, Phase.PLANNING, f"{len(a.survivors)} survivors")
         a.loads = None if a.given is not None else self._eplb_loads()
+        topo = None
+        if self.hub is not None:  # several nodes: the links between them, none to a lost one
+            from sgl_elastic.controller.nodes import topology
+
+            slots = [getattr(p, "node", 0) for p in a.ranks] + ([0] if a.joiner is not None else [])
+            topo = topology(slots, self.hub.dead_nodes(), self.node_link_gbps)
         a.plan = a.given or plan_migration(
-            self.layout, ClusterChange(failed=tuple(a.failed), added=1 if a.joiner is not None else 0),
+            self.layout, ClusterChange(failed=tuple(a.failed), added=1 if a.joiner is not None else 0), topo,
             expert_loads=a.loads)
         if a.loads is not None and is_placed(a.plan.new_layout):
             log(f"experts placed by the loads of {a.loads.sum():.0f} routed tokens (capacity-weighted)")
@@ -184,15 +190,43 @@ class RecoverySteps:
         return Step.NEXT
 
     def _step_migrate(self, a: _Attempt) -> Step:
-        a.daemon_dir = self._migrate(a.rec, a.plan)
-        self._to(a.rec, Phase.RECONFIGURING, f"migrated in {a.rec.migration['seconds']:.3f} s")
         a.new_ranks = [None] * a.plan.new_layout.tp_size
         for old_rank, p in enumerate(a.ranks):
             if a.plan.old2new_rank[old_rank] >= 0:
                 a.new_ranks[a.plan.old2new_rank[old_rank]] = p
         if a.joiner is not None:
             a.new_ranks[a.plan.new2slot.index(len(a.ranks))] = a.joiner
+        if self.hub is not None and not self.is_local(a.new_ranks[0]):
+            # the HTTP server, tokenizer and detokenizer are node 0's: its rank 0 must be here
+            raise RuntimeError("no rank of node 0 survived: rank 0 (request intake, output streaming) cannot"
+                               " move to another node")
+        if self.hub is not None:
+            a.daemon_dir = self._migrate_nodes(a.rec, a.plan, a.new_ranks, set(a.failed))
+        else:
+            a.daemon_dir = self._migrate(a.rec, a.plan)
+        self._to(a.rec, Phase.RECONFIGURING, f"migrated in {a.rec.migration['seconds']:.3f} s")
         return Step.NEXT
+
+    def _migrate_nodes(self, rec: Recovery, plan, new_ranks: list, failed: set[int]) -> str:
+        """Several nodes: every live node's daemon builds its own new ranks (``nodes.migrate_across``).
+        A daemon that is gone fails the recovery (the fallback: the server ends, as SGLang's does)."""
+        from sgl_elastic.controller.nodes import migrate_across, summed
+
+        t0 = time.monotonic()
+        clients = {0: self.daemon.proc.client(timeout=60.0)}
+        try:
+            for k in self.hub.live_nodes()[1:]:
+                clients[k] = self.hub.daemon_client(k, timeout=60.0)
+            node_of_new = [getattr(p, "node", 0) for p in new_ranks]
+            summaries = migrate_across(plan, clients, node_of_new, failed)
+        finally:
+            for c in clients.values():
+                c.close()
+        rec.migration = {"seconds": round(time.monotonic() - t0, 4), **summed(summaries),
+                         "lower_bound_reload_bytes": plan.lower_bound_reload_bytes,
+                         "dead_nodes": len(self.hub.dead_nodes())}
+        self.daemon.layout = plan.new_layout
+        return ""
 
     def _step_checkin(self, a: _Attempt) -> Step:
         """Every survivor has left its group and said hello (after a failure they tear down meanwhile)."""
@@ -223,7 +257,8 @@ class RecoverySteps:
             new_rank = a.new_ranks.index(p)
             self._sock.send_multipart([a.hellos[p.pid], wire.encode(wire.Reconfigure(
                 epoch=a.epoch, rank=new_rank, tp_size=new_tp, layout=layout_bytes, dist_port=port,
-                omp_bind=a.bind, takeover=takeover if new_rank == 0 else b"", daemon_dir=daemon_dir,
+                omp_bind=a.bind, takeover=takeover if new_rank == 0 else b"",
+                daemon_dir=daemon_dir if self.is_local(p) else "",  # another node's: its own daemon
                 gpu_slot=self._joiner_slot if p is a.joiner else -1))])
         return Step.NEXT
 
@@ -366,7 +401,11 @@ class RecoverySteps:
         a short grace to check in, and return who is still missing."""
         import psutil
 
+        remote = self.hub.remote_pids() if self.hub is not None else set()
+
         def stopped(pid: int) -> bool:
+            if pid in remote:  # another node's: its agent fences its hung ranks itself
+                return False
             if self._hung([pid]):
                 return True
             try:

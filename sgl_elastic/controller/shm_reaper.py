@@ -30,7 +30,8 @@ class ShmHousekeeping:
 
     def _note_shm(self, live: list) -> None:
         for p in live:
-            self._shm_of[p.pid] = shm_inodes_of([p.pid])
+            if self.is_local(p):  # another node's pids mean nothing here
+                self._shm_of[p.pid] = shm_inodes_of([p.pid])
         self._shm_noted_at = time.monotonic()
 
     def _reap_shm(self) -> None:
@@ -49,7 +50,8 @@ class ShmHousekeeping:
         of_dead = set().union(*(self._shm_of.pop(pid) for pid in dead))
         # SGLang names a scheduler's message queues after its pid: a rank that died before its files
         # were noted (one that died while it rebuilt) is found by name
-        named = tuple(f"sgl_shm_mq_{pid}_" for pid in sorted(self.departed) if gone(pid))
+        remote = self.hub.remote_pids() if self.hub is not None else set()
+        named = tuple(f"sgl_shm_mq_{pid}_" for pid in sorted(self.departed - remote) if gone(pid))
         of_live = set().union(*self._shm_of.values())
         keep = shm_inodes_of([os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))])
         removed = []

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
+__all__ = ["ENV_RUN_DIR", "run_dir", "RankHello", "Reconfigure", "Retire", "RankReady", "RankFailed", "encode", "decode", "ENV_CONTROL",
            "ENV_EXPERT_LOADS", "ENV_KV_BACKUP",
            "ENV_HEARTBEAT", "heartbeat_path", "regroup_path", "audit_paths", "peer_failure"]
 
 ENV_CONTROL = "SGLE_CONTROL"  # the controller's endpoint, inherited by scheduler processes
+# A node >= 1's run dir (its agent's): where its ranks keep their heartbeat files, their
+# controller being on another node (``controller.nodes``). Unset: beside the ipc control socket.
+ENV_RUN_DIR = "SGLE_RUN_DIR"
 ENV_HEARTBEAT = "SGLE_HEARTBEAT_S"  # heartbeat period in seconds ("" or absent: no heartbeat)
 ENV_KV_BACKUP = "SGLE_KV_BACKUP"  # "1": every rank mirrors its KV into a backup pool (--elastic-kv-backup)
 # Expert parallelism with --elastic-eplb: the file EP rank 0 writes its expert load counts to (moe.loads).
@@ -28,11 +31,21 @@ ENV_EXPERT_LOADS = "SGLE_EXPERT_LOADS"
 REBUILD_INIT_TIMEOUT_S = 5.0
 
 
+def run_dir(control_addr: str) -> str:
+    """The directory of the files beside the control socket: its ipc path's, or on a node whose
+    controller is on another node (a ``tcp://`` endpoint), the node's own (``ENV_RUN_DIR``)."""
+    import os
+
+    if control_addr.startswith("ipc://"):
+        return os.path.dirname(control_addr.removeprefix("ipc://"))
+    return os.environ.get(ENV_RUN_DIR) or ""
+
+
 def regroup_path(control_addr: str) -> str:
     """The file the controller creates to ask the serving ranks to regroup (rank 0 takes it)."""
     import os
 
-    return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), "regroup")
+    return os.path.join(run_dir(control_addr), "regroup")
 
 
 def audit_paths(control_addr: str) -> tuple[str, str]:
@@ -40,7 +53,7 @@ def audit_paths(control_addr: str) -> tuple[str, str]:
     which requests it holds; rank 0 answers in the reply file (JSON {"seq": n, "rids": [...]})."""
     import os
 
-    d = os.path.dirname(control_addr.removeprefix("ipc://"))
+    d = run_dir(control_addr)
     return os.path.join(d, "audit-request"), os.path.join(d, "audit-reply")
 
 
@@ -62,7 +75,7 @@ def heartbeat_path(control_addr: str, pid: int) -> str:
     the controller's 0700 run dir); its mtime is the process's last sign of life."""
     import os
 
-    return os.path.join(os.path.dirname(control_addr.removeprefix("ipc://")), f"heartbeat-{pid}")
+    return os.path.join(run_dir(control_addr), f"heartbeat-{pid}")
 
 
 class RankHello(msgspec.Struct, tag="hello", frozen=True, kw_only=True):

@@ -68,7 +68,7 @@ class DaemonConfig:
 
     run_dir: private directory (0700) for the socket, token and info files; None: a fresh
         ``mkdtemp`` directory, removed at exit.
-    tcp: serve ``tcp://127.0.0.1:<free port>`` instead of ipc (the token still applies).
+    tcp: serve ``tcp://<node_host>:<free port>`` instead of ipc (the token still applies).
     backend: "shm" (CPU shared memory) or "cuda" (CUDA IPC).
     checkpoint / layout_bytes / ranks: load these at start (else wait for a LoadModel request).
     in_place: how a migration turns a survivor's segment into its new rank's (``memory.IN_PLACE_MODES``).
@@ -192,7 +192,7 @@ class Daemon:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         if self.config.tcp:
-            self._sock.bind("tcp://127.0.0.1:*")
+            self._sock.bind(f"tcp://{self.config.node_host or '127.0.0.1'}:*")  # a node's own address
         else:
             path = os.path.join(self.run_dir, SOCKET_FILE)
             if len(path) > _IPC_PATH_MAX:

@@ -19,6 +19,12 @@ def launch_scheduler_processes(original, cls, server_args, port_args, run_schedu
     fc = controller()
     if fc.enabled:
         fc.watch(procs)
+    from sgl_elastic.controller import nodes
+
+    if nodes.agent() is not None:  # a node >= 1: its ranks are reported to node 0's controller
+        from sgl_elastic.controller.daemon import node_ranks
+
+        nodes.agent().watch(procs, node_ranks(server_args))
     return result, procs
 
 

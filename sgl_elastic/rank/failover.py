@@ -334,7 +334,13 @@ def _apply_orders(order, inputs: RebuildInputs):
     if not RANK.user_dist_timeout_read:  # this process's first rebuild: its args are still the user's
         RANK.user_dist_timeout = getattr(server_args, "dist_timeout", None)
         RANK.user_dist_timeout_read = True
-    new_args = _new_server_args(server_args, order.tp_size, dist_timeout=int(REBUILD_INIT_TIMEOUT_S))
+    over = {}
+    if getattr(server_args, "dist_init_addr", None):
+        # a rendezvous address given (several nodes: node 0's): the new group meets there, on the
+        # fresh port, as one group whatever node each rank is on (SGLang's nnodes sizes the launch only)
+        host = str(server_args.dist_init_addr).rpartition(":")[0]
+        over = dict(dist_init_addr=f"{host}:{order.dist_port}", nnodes=1, node_rank=0)
+    new_args = _new_server_args(server_args, order.tp_size, dist_timeout=int(REBUILD_INIT_TIMEOUT_S), **over)
     port_args = copy.copy(inputs.port_args)
     port_args.nccl_port = order.dist_port
     gpu_id = inputs.gpu_id
@@ -354,8 +360,9 @@ def _apply_orders(order, inputs: RebuildInputs):
         time.sleep(faults.delay_s("rebuild"))
     if faults.injected("rebuild") and order.epoch == 1:
         raise RuntimeError(f"{faults.ENV_TEST_FAIL}=rebuild: injected failure of this rank's rebuild (tests only)")
-    if order.rank != 0 and order.tp_size > 1 and not getattr(new_args, "dist_init_addr", None):
-        _await_listening(getattr(new_args, "host", None) or "127.0.0.1", order.dist_port)
+    if order.rank != 0 and order.tp_size > 1:
+        host = str(new_args.dist_init_addr).rpartition(":")[0].strip("[]") if new_args.dist_init_addr else None
+        _await_listening(host or getattr(new_args, "host", None) or "127.0.0.1", order.dist_port)
     return new_args, port_args
 
 

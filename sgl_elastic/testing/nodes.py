@@ -59,6 +59,21 @@ def isolation_prefix() -> list[str]:
             "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
 
 
+def free_port_pair() -> int:
+    """A free TCP port whose next port is free too (on 127.0.0.1)."""
+    import socket
+
+    for _ in range(100):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports found")
+
+
 class Node:
     """One node's launcher process (``proc``: the process group leader; ``unshare`` for an isolated node)."""
 
@@ -110,6 +125,7 @@ class MultiNodeServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dist_port = free_port()
+        self.node_port = free_port_pair()  # node 0's failover control ports (this and the next)
         self.nodes: list[Node] = []
         self.removed_shm: list[str] = []
 
@@ -117,7 +133,7 @@ class MultiNodeServer:
         cmd = [sys.executable, "-m", "sgl_elastic.launch_server", "--model-path", self.model_path,
                "--tp-size", str(self.tp_size), "--nnodes", str(self.nnodes), "--node-rank", str(k),
                "--dist-init-addr", f"127.0.0.1:{self.dist_port}", "--host", node_host(k), "--port", str(port),
-               *self.extra_args]
+               "--elastic-node-port", str(self.node_port), *self.extra_args]
         return cmd if k == 0 or not self.isolated else [*isolation_prefix(), *cmd]
 
     def start(self) -> "MultiNodeServer":
