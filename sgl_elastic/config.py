@@ -68,8 +68,8 @@ class ElasticArgs:
     link_gbps: float = 0.0
 
     def __post_init__(self):
-        if self.node_port is not None and not 1024 <= self.node_port <= 65534:
-            raise ValueError(f"--elastic-node-port {self.node_port}: give a port in 1024..65534 (it and the next are used)")
+        if self.node_port is not None and not 1024 <= self.node_port <= 65533:
+            raise ValueError(f"--elastic-node-port {self.node_port}: give a port in 1024..65533 (it and the next two are used)")
         if not self.link_gbps >= 0:
             raise ValueError(f"--elastic-link-gbps {self.link_gbps}: give GB/s >= 0 (0: not capped)")
         if self.redundant_experts < 0:
@@ -188,7 +188,8 @@ class ElasticArgs:
         nodes.add_argument(
             "--elastic-node-port", type=int, default=None, metavar="PORT",
             help="node 0's failover control port on --dist-init-addr's host (the other nodes' ranks connect to"
-                 " it, their agents to PORT+1); the same on every node (default: the --dist-init-addr port + 32)",
+                 " it, their agents to PORT+1 and PORT+2); the same on every node (default: the --dist-init-addr"
+                 " port + 32)",
         )
         nodes.add_argument(
             "--elastic-node-host", default=None, metavar="ADDR",

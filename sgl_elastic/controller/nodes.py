@@ -155,6 +155,7 @@ class NodeHub:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="sgle-node-hub", daemon=True)
         self._thread.start()
+        self._lifelines = _Lifelines(lifeline_endpoint(endpoint), self._line_cut)
 
     # ---- what the controller asks -------------------------------------------------------------
     def node_of(self, pid: int) -> int:
@@ -201,7 +202,16 @@ class NodeHub:
 
     def close(self) -> None:
         self._stop = True
+        self._lifelines.close()
         self._thread.join(timeout=2.0)
+
+    def _line_cut(self, node: int) -> None:
+        """A node's lifeline (a TCP connection its agent holds) closed: its launcher is gone."""
+        with self.lock:
+            n = self.nodes.get(node)
+        if n is not None and n.alive and not self._stop:
+            log(f"node {node}'s lifeline closed (its launcher is gone): lost whole")
+            self._lose(n, "gone (its lifeline closed)")
 
     # ---- the thread -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -260,7 +270,11 @@ class NodeHub:
 
     def _lose(self, n: _Node, why: str) -> None:
         with self.lock:
+            if not n.alive:
+                return
             n.alive = False
+        # a node taken for lost must be lost: a silent one that is alive after all gets its ranks killed
+        self._out.put((n.ident, _encoder.encode(Fence(pids=list(n.ranks)))))
         for r in n.ranks.values():
             r.mark_dead(f"node {n.hello.node} {why}")
 
@@ -319,6 +333,7 @@ class NodeAgent:
         send = lambda m: sock.send(_encoder.encode(m))  # noqa: E731
         send(NodeHello(node=self.node, host=self.host, ranks=self._ranks, daemon=self.daemon,
                        daemon_token=self.daemon_token))
+        line = _hold_lifeline(lifeline_endpoint(self.hub_endpoint), self.node)
         reported: set[int] = set()
         fenced: set[int] = set()
         try:
@@ -356,6 +371,77 @@ class NodeAgent:
             send(NodeBye(node=self.node, reason=getattr(self, "_bye", "shutting down")))
         finally:
             sock.close()
+            if line is not None:
+                line.close()
+
+
+# ---- lifelines: a node's launcher that dies is known at once -------------------------------------
+def lifeline_endpoint(node_endpoint: str) -> tuple[str, int]:
+    """(host, port) of the hub's lifeline listener: the port after the node socket's."""
+    host, _, port = node_endpoint.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port) + 1
+
+
+def _hold_lifeline(addr: tuple[str, int], node: int):
+    """The agent's end: a TCP connection that says its node number and stays open while the
+    launcher lives (the kernel closes it when the process dies, however it dies)."""
+    import socket
+
+    for _ in range(50):  # node 0 may still be starting
+        try:
+            s = socket.create_connection(addr, timeout=2.0)
+            s.sendall(node.to_bytes(4, "big"))
+            return s
+        except OSError:
+            time.sleep(0.2)
+    log(f"node agent: no lifeline to {addr[0]}:{addr[1]}: node 0 learns of this node's loss by its silence")
+    return None
+
+
+class _Lifelines:
+    """The hub's end: accepts lifelines, calls ``cut(node)`` when one closes (EOF or reset)."""
+
+    def __init__(self, addr: tuple[str, int], cut) -> None:
+        import socket
+
+        self.cut = cut
+        self._srv = socket.create_server(addr)
+        self._srv.settimeout(0.2)
+        self._stop = False
+        threading.Thread(target=self._accept, name="sgle-node-lifelines", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._srv.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(conn,), name="sgle-node-lifeline", daemon=True).start()
+
+    def _hold(self, conn) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            try:
+                head = conn.recv(4)
+            except OSError:
+                return
+            if len(head) != 4:
+                return
+            node = int.from_bytes(head, "big")
+            conn.settimeout(None)
+            try:
+                while conn.recv(64):  # nothing is sent on it; a read returns only when it closes
+                    pass
+            except OSError:
+                pass
+            if not self._stop:
+                self.cut(node)
 
 
 # ---- a migration over several nodes' daemons ---------------------------------------------------

@@ -59,19 +59,20 @@ def isolation_prefix() -> list[str]:
             "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
 
 
-def free_port_pair() -> int:
-    """A free TCP port whose next port is free too (on 127.0.0.1)."""
+def free_port_run(n: int = 3) -> int:
+    """A free TCP port whose next ``n - 1`` ports are free too (on 127.0.0.1)."""
     import socket
 
     for _ in range(100):
         p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-                return p
-            except OSError:
-                continue
-    raise RuntimeError("no two consecutive free ports found")
+        try:
+            for k in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + k))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 class Node:
@@ -125,7 +126,7 @@ class MultiNodeServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dist_port = free_port()
-        self.node_port = free_port_pair()  # node 0's failover control ports (this and the next)
+        self.node_port = free_port_run(3)  # node 0's failover control ports (this and the next two)
         self.nodes: list[Node] = []
         self.removed_shm: list[str] = []
 
