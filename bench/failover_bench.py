@@ -44,7 +44,7 @@ Medians over repeats; ``reload / elastic`` is the TFS ratio. A summary table (fi
 per-step table on stdout, JSON in ``--json`` (each run's top-level fields are its first step's, as
 with ``--steps 1``; ``steps`` lists every step; ``summary.steps`` the per-step medians). Seeded (``--seed``). Usage:
 ``python bench/failover_bench.py [--size bench|tiny] [--tp 3] [--repeats 3] [--modes elastic,restart,reload]
-[--kill-rank 1] [--steps 1]``
+[--kill-rank 1] [--steps 1]``; ``--nodes 2 --tp 4``: across two nodes (``bench/_nodes_failover.py``).
 """
 
 from __future__ import annotations
@@ -520,8 +520,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-rank", choices=("fresh", "standby"), default=None,
                     help="after the kills, POST /elastic/add_rank under the same load (elastic mode): a fresh process"
                          " (pays SGLang's import) or the warm standby (--elastic-standby 1)")
+    ap.add_argument("--nodes", type=int, default=1, choices=(1, 2),
+                    help="2: tp --tp over two nodes of this machine (bench/_nodes_failover.py): a rank on node 1"
+                         " and node 1 whole lost, elastic against vanilla SGLang relaunched on what is left")
+    ap.add_argument("--events", default="rank,node,rank-slow", help="with --nodes 2: rank, node, rank-slow")
+    ap.add_argument("--slow-gbps", type=float, default=0.125, help="with --nodes 2, rank-slow: the link's GB/s")
+    ap.add_argument("--ep", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --nodes 2: expert parallelism (--ep-size = tp)")
     ap.add_argument("--json", default="results/failover_bench.json")
     args = ap.parse_args(argv)
+    if args.nodes == 2:
+        if args.tp % 2 or args.tp < 4:
+            ap.error("--nodes 2: give an even --tp >= 4 (SGLang runs tp/2 ranks per node; a rank loss relaunches tp-2)")
+        model = str(build_model(args.family, args.size))
+        args.max_token_id = min(1000, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+        from _nodes_failover import main_nodes
+
+        return main_nodes(args, model, Load)
     if args.tp < 2:
         ap.error("--tp must be >= 2 (a rank is killed)")
     if not 1 <= args.steps <= args.tp - 1:
