@@ -95,3 +95,24 @@ def test_check_model_path(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     check_model_path(str(tmp_path))
     check_model_path("Qwen/Qwen3-0.6B")  # a hub id is SGLang's business
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(node_port=80), "--elastic-node-port 80"),
+                                       (dict(node_port=65535), "1024..65533"),
+                                       (dict(link_gbps=-1.0), "--elastic-link-gbps -1.0")])
+def test_bad_node_flags(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        ElasticArgs(**kw)
+
+
+def test_node_host_of_a_node_needs_an_address():
+    from types import SimpleNamespace
+
+    from sgl_elastic.launch_server import _node_host
+
+    args = SimpleNamespace(dist_init_addr="10.1.2.3:5000", host="0.0.0.0")
+    assert _node_host(ElasticArgs(), args, 0) == "10.1.2.3"
+    assert _node_host(ElasticArgs(node_host="10.1.2.4"), args, 1) == "10.1.2.4"
+    assert _node_host(ElasticArgs(), SimpleNamespace(dist_init_addr="10.1.2.3:5000", host="10.1.2.9"), 1) == "10.1.2.9"
+    with pytest.raises(ValueError, match="--elastic-node-host"):
+        _node_host(ElasticArgs(), args, 1)
