@@ -44,6 +44,7 @@ class ElasticArgs:
         aborted (each gets an explicit error) and the server exits.
     in_place: how a failover turns a survivor's weights into its new shard on CPU ("remap": the kept bytes
         stay in their pages; "move": moved inside its segment; "off": copied into a new one).
+    join: a node >= 1 that joins a serving server (its ranks added by scale-ups).
     node_port / node_host / link_gbps: several nodes (``--nnodes``): node 0's control port (and the next),
         this node's address on the nodes' network, the network's GB/s (the planner's model; also a cap
         on the daemons' reads from other nodes; 0: modelled at 1.25, not capped).
@@ -66,6 +67,7 @@ class ElasticArgs:
     node_port: int | None = None
     node_host: str | None = None
     link_gbps: float = 0.0
+    join: bool = False
 
     def __post_init__(self):
         if self.node_port is not None and not 1024 <= self.node_port <= 65533:
@@ -197,6 +199,12 @@ class ElasticArgs:
                  " (default: node 0: --dist-init-addr's host; others: --host when it names one address)",
         )
         nodes.add_argument(
+            "--elastic-join", action="store_true",
+            help="a node >= 1 that comes back to a server that serves without it: its ranks join the serving"
+                 " ones (one scale-up each; the bytes come by copy from the other nodes or from this node's"
+                 " checkpoint, whichever the planner models faster). Give the flags the node started with",
+        )
+        nodes.add_argument(
             "--elastic-link-gbps", type=float, default=0.0, metavar="GBPS",
             help="the network between nodes in GB/s: the planner copies from another node or reloads from this"
                  " node's checkpoint by the time each takes at this rate, and the daemons' reads from other"
@@ -224,4 +232,5 @@ class ElasticArgs:
             node_port=args.elastic_node_port,
             node_host=args.elastic_node_host,
             link_gbps=args.elastic_link_gbps,
+            join=args.elastic_join,
         )

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     daemon, failover, admin_token, agent = None, None, None, None
+    if elastic_args.join:
+        return _join_node(server_args, elastic_args)
     if elastic_args.daemon:
         from sgl_elastic.controller.daemon import ServerDaemon
         from sgl_elastic.patches import daemon_layout, table
@@ -302,13 +305,76 @@ def _start_agent(elastic_args, server_args, daemon, node: int, node_host: str):
     agent = nodes.NodeAgent(node, node_host, node_ep, elastic_args.hung_timeout_s)
     os.environ[wire.ENV_CONTROL] = rank_ep
     os.environ.update(agent.environ(elastic_args.hung_timeout_s / 5))
-    os.environ[wire.ENV_KV_BACKUP] = ""
+    os.environ[wire.ENV_KV_BACKUP] = "1" if elastic_args.kv_backup else ""
     c = DaemonClient.from_run_dir(daemon.proc.run_dir)
     agent.set_daemon(c.endpoint, c._token)
     nodes.set_agent(agent)
     print(f"[sgl-elastic] node {node} ({node_host}): its ranks {daemon.ranks} report to node 0's controller at"
           f" {node_ep}; its daemon serves on {c.endpoint}", file=sys.stderr, flush=True)
     return agent
+
+
+def _join_node(server_args, elastic_args) -> int:
+    """``--elastic-join`` on a node >= 1: start this node's daemon (empty), its agent and one new rank
+    process per rank of its share; node 0's controller adds them to the serving ranks (scale-ups).
+    Runs until they have all exited (a later failure of theirs is recovered like any other) or a signal."""
+    import multiprocessing as mp
+    import signal
+
+    from sglang.srt.server_args import PortArgs
+
+    from sgl_elastic.controller.daemon import ServerDaemon, node_ranks
+    from sgl_elastic.rank import join
+
+    node, nnodes = int(getattr(server_args, "node_rank", 0) or 0), int(getattr(server_args, "nnodes", 1) or 1)
+    if nnodes < 2 or node < 1 or not elastic_args.failover or not elastic_args.daemon:
+        print(f"{PROG}: error: --elastic-join is for a node >= 1 of a multi-node server with in-place failover"
+              f" (--nnodes >= 2 --node-rank >= 1; got --nnodes {nnodes} --node-rank {node})", file=sys.stderr)
+        return 2
+    try:
+        node_host = _node_host(elastic_args, server_args, node)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    ranks = node_ranks(server_args)
+    daemon = ServerDaemon(os.path.abspath(server_args.model_path), None, "shm", elastic_args.in_place, ranks=[],
+                          node_host=node_host, link_gbps=elastic_args.link_gbps, tcp=True)
+    procs: list = []
+    agent = None
+    stop = {"sig": None}
+
+    def on_signal(signum, frame):
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start(load=False)
+        agent = _start_agent(elastic_args, server_args, daemon, node, node_host)
+        # a joining rank is never rank 0 of its node's launch: the channels of rank 0 stay unused
+        unused = "ipc:///nonexistent/sgl-elastic-joiner"
+        port_args = PortArgs(tokenizer_ipc_name=unused, scheduler_input_ipc_name=unused, detokenizer_ipc_name=unused,
+                             nccl_port=0, rpc_ipc_name=unused, metrics_ipc_name=unused,
+                             tokenizer_worker_ipc_name=None, decoupled_spec_ipc_config=None)
+        ctx = mp.get_context("spawn")
+        for slot in range(len(ranks)):
+            p = ctx.Process(target=join.run_joiner, args=(server_args, port_args, slot, False), name="sgle-joiner")
+            p.start()
+            procs.append(p)
+        agent.watch(procs, [-1] * len(procs))
+        print(f"[sgl-elastic] node {node} joins: {len(procs)} new rank process(es) {[p.pid for p in procs]}",
+              file=sys.stderr, flush=True)
+        while stop["sig"] is None and any(p.is_alive() for p in procs):
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+        if agent is not None:
+            agent.close("its ranks ended" if stop["sig"] is None else f"signal {stop['sig']}")
+        daemon.stop()
+    return 0
 
 
 def _arm_failover(elastic_args, daemon, multi_node_args=None):
@@ -337,10 +403,6 @@ def _arm_failover(elastic_args, daemon, multi_node_args=None):
         nodes = (*control_endpoints(multi_node_args, elastic_args.node_port), int(multi_node_args.nnodes))
         fc.node_link_gbps = elastic_args.link_gbps
         standby = 0  # a new rank starts on node 0 only
-        if kv_backup:
-            kv_backup = False
-            print("[sgl-elastic] --nnodes: the KV backup is off (the KV is not carried between nodes' daemons yet:"
-                  " requests in flight are prefilled again after a failover)", file=sys.stderr, flush=True)
     fc.arm(state.layout() or daemon.layout, daemon, on_new_layout=on_new_layout,
            omp_bind=lambda tp: "" if cuda_available() else omp_threads_bind(tp),
            checkin_timeout_s=elastic_args.checkin_timeout_s, hung_timeout_s=elastic_args.hung_timeout_s,

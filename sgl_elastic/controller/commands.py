@@ -14,7 +14,7 @@ import multiprocessing
 import threading
 from dataclasses import dataclass
 
-__all__ = ["AddRank", "Rebalance", "Stop", "Command", "CommandQueue"]
+__all__ = ["AddRank", "JoinNode", "Rebalance", "Stop", "Command", "CommandQueue"]
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,21 @@ class Rebalance:
 
 
 @dataclass(frozen=True)
+class JoinNode:
+    """A node that came back (``--elastic-join``): add each of its new rank processes, one by one."""
+
+    node: int
+    name = "join_node"
+
+
+@dataclass(frozen=True)
 class Stop:
     """The controller closes: the detector's thread ends."""
 
     name = "stop"
 
 
-Command = AddRank | Rebalance | Stop
+Command = AddRank | JoinNode | Rebalance | Stop
 
 
 class CommandQueue:

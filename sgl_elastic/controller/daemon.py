@@ -73,10 +73,16 @@ class ServerDaemon:
             supervisor().enable(ensure_daemon=d.ensure, on_teardown=d.stop)
         return d
 
-    def start(self) -> None:
+    def start(self, load: bool = True) -> None:
+        """Start the daemon and (``load``) load this node's ranks; without, it holds nothing (a node
+        that joins a serving server: node 0's controller loads it with the layout of the day)."""
         t0 = time.perf_counter()
         self.proc = DaemonProcess.start(backend=self.backend, exit_with_parent=True, in_place=self.in_place,
                                         tcp=self.tcp, node_host=self.node_host, link_gbps=self.link_gbps)
+        if not load:
+            os.environ[ENV_DIR] = self.proc.run_dir
+            _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}, empty (it holds ranks once they join)")
+            return
         which = f"{self.layout.tp_size} rank(s)" if self.ranks is None else \
             f"this node's rank(s) {self.ranks} of {self.layout.tp_size}"
         _log(f"daemon pid {self.proc.pid} started in {self.proc.run_dir}; loading {self.checkpoint} for {which}")

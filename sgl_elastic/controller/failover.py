@@ -24,7 +24,7 @@ import time
 
 from sgl_elastic.controller import wire
 from sgl_elastic.controller.accounting import RequestAccounts
-from sgl_elastic.controller.commands import AddRank, CommandQueue, Rebalance, Stop
+from sgl_elastic.controller.commands import AddRank, CommandQueue, JoinNode, Rebalance, Stop
 from sgl_elastic.controller.detection import Detection
 from sgl_elastic.controller.fallback import FAILED_MSG, Fallback, sigquit_self
 from sgl_elastic.controller.metrics import FailoverMetrics
@@ -101,6 +101,7 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
         self.node_link_gbps = 0.0  # the network between nodes, as the planner models it (0: nodes.INTER_GBPS)
         self.hub = None  # controller.nodes.NodeHub with --nnodes > 1: the other nodes' ranks and daemons
         self._first: dict[int, object] = {}  # TP rank -> process of the first launch, as the nodes report them
+        self._node_joiners: dict[int, list] = {}  # node -> its new rank processes (--elastic-join), not serving yet
 
     def arm(self, layout, daemon, *, on_new_layout=None, omp_bind=None, checkin_timeout_s: float = HELLO_TIMEOUT_S,
             hung_timeout_s: float = HUNG_TIMEOUT_S, spawn=None, standby: int = 0, eplb: bool = True,
@@ -178,11 +179,18 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
             self._audit_thread.start()
 
     def _node_ranks(self, node: int, ranks: list) -> None:
-        """A node's hello (the hub's thread): its ranks of the first launch join ``ranks``."""
+        """A node's hello (the hub's thread): its ranks of the first launch join ``ranks``; the new
+        rank processes of a node that came back (``--elastic-join``: TP rank -1) are added by scale-ups."""
+        if ranks and all(r < 0 for r, _ in ranks):
+            with self.lock:
+                self._node_joiners[node] = [p for _, p in ranks]
+            log(f"node {node} joins with {len(ranks)} new rank process(es): adding them one by one")
+            self.commands.put(JoinNode(node=node))
+            return
         with self.lock:
             if self.epoch != 0:
                 log(f"node {node} said hello after a recovery: its ranks {[r for r, _ in ranks]} do not serve"
-                    " (a node that comes back joins by --elastic-join; not available yet)")
+                    " (a node that comes back joins with --elastic-join)")
                 for _, p in ranks:
                     self.hub.fence(node, [p.pid])
                 return
@@ -307,6 +315,18 @@ class FailoverController(Detection, RecoverySteps, RequestTakeover, ScaleUp, Exp
             except Exception as e:  # noqa: BLE001 - logged; the server serves at its placement
                 log(f"ERROR: expert rebalance failed: {type(e).__name__}: {e}")
                 self._unstick(e)
+        elif isinstance(cmd, JoinNode):
+            with self.lock:
+                joiners = self._node_joiners.pop(cmd.node, [])
+            for p in joiners:
+                try:
+                    self._grow(joiner=p)
+                except Exception as e:  # noqa: BLE001 - logged; the server serves at its width
+                    log(f"ERROR: node {cmd.node}'s rank pid {p.pid} could not join: {type(e).__name__}: {e}")
+                    self.add_rank_last = {"decision": "failed", "why": f"{type(e).__name__}: {e}",
+                                          "tp_after": len(self.ranks)}
+                    self._unstick(e)
+                    break
         elif isinstance(cmd, AddRank):
             try:
                 self._grow()

@@ -488,6 +488,46 @@ def migrate_across(plan, clients: dict, node_of_new: list[int], failed: set[int]
     return out
 
 
+def sync_kv(clients: dict) -> int:
+    """Before a migration over several nodes: node 0's prefix index (the one rank 0 mirrors) copied
+    into the other nodes' daemons, so that each carries the KV of the same slots and their ranks
+    restore the same prefixes (their schedulers must decide alike). Returns the entries copied; on
+    an error every index is cleared (the requests are prefilled again, on every node)."""
+    try:
+        entries = clients[0].kv_dump().entries
+        for k, c in clients.items():
+            if k == 0:
+                continue
+            c.kv_clear()
+            for e in entries:
+                c.kv_insert(e.token_ids, e.slots, namespace=e.namespace)
+        return len(entries)
+    except Exception as e:  # noqa: BLE001 - the KV is dropped everywhere instead
+        log(f"the prefix index could not be copied to every node ({type(e).__name__}: {e}): the KV is not carried")
+        clear_kv(clients)
+        return 0
+
+
+def clear_kv(clients: dict) -> None:
+    for c in clients.values():
+        try:
+            c.kv_clear()
+        except Exception:  # noqa: BLE001 - a daemon without an index has nothing to clear
+            pass
+
+
+def agree_kv(summaries: dict, clients: dict) -> bool:
+    """After the migration: the KV is kept only if every node's daemon carried it (the same slots);
+    else every index is cleared, so no rank resumes from KV another node's ranks lack."""
+    kept = {k: s.kv_kept_slots for k, s in summaries.items()}
+    if len(set(kept.values())) <= 1:
+        return True
+    log(f"the KV was carried on some nodes only (indexed slots kept per node: {kept}): dropped on all"
+        " (the requests in flight are prefilled again)")
+    clear_kv(clients)
+    return False
+
+
 def summed(summaries: dict) -> dict:
     """One record of several nodes' MigrationSummary: bytes summed, seconds the slowest node's."""
     rec: dict = {}
@@ -495,6 +535,6 @@ def summed(summaries: dict) -> dict:
         for k, v in msgspec.structs.asdict(s).items():
             if k == "epoch" or not isinstance(v, (int, float)):
                 continue
-            rec[k] = max(rec.get(k, 0), v) if k.endswith("_s") else rec.get(k, 0) + v
+            rec[k] = max(rec.get(k, 0), v) if k.endswith("_s") or k == "kv_kept_slots" else rec.get(k, 0) + v
     rec["nodes"] = len(summaries)
     return rec

@@ -69,8 +69,9 @@ class ExpertRebalance:
             self.eplb_last = {"decision": "skipped", "why": "no expert loads measured since the last placement"}
             log(f"expert rebalance: {self.eplb_last['why']}")
             return
+        first = None if self.hub is None else [i for i, p in enumerate(self.ranks) if self.is_local(p)]
         plan = plan_migration(self.layout, ClusterChange(), expert_loads=loads, rebalance_experts=True,
-                              expert_placer=placer(algorithm))
+                              expert_placer=placer(algorithm), first_slots=first)
         cap = default_capacity(self.layout)
         before, after = expert_imbalance(self.layout, loads, cap), expert_imbalance(plan.new_layout, loads, cap)
         moved = plan.peer_bytes + plan.reload_bytes

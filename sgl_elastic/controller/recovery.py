@@ -155,15 +155,16 @@ class RecoverySteps:
             raise RuntimeError("no rank survived")
         self._to(a.rec, Phase.PLANNING, f"{len(a.survivors)} survivors")
         a.loads = None if a.given is not None else self._eplb_loads()
-        topo = None
+        topo, first = None, None
         if self.hub is not None:  # several nodes: the links between them, none to a lost one
             from sgl_elastic.controller.nodes import topology
 
-            slots = [getattr(p, "node", 0) for p in a.ranks] + ([0] if a.joiner is not None else [])
+            slots = [getattr(p, "node", 0) for p in a.ranks] + ([getattr(a.joiner, "node", 0)] if a.joiner else [])
             topo = topology(slots, self.hub.dead_nodes(), self.node_link_gbps)
+            first = [s for s, n in enumerate(slots) if n == 0]  # rank 0 (the intake) stays on node 0
         a.plan = a.given or plan_migration(
             self.layout, ClusterChange(failed=tuple(a.failed), added=1 if a.joiner is not None else 0), topo,
-            expert_loads=a.loads)
+            expert_loads=a.loads, first_slots=first)
         if a.loads is not None and is_placed(a.plan.new_layout):
             log(f"experts placed by the loads of {a.loads.sum():.0f} routed tokens (capacity-weighted)")
         plan = a.plan
@@ -177,14 +178,18 @@ class RecoverySteps:
 
     def _step_checkin_before_move(self, a: _Attempt) -> Step:
         """A regroup (no death): the ranks serve until they take the marker, from the very shards the
-        migration moves in place, so it waits until every one has stopped and checked in."""
-        if a.dead:
+        migration moves in place, so it waits until every one has stopped and checked in. Several
+        nodes, after a death too: rank 0 must have stopped mirroring its prefix index before the
+        index is copied to the other nodes (``nodes.sync_kv``)."""
+        if a.dead and self.hub is None:
             return Step.NEXT
         alive = {p.pid for p in a.survivors}
         try:
             self._collect(a.hellos, alive, a.epoch, a.checkin_s, "hello")
         except Stragglers as s:
             s = self._fence_hung_first(s, a.hellos, alive, a.epoch)
+            if a.dead:  # the next recovery goes on without the stragglers and the dead
+                s = Stragglers(sorted(set(s.pids) | {p.pid for p in a.dead}), str(s))
             a.retry = _Restart(s, self.layout, list(a.ranks), a.hellos, self.checkin_timeout_s, keep_joiner=True)
             return Step.RETRY
         return Step.NEXT
@@ -210,21 +215,27 @@ class RecoverySteps:
     def _migrate_nodes(self, rec: Recovery, plan, new_ranks: list, failed: set[int]) -> str:
         """Several nodes: every live node's daemon builds its own new ranks (``nodes.migrate_across``).
         A daemon that is gone fails the recovery (the fallback: the server ends, as SGLang's does)."""
-        from sgl_elastic.controller.nodes import migrate_across, summed
+        from sgl_elastic.controller.nodes import agree_kv, migrate_across, summed, sync_kv
 
         t0 = time.monotonic()
         clients = {0: self.daemon.proc.client(timeout=60.0)}
         try:
             for k in self.hub.live_nodes()[1:]:
-                clients[k] = self.hub.daemon_client(k, timeout=60.0)
+                clients[k] = c = self.hub.daemon_client(k, timeout=60.0)
+                if c.stats().state == "empty":  # a node that came back: its daemon holds nothing yet
+                    c.load_model(self.daemon.checkpoint, plan.old_layout, ranks=[])
+                    c.wait_ready(120.0)
             node_of_new = [getattr(p, "node", 0) for p in new_ranks]
+            synced = sync_kv(clients) if len(clients) > 1 else 0
             summaries = migrate_across(plan, clients, node_of_new, failed)
+            kv_kept = agree_kv(summaries, clients)
         finally:
             for c in clients.values():
                 c.close()
         rec.migration = {"seconds": round(time.monotonic() - t0, 4), **summed(summaries),
                          "lower_bound_reload_bytes": plan.lower_bound_reload_bytes,
-                         "dead_nodes": len(self.hub.dead_nodes())}
+                         "dead_nodes": len(self.hub.dead_nodes()), "kv_index_entries_synced": synced,
+                         "kv_kept_all_nodes": int(kv_kept)}
         self.daemon.layout = plan.new_layout
         return ""
 

@@ -64,12 +64,14 @@ class ScaleUp:
         self.standby.append(p)
         log(f"warm standby started (pid {p.pid}): a scale-up will not pay the import")
 
-    def _grow(self) -> None:
-        """Start (or take the standby's) new rank process, wait for its hello, then recover with it."""
+    def _grow(self, joiner=None) -> None:
+        """Start (or take the standby's) new rank process, wait for its hello, then recover with it.
+        ``joiner``: a process started elsewhere (a rank of a node that came back, ``--elastic-join``)."""
         t0 = time.monotonic()
         self.standby = [p for p in self.standby if p.is_alive()]
         slot = self._free_slot()
-        joiner = self.standby.pop(0) if self.standby else self._spawn(slot, False)
+        if joiner is None:
+            joiner = self.standby.pop(0) if self.standby else self._spawn(slot, False)
         self._joiner_slot = slot
         self._joiners.append(joiner)
         log(f"scale-up: new rank process pid {joiner.pid} (slot {slot}); waiting for it to check in")

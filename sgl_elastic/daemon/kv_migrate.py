@@ -32,13 +32,14 @@ def backup_holder(rank: int, tp: int) -> int:
 
 
 def migrate_kv(memory, spec, new_spec, old_attn, new_attn, old2new_rank, pools: dict, backups: dict,
-               allocs, slots) -> tuple[dict, set[int]] | None:
+               allocs, slots, only=None) -> tuple[dict, set[int]] | None:
     """(new rank -> its KV pool under ``new_attn``, the old ranks whose pool files became new pools),
     with the KV of ``slots`` (the indexed ones) of every head taken from ``pools`` (surviving old rank
     -> pool) or else ``backups`` (old rank -> its surviving backup); None when a head has no live
     source or the memory is not shared memory. ``allocs(spec, rank)``: the pool's tensor table. The
     caller frees the old pools not taken over and every backup. On an error the new pools are freed
-    (a taken-over file too: its bytes are no pool any more) and the error raised."""
+    (a taken-over file too: its bytes are no pool any more) and the error raised. ``only``: the new
+    ranks to build (several nodes: this daemon's; their heads need a source here), None: all."""
     from sgl_elastic.memory.shm import ShmSegment
 
     if not all(isinstance(s, ShmSegment) for s in [*pools.values(), *backups.values()]):
@@ -55,29 +56,29 @@ def migrate_kv(memory, spec, new_spec, old_attn, new_attn, old2new_rank, pools: 
             a, b = old_attn.rank_kv_head_range(o)
             for h in range(a, b):
                 source.setdefault(h, (h - a, seg))
-    new_tp = new_attn.num_ranks
-    ranges = [new_attn.rank_kv_head_range(d) for d in range(new_tp)]
-    if any(h not in source for a, b in ranges for h in range(a, b)):
+    mine = list(range(new_attn.num_ranks)) if only is None else sorted(only)
+    ranges = {d: new_attn.rank_kv_head_range(d) for d in mine}
+    if any(h not in source for a, b in ranges.values() for h in range(a, b)):
         return None
     # Step 1: gather, per new rank and layer, [2, len(slots), heads, head_dim] (before any file changes)
-    gathered: list[list[np.ndarray]] = []
-    for a, b in ranges:
+    gathered: dict[int, list[np.ndarray]] = {}
+    for d, (a, b) in ranges.items():
         per_layer = []
         for layer in range(num_layers):
             parts = [source[h][1].arena.array(f"kv.{layer}")[:, idx, source[h][0]] for h in range(a, b)]
             per_layer.append(np.stack(parts, axis=2))
-        gathered.append(per_layer)
+        gathered[d] = per_layer
     # Step 2: a survivor's pool file for its new rank, else a new pool
     out: dict = {}
     taken: set[int] = set()
     try:
         for o, d in enumerate(old2new_rank):
-            if d >= 0 and o in pools:
+            if d in ranges and o in pools:
                 grown = memory.regrow(pools[o], d, allocs(new_spec, d))
                 if grown is not None:
                     out[d] = grown
                     taken.add(o)
-        for d in range(new_tp):
+        for d in mine:
             if d not in out:
                 out[d] = memory.allocate(d, "kv", allocs(new_spec, d))
             # Step 3: the gathered KV at the same slots

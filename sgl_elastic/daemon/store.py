@@ -136,8 +136,8 @@ class ModelStore:
         gigabytes takes ~0.1 s) instead of closed here.
 
         Several nodes: ``ranks`` are the new ranks this daemon builds, ``remote`` the old ranks peer
-        daemons hold (``RemoteArena``, read through ``endpoint``); the KV pools are not carried over
-        (a request in flight is prefilled again), and ``release=False`` leaves the old views' pages
+        daemons hold (``RemoteArena``, read through ``endpoint``); the KV pools of this daemon's new ranks
+        are carried over from this daemon's own pools and backups (the index is node 0's copy), and ``release=False`` leaves the old views' pages
         for the peers that may still read them (``release_unused`` once they are done).
         """
         from sgl_elastic.daemon.migrate import check_plan, run_plan
@@ -184,7 +184,7 @@ class ModelStore:
                                " model was dropped (no layout held): LoadModel again") from e
         # Step 2: swap in the new layout; the KV pools and the prefix index are carried over when every KV
         # head has a live source (kv_migrate), else dropped (the requests are re-prefilled).
-        carried = self._carry_kv(plan, swap_lock) if ranks is None else None
+        carried = self._carry_kv(plan, swap_lock, ranks)
         with swap_lock or contextlib.nullcontext():
             old, self.weights = self.weights, new
             if carried is not None:
@@ -215,11 +215,13 @@ class ModelStore:
                 seg.close()
         return report
 
-    def _carry_kv(self, plan: MigrationPlan, swap_lock=None) -> tuple[dict, KvSpec, set[int]] | None:
+    def _carry_kv(self, plan: MigrationPlan, swap_lock=None, ranks=None) -> tuple[dict, KvSpec, set[int]] | None:
         """(new pools, their spec, old ranks whose pools became new ones) when the KV pools and the
         prefix index can follow ``plan`` (``kv_migrate``: every KV head of the new layout has a live
         source), else None (the caller drops them). After a failure, the indexed slots written before
-        the backups existed are forgotten first (the dead rank's heads of them are nowhere)."""
+        the backups existed are forgotten first (the dead rank's heads of them are nowhere).
+        Several nodes (``ranks``: this daemon's new ranks): only those, from this daemon's pools and
+        backups; the controller keeps the nodes' choices the same (``controller.nodes.sync_kv``)."""
         self.last_kv = (0, 0.0)
         spec = self.kv_spec
         if not self.kv or spec is None or self.index is None:
@@ -234,7 +236,8 @@ class ModelStore:
                           {d: new_attn.rank_kv_heads(d) for d in range(plan.new_layout.tp_size)})
         try:
             got = migrate_kv(self.memory, spec, new_spec, old_attn, new_attn, plan.old2new_rank, dict(self.kv),
-                             dict(self.kv_backup), kv_allocs, self.index.held_slots())
+                             dict(self.kv_backup), kv_allocs, self.index.held_slots(),
+                             only=None if ranks is None else set(ranks))
         except Exception as e:  # noqa: BLE001 - the KV is dropped, as when it cannot be carried
             logger.warning("KV pools not carried over (%s: %s); the requests will be prefilled again",
                            type(e).__name__, e)

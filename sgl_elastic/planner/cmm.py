@@ -366,6 +366,7 @@ def plan_migration(
     rebalance_experts: bool = False,
     expert_placer=None,
     source_choice: str | None = None,
+    first_slots: Sequence[int] | None = None,
 ) -> MigrationPlan:
     """Plan the recovery from ``old_layout`` after ``change`` (failed ranks and/or added devices).
 
@@ -391,6 +392,9 @@ def plan_migration(
             destination's host, whichever the topology's model finishes sooner (``planner.sources``);
             "peer": always peer-copied (the seed paper's assumption). None (default): "time" when a
             topology is given, "peer" when not (the default topology is a guess, not a measurement).
+
+        first_slots: the slots that may become new rank 0 (several nodes: node 0's, where the
+            request intake is); None: any. A ValueError when none of them serves after the change.
 
     Returns a MigrationPlan whose reload bytes equal the lower bound (bytes no survivor holds) when
     every needed byte held by a survivor is reachable and ``source_choice="peer"``, and whose peer
@@ -435,9 +439,13 @@ def plan_migration(
             total = _add(total, score)
         return total, order, fams
 
+    first = None if first_slots is None else set(first_slots)
+    if first is not None and not first & set(survivors + added):
+        raise ValueError(f"none of the slots {sorted(first)} that may be rank 0 serves after the change")
+    ok = (lambda o: True) if first is None else (lambda o: o[0] in first)
     if n_new <= exhaustive_max_ranks:
         # case 1: few ranks: every order (exact over orders and widths).
-        best = min((evaluate(o) for o in itertools.permutations(survivors + added)), key=lambda t: t[0])
+        best = min((evaluate(o) for o in itertools.permutations(survivors + added) if ok(o)), key=lambda t: t[0])
     else:
         # case 2: CMM orders (survivors keep their order, floaters anywhere), then alternate
         # "best order for these widths" (assignment problem) and "best widths for this order" (DP).
@@ -445,11 +453,15 @@ def plan_migration(
                  if all(b <= a for a, b in costs[name].hold[s].values())}
         anchored = [s for s in survivors if s not in empty]
         floaters = [s for s in survivors if s in empty] + added
-        best = min((evaluate(o) for o in _candidate_orders(anchored, floaters, max_orders)), key=lambda t: t[0])
+        cands = [o for o in _candidate_orders(anchored, floaters, max_orders) if ok(o)]
+        if not cands:  # a rank-0 slot among the anchored ones, which keep their order: put it first
+            lead = next(x for x in anchored + floaters if x in first)
+            cands = [(lead, *(x for x in o if x != lead)) for o in _candidate_orders(anchored, floaters, max_orders)]
+        best = min((evaluate(o) for o in cands), key=lambda t: t[0])
         if policy == "equal":
             for _ in range(32):  # scores strictly decrease: this ends long before the cap
                 order = _best_order_for_widths(best[1], best[2], costs)
-                if order == best[1]:
+                if order == best[1] or not ok(order):
                     break
                 cand = evaluate(order)
                 if not cand[0] < best[0]:

@@ -166,6 +166,21 @@ class MultiNodeServer:
         self.stop()
         raise ServerStartError(f"not healthy after {self.start_timeout_s:.0f} s:\n{tails}")
 
+    def rejoin(self, k: int) -> Node:
+        """Start node ``k`` again with ``--elastic-join`` (after its loss): its ranks join the serving
+        ones. The old node's record stays (its pids are checked at ``stop`` too)."""
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        fd, log = tempfile.mkstemp(prefix=f"sgl-elastic-node{k}-join-", suffix=".log")
+        os.close(fd)
+        cmd = self._command(k, free_port())
+        at = cmd.index("sgl_elastic.launch_server") + 1
+        node = Node(k, [*cmd[:at], "--elastic-join", *cmd[at:]], Path(log), self.isolated and k > 0)
+        node.start(env)
+        self.nodes.append(node)
+        return node
+
     def note(self) -> set[int]:
         """Every process of every node now (checked after ``stop``)."""
         return set().union(*(n.note() for n in self.nodes)) if self.nodes else set()

@@ -158,3 +158,20 @@ def test_failed_links_are_rerouted_without_changing_the_layout():
     check_plan_invariants(patched, broken, peer_rule=False)
     with pytest.raises(ValueError, match="not a peer copy"):
         reroute(plan, broken, [op for op in plan.ops if op.kind == RELOAD][:1])
+
+
+def _layout(tp: int) -> ElasticLayout:
+    return ElasticLayout.from_hf_config(preset_config("Mixtral-8x22B"), tp)
+
+
+def test_first_slots_keep_rank_0_on_node_0():
+    """Several nodes: the request intake is node 0's, so new rank 0 is one of node 0's slots, for a
+    failure, a scale-up onto another node, and both kinds of order search (exhaustive and CMM)."""
+    for tp, change, node0 in [(4, ClusterChange(failed=(0,)), {1}), (4, ClusterChange(failed=(1,)), {0}),
+                              (3, ClusterChange(added=1), {0, 1}), (8, ClusterChange(failed=(0, 2)), {1, 3}),
+                              (6, ClusterChange(failed=(0,), added=1), {1, 2})]:
+        layout = _layout(tp)
+        plan = plan_migration(layout, change, first_slots=sorted(node0))
+        assert plan.new2slot[0] in node0, (tp, change, plan.new2slot)
+    with pytest.raises(ValueError, match="may be rank 0"):
+        plan_migration(_layout(4), ClusterChange(failed=(0, 1)), first_slots=[0, 1])
