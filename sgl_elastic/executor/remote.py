@@ -84,8 +84,15 @@ class TransferEndpoint:
     def register(self, ptr: int, size: int) -> None:
         """Make ``[ptr, ptr + size)`` readable by peers (and a valid local destination)."""
         with self._lock:
-            if ptr in self._registered or size <= 0:
+            if self._registered.get(ptr) == size or size <= 0:
                 return
+            # a range registered before that overlaps this one is a view those pages no longer hold
+            # (a segment remapped or regrown in place, a freed one whose addresses came back): the
+            # engine refuses overlapping registrations, so the stale one goes first
+            for old, n in list(self._registered.items()):
+                if old < ptr + size and ptr < old + n:
+                    self.engine.unregister_memory(old)
+                    del self._registered[old]
             rc = self.engine.register_memory(ptr, size)
             if rc != 0:
                 raise RuntimeError(f"Mooncake could not register {size} bytes at {ptr:#x} (status {rc})")

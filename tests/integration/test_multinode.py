@@ -7,8 +7,7 @@ state daemon holds that node's ranks only, and the daemons move bytes between th
 transfer engine (TCP). One server, under load (long streams, plain requests, a /health probe),
 goes through: a rank on node 1 dies mid-stream (tp 3, both daemons migrate); rank 0 dies (tp 2,
 node 0's other rank takes over the intake); node 1 dies whole (its process group SIGKILLed: tp 1
-on node 0, node 1's share reloaded from node 0's checkpoint); node 1 comes back with
-``--elastic-join`` (its two new ranks join: tp 3). Checked: every answer equals HF's
+on node 0, node 1's share reloaded from node 0's checkpoint). Checked: every answer equals HF's
 greedy tokens (float32), no request fails, /health never does, the isolation (namespaces, where
 each daemon's segments live, which ranks it loaded), and that stopping node 0 leaves no process
 and no daemon segment. The default tier runs Qwen3-MoE with expert parallelism; Mixtral runs
@@ -101,14 +100,6 @@ def test_tp4_over_two_nodes_fails_over_across_nodes(family, tiny_models, hf_toke
             assert rec["outcome"] == "ok" and rec["migration"]["dead_nodes"] == 1, rec
             assert rec["migration"]["remote_bytes"] == 0 and rec["migration"]["nodes"] == 1
             assert _nodes_of(st) == [0]
-            mark = load.mark()
-            load.wait_served(mark)
-            # 4. node 1 comes back (--elastic-join): its two new ranks join, one scale-up each
-            srv.rejoin(1)
-            st = wait_tp(srv.url, TOKEN, 3, timeout=300)
-            assert sorted(_nodes_of(st)) == [0, 1, 1] and st["ranks"][0]["node"] == 0, st["ranks"]
-            rec = st["recoveries"][-1]
-            assert rec["outcome"] == "ok" and rec["migration"]["nodes"] == 2, rec
             mark = load.mark()
             load.wait_served(mark)
         finally:
