@@ -121,11 +121,6 @@ class RemoteRank:
     def kill(self) -> None:
         self._hub.fence(self.node, [self.pid])
 
-    def join(self, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        while self._alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-
     def __repr__(self) -> str:
         return f"<RemoteRank node {self.node} pid {self.pid} {'alive' if self._alive else 'dead: ' + self.how}>"
 
@@ -291,6 +286,7 @@ class NodeAgent:
         self.daemon, self.daemon_token = "", ""
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._bye = "shutting down"
 
     def environ(self, heartbeat_s: float) -> dict[str, str]:
         """What this node's scheduler processes inherit: the controller's rank socket comes from the caller."""
@@ -368,7 +364,7 @@ class NodeAgent:
                                 except ProcessLookupError:
                                     pass
                 send(NodeBeat(node=self.node))
-            send(NodeBye(node=self.node, reason=getattr(self, "_bye", "shutting down")))
+            send(NodeBye(node=self.node, reason=self._bye))
         finally:
             sock.close()
             if line is not None:
